@@ -1,0 +1,1 @@
+"""The bundled Python client: a small API over the generated stub, and the stylize CLI."""

@@ -1,0 +1,1 @@
+"""The stylize.v1 API."""

@@ -1,0 +1,1 @@
+"""The stylize gRPC server: servicer, job scheduling and process entry point."""

@@ -1,0 +1,119 @@
+"""The engine's vocabulary: what a stylization is asked to do and what it reports.
+
+Nothing here knows of gRPC or of ONNX. Images cross this boundary as float32 RGB
+arrays of shape (H, W, 3) with values in [0, 1]; the engine converts them to and
+from the network's own input space (read from the model's metadata).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+DEFAULT_CONTENT_LAYERS: dict[str, float] = {"relu4_2": 1.0}
+DEFAULT_STYLE_LAYERS: dict[str, float] = {
+    "relu1_1": 1.0,
+    "relu2_1": 1.0,
+    "relu3_1": 1.0,
+    "relu4_1": 1.0,
+    "relu5_1": 1.0,
+}
+
+
+class Init(enum.Enum):
+    """Where the optimisation starts."""
+
+    NOISE = "noise"
+    CONTENT = "content"
+    IMAGE = "image"
+
+
+class Pooling(enum.Enum):
+    MAX = "max"
+    AVG = "avg"
+
+
+class ColorMode(enum.Enum):
+    """How colour is treated (Gatys et al. 2016, "Preserving Color in Neural Artistic Style Transfer")."""
+
+    STYLE = "style"  # the paper's default: the result takes the style image's colours
+    LUMINANCE = "luminance"  # transfer on luminance only, keep the content's chrominance
+    HISTOGRAM = "histogram"  # match the style image's colour statistics to the content's first
+
+
+@dataclass(frozen=True)
+class StyleSource:
+    image: np.ndarray  # float32 (H, W, 3) RGB in [0, 1]
+    blend_weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class StylizeSettings:
+    """Every knob of one stylization, with the documented defaults."""
+
+    max_size: int = 512  # longest side of the output, px
+    min_size: int | None = None  # first stage's longest side; None = the engine's rule, == max_size = single scale
+    iterations: int = 500  # L-BFGS iterations in all (split over the stages)
+    content_weight: float = 5.0
+    style_weight: float = 100.0
+    tv_weight: float = 1e-3
+    content_layers: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_CONTENT_LAYERS))
+    style_layers: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_STYLE_LAYERS))
+    pooling: Pooling = Pooling.MAX
+    init: Init = Init.CONTENT
+    init_image: np.ndarray | None = None  # for Init.IMAGE, float32 (H, W, 3) RGB in [0, 1]
+    seed: int = 0
+    style_scale: float = 1.0  # style images are scaled to max_size * style_scale
+    color_mode: ColorMode = ColorMode.STYLE
+    frame_every: int = 0  # 0 = no intermediate frames
+
+
+@dataclass(frozen=True)
+class Losses:
+    total: float
+    content: float
+    style: float
+    tv: float
+    content_per_layer: dict[str, float]
+    style_per_layer: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Progress:
+    iteration: int  # global L-BFGS iteration, 0 = the initial image
+    evaluations: int  # loss+gradient evaluations so far
+    losses: Losses
+    elapsed_seconds: float
+    eta_seconds: float
+    stage: int  # 0-based multiscale stage
+    stages: int
+    width: int  # size of the stage's image
+    height: int
+
+
+@dataclass(frozen=True)
+class StylizeResult:
+    image: np.ndarray  # float32 (H, W, 3) RGB in [0, 1]
+    iterations: int
+    evaluations: int
+    losses: Losses
+    elapsed_seconds: float
+
+
+class StylizeCancelled(Exception):
+    """Raised by the engine when the observer asked it to stop."""
+
+
+class StylizeObserver(Protocol):
+    """The engine's only channel to the outside: a thin shell (gRPC, CLI, tests) implements it."""
+
+    def on_progress(self, progress: Progress) -> None: ...
+
+    def on_frame(self, iteration: int, image: np.ndarray) -> None:
+        """image: float32 (H, W, 3) RGB in [0, 1]; called every frame_every iterations."""
+
+    def should_stop(self) -> bool:
+        """Polled before every evaluation; True makes the engine raise StylizeCancelled."""
