@@ -117,3 +117,24 @@ class StylizeObserver(Protocol):
 
     def should_stop(self) -> bool:
         """Polled before every evaluation; True makes the engine raise StylizeCancelled."""
+
+
+class InvalidSettings(ValueError):
+    """A setting the engine cannot honour; `field` names it as in StylizeSettings (e.g. "style_layers")."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # e.g. "vgg16"
+    weights_source: str  # where the weights came from, with their checksum
+    layers: tuple[str, ...]  # addressable layers, relu1_1 ... relu5_3
+    channel_order: str  # "RGB" or "BGR", the network's input channel order
+    mean: tuple[float, float, float]  # subtracted after scaling, in the network's channel order
+    std: tuple[float, float, float]
+    input_scale: float  # pixel values in [0, 1] are multiplied by this first (255 for caffe-style weights)
+    providers: tuple[str, ...]  # onnxruntime execution providers in use
