@@ -1,0 +1,203 @@
+"""The ONNX side of the engine: the exported feature network, its preprocessing, and onnxruntime sessions
+for the targets and loss graphs of each layer choice (generated on first use, then cached)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from stylize_service.models import export, graphs
+from stylize_service.models.graphs import LayerChoice
+
+from .types import ModelInfo
+
+
+class ModelNotFound(FileNotFoundError):
+    pass
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the loss graph compares against: content features and (blended) style Grams, by layer."""
+
+    content: dict[str, np.ndarray]
+    grams: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    loss: float
+    content: float
+    style: float
+    tv: float
+    content_per_layer: np.ndarray
+    style_per_layer: np.ndarray
+    grad: np.ndarray  # float32, shaped like the image
+
+
+class CompiledChoice:
+    """The two onnxruntime sessions of one LayerChoice."""
+
+    def __init__(
+        self, choice: LayerChoice, targets: ort.InferenceSession, loss: ort.InferenceSession
+    ) -> None:
+        self.choice = choice
+        self._targets = targets
+        self._loss = loss
+        self._loss_outputs = [o.name for o in loss.get_outputs()]
+
+    def targets(self, image: np.ndarray) -> Targets:
+        outputs = dict(
+            zip(
+                (o.name for o in self._targets.get_outputs()),
+                self._targets.run(None, {"image": image}),
+                strict=True,
+            )
+        )
+        return Targets(
+            {layer: outputs[graphs.feature_output(layer)] for layer in self.choice.content_layers},
+            {layer: outputs[graphs.gram_output(layer)] for layer in self.choice.style_layers},
+        )
+
+    def evaluate(self, image: np.ndarray, feeds: dict[str, np.ndarray]) -> Evaluation:
+        out = dict(
+            zip(self._loss_outputs, self._loss.run(None, {**feeds, export.INPUT_NAME: image}), strict=True)
+        )
+        return Evaluation(
+            float(out[graphs.LOSS]),
+            float(out[graphs.CONTENT_LOSS]),
+            float(out[graphs.STYLE_LOSS]),
+            float(out[graphs.TV_LOSS]),
+            out[graphs.CONTENT_LAYER_LOSSES],
+            out[graphs.STYLE_LAYER_LOSSES],
+            out[graphs.GRAD],
+        )
+
+
+def loss_feeds(
+    targets: Targets,
+    content_weight: float,
+    style_weight: float,
+    tv_weight: float,
+    content_layer_weights: list[float],
+    style_layer_weights: list[float],
+) -> dict[str, np.ndarray]:
+    """The loss graph's inputs other than the image, fixed for one optimisation stage."""
+    feeds = {
+        graphs.CONTENT_WEIGHT: np.asarray(content_weight, np.float32),
+        graphs.STYLE_WEIGHT: np.asarray(style_weight, np.float32),
+        graphs.TV_WEIGHT: np.asarray(tv_weight, np.float32),
+        graphs.CONTENT_LAYER_WEIGHTS: np.asarray(content_layer_weights, np.float32),
+        graphs.STYLE_LAYER_WEIGHTS: np.asarray(style_layer_weights, np.float32),
+    }
+    feeds.update({graphs.content_target(layer): f for layer, f in targets.content.items()})
+    feeds.update({graphs.gram_target(layer): g for layer, g in targets.grams.items()})
+    return feeds
+
+
+class FeatureNetwork:
+    """Loads the exported VGG16 feature network and compiles graphs for layer choices on demand."""
+
+    def __init__(
+        self,
+        model_path: str | Path,
+        *,
+        providers: list[str] | None = None,
+        intra_op_threads: int | None = None,
+        cache_size: int = 8,
+    ) -> None:
+        path = Path(model_path)
+        if not path.is_file():
+            raise ModelNotFound(f"model file {path} not found: build it with `bash scripts/setup.sh`")
+        self._features = onnx.load(str(path))
+        meta = {p.key: p.value for p in self._features.metadata_props}
+        try:
+            self.channel_order = meta[export.META_CHANNEL_ORDER]
+            self.input_scale = float(meta[export.META_INPUT_SCALE])
+            self.mean = np.asarray(json.loads(meta[export.META_MEAN]), np.float32)
+            self.std = np.asarray(json.loads(meta[export.META_STD]), np.float32)
+            self.layers = tuple(json.loads(meta[export.META_LAYERS]))
+            self.name = meta[export.META_NAME]
+            self.weights_source = meta[export.META_SOURCE]
+        except KeyError as missing:
+            raise ValueError(
+                f"{path} lacks the metadata {missing}: rebuild it with stylize-build-model"
+            ) from None
+        available = ort.get_available_providers()
+        self.providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in available]
+        if not self.providers:
+            raise ValueError(
+                f"none of the providers {providers} is available; onnxruntime offers {available}"
+            )
+        self._options = ort.SessionOptions()
+        self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads:
+            self._options.intra_op_num_threads = intra_op_threads
+        self._cache: OrderedDict[LayerChoice, CompiledChoice] = OrderedDict()
+        self._cache_size = cache_size
+        self._lock = threading.Lock()
+        self._building: dict[LayerChoice, threading.Lock] = {}
+
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name=self.name,
+            weights_source=self.weights_source,
+            layers=self.layers,
+            channel_order=self.channel_order,
+            mean=tuple(float(v) for v in self.mean),
+            std=tuple(float(v) for v in self.std),
+            input_scale=self.input_scale,
+            providers=tuple(self.providers),
+        )
+
+    def compiled(self, choice: LayerChoice) -> CompiledChoice:
+        with self._lock:
+            if choice in self._cache:
+                self._cache.move_to_end(choice)
+                return self._cache[choice]
+            building = self._building.setdefault(choice, threading.Lock())
+        with building:  # one build per choice, while other choices stay usable
+            with self._lock:
+                if choice in self._cache:
+                    return self._cache[choice]
+            compiled = CompiledChoice(
+                choice,
+                self._session(graphs.build_targets_model(self._features, choice)),
+                self._session(graphs.build_loss_model(self._features, choice)),
+            )
+            with self._lock:
+                self._cache[choice] = compiled
+                self._building.pop(choice, None)
+                while len(self._cache) > self._cache_size:
+                    self._cache.popitem(last=False)
+            return compiled
+
+    def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
+        return ort.InferenceSession(model.SerializeToString(), self._options, providers=self.providers)
+
+    # Preprocessing, read from the model: x = (rgb * scale - mean) / std in the network's channel order.
+    def _order(self, channels: np.ndarray) -> np.ndarray:
+        return channels[..., ::-1] if self.channel_order == "BGR" else channels
+
+    def to_network(self, rgb: np.ndarray) -> np.ndarray:
+        """(H, W, 3) RGB in [0, 1] -> (1, 3, H, W) float32 network input."""
+        x = (self._order(rgb.astype(np.float32)) * self.input_scale - self.mean) / self.std
+        return np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)
+
+    def from_network(self, x: np.ndarray) -> np.ndarray:
+        """(1, 3, H, W) network input -> (H, W, 3) RGB in [0, 1]."""
+        hwc = x.reshape(3, *x.shape[-2:]).transpose(1, 2, 0)
+        rgb = self._order((hwc * self.std + self.mean) / self.input_scale)
+        return np.clip(rgb, 0.0, 1.0).astype(np.float32)
+
+    def pixel_bounds(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-element lower and upper bounds of the network input for pixels in [0, 1], flattened."""
+        low = np.broadcast_to(((0.0 - self.mean) / self.std)[:, None, None], (3, height, width))
+        high = np.broadcast_to(((self.input_scale - self.mean) / self.std)[:, None, None], (3, height, width))
+        return low.astype(np.float64).ravel(), high.astype(np.float64).ravel()

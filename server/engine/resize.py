@@ -1,0 +1,32 @@
+"""Resampling of float RGB images, channel by channel in Pillow's 32-bit float mode (no 8-bit rounding)."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+
+def scaled_size(width: int, height: int, longest: int) -> tuple[int, int]:
+    """(width, height) scaled so that the longer side is `longest`, keeping the aspect ratio."""
+    scale = longest / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(H, W, 3) float32 -> (height, width, 3) float32, bicubic, clipped to [0, 1]."""
+    if image.shape[:2] == (height, width):
+        return image.astype(np.float32, copy=False)
+    channels = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(image[..., c], dtype=np.float32), mode="F").resize(
+                (width, height), Image.Resampling.BICUBIC
+            )
+        )
+        for c in range(image.shape[2])
+    ]
+    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
+
+
+def resize_longest(image: np.ndarray, longest: int) -> np.ndarray:
+    height, width = image.shape[:2]
+    return resize(image, *scaled_size(width, height, longest))
