@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+
 from stylize_service.models import export, graphs
 from stylize_service.models.graphs import LayerChoice
 

@@ -1,0 +1,171 @@
+"""Engine.stylize end to end on the built model, at small sizes."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stylize_service.models.paths import default_model_path
+from stylize_service.server.engine.engine import Engine, stage_iterations, stage_sizes
+from stylize_service.server.engine.types import (
+    ColorMode,
+    Init,
+    InvalidSettings,
+    Pooling,
+    Progress,
+    StyleSource,
+    StylizeCancelled,
+    StylizeSettings,
+)
+
+
+class Recorder:
+    def __init__(self, stop_after_evaluations: int | None = None) -> None:
+        self.progress: list[Progress] = []
+        self.frames: list[tuple[int, np.ndarray]] = []
+        self.polls = 0
+        self.stop_after = stop_after_evaluations
+
+    def on_progress(self, progress: Progress) -> None:
+        self.progress.append(progress)
+
+    def on_frame(self, iteration: int, image: np.ndarray) -> None:
+        self.frames.append((iteration, image))
+
+    def should_stop(self) -> bool:
+        self.polls += 1
+        return self.stop_after is not None and self.polls > self.stop_after
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    if not Path(default_model_path()).exists():
+        pytest.skip("model not built: run `bash scripts/setup.sh`")
+    return Engine(default_model_path())
+
+
+def gradient_image(height: int, width: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
+    base = np.stack([xx, yy, 1 - xx * yy], axis=-1)
+    return np.clip(base + rng.normal(0, 0.05, base.shape), 0, 1).astype(np.float32)
+
+
+def stripes(height: int, width: int) -> np.ndarray:
+    xx = np.arange(width)[None, :].repeat(height, 0)
+    on = (xx // 4) % 2 == 0
+    return np.stack([on * 0.9, 0.2 + 0 * xx, (~on) * 0.8], axis=-1).astype(np.float32)
+
+
+CONTENT = gradient_image(48, 64, 0)
+STYLE = [StyleSource(stripes(40, 40), 1.0)]
+SMALL = StylizeSettings(max_size=64, iterations=8, frame_every=4)
+
+
+def test_loss_falls_and_result_has_requested_size(engine):
+    recorder = Recorder()
+    result = engine.stylize(CONTENT, STYLE, SMALL, recorder)
+    assert result.image.shape == (48, 64, 3)
+    assert result.image.dtype == np.float32 and result.image.min() >= 0 and result.image.max() <= 1
+    iterations = [p.iteration for p in recorder.progress]
+    assert iterations == list(range(len(iterations))) and iterations[-1] == result.iterations
+    assert recorder.progress[0].losses.total > result.losses.total
+    assert result.evaluations >= result.iterations
+    assert [i for i, _ in recorder.frames] == [4, 8]
+    assert set(result.losses.style_per_layer) == {"relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"}
+    assert result.losses.total == pytest.approx(
+        result.losses.content + result.losses.style + result.losses.tv, rel=1e-4
+    )
+
+
+def test_same_seed_gives_identical_output(engine):
+    settings = replace(SMALL, init=Init.NOISE, seed=7, iterations=4)
+    first = engine.stylize(CONTENT, STYLE, settings, Recorder()).image
+    second = engine.stylize(CONTENT, STYLE, settings, Recorder()).image
+    other = engine.stylize(CONTENT, STYLE, replace(settings, seed=8), Recorder()).image
+    assert first.tobytes() == second.tobytes()
+    assert first.tobytes() != other.tobytes()
+
+
+def test_cancel_stops_within_one_evaluation(engine):
+    recorder = Recorder(stop_after_evaluations=3)
+    with pytest.raises(StylizeCancelled):
+        engine.stylize(CONTENT, STYLE, replace(SMALL, iterations=50), recorder)
+    assert recorder.polls == 4
+
+
+def test_multiscale_reports_stages(engine):
+    recorder = Recorder()
+    result = engine.stylize(CONTENT, STYLE, replace(SMALL, max_size=96, min_size=48, iterations=6), recorder)
+    stages = {(p.stage, p.width, p.height) for p in recorder.progress}
+    assert stages == {(0, 48, 36), (1, 96, 72)}
+    assert result.image.shape == (72, 96, 3)
+    assert [p.iteration for p in recorder.progress] == list(range(7))
+
+
+@pytest.mark.parametrize("mode", list(ColorMode))
+def test_color_modes(engine, mode):
+    result = engine.stylize(CONTENT, STYLE, replace(SMALL, color_mode=mode, iterations=3), Recorder())
+    assert result.image.shape == (48, 64, 3)
+    if mode is ColorMode.LUMINANCE:
+        from stylize_service.server.engine.color import rgb_to_yiq
+
+        # The content's chroma survives wherever recombining did not push a channel out of [0, 1].
+        inside = np.all((result.image > 0.001) & (result.image < 0.999), axis=-1)
+        assert inside.mean() > 0.5
+        np.testing.assert_allclose(
+            rgb_to_yiq(result.image)[inside][:, 1:], rgb_to_yiq(CONTENT)[inside][:, 1:], atol=1e-4
+        )
+
+
+def test_avg_pooling_blend_and_init_image(engine):
+    styles = [StyleSource(stripes(40, 40), 3.0), StyleSource(gradient_image(30, 50, 1), 1.0)]
+    settings = replace(
+        SMALL, pooling=Pooling.AVG, init=Init.IMAGE, init_image=gradient_image(20, 20, 2), iterations=3
+    )
+    recorder = Recorder()
+    engine.stylize(CONTENT, styles, settings, recorder)
+    assert recorder.progress[-1].losses.total < recorder.progress[0].losses.total
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"content_layers": {"relu9_9": 1.0}}, "content_layers"),
+        ({"style_layers": {"relu1_1": float("nan")}}, "style_layers"),
+        ({"iterations": 0}, "iterations"),
+        ({"max_size": 8}, "max_size"),
+        ({"min_size": 1000}, "min_size"),
+        ({"tv_weight": -1.0}, "tv_weight"),
+        ({"style_scale": float("inf")}, "style_scale"),
+        ({"init": Init.IMAGE}, "init_image"),
+    ],
+)
+def test_invalid_settings_name_the_field(engine, change, field):
+    with pytest.raises(InvalidSettings) as error:
+        engine.stylize(CONTENT, STYLE, replace(SMALL, **change), Recorder())
+    assert error.value.field == field
+
+
+def test_no_style_image_is_invalid(engine):
+    with pytest.raises(InvalidSettings) as error:
+        engine.stylize(CONTENT, [], SMALL, Recorder())
+    assert error.value.field == "styles"
+
+
+def test_too_thin_image_is_invalid(engine):
+    with pytest.raises(InvalidSettings) as error:
+        engine.stylize(gradient_image(4, 200, 0), STYLE, SMALL, Recorder())
+    assert error.value.field == "max_size"
+
+
+def test_stage_rules():
+    assert stage_sizes(512, 512) == [512]
+    assert stage_sizes(128, 512) == [128, 256, 512]
+    assert stage_sizes(200, 512) == [256, 512]
+    assert stage_iterations(500, 1) == [500]
+    assert stage_iterations(500, 3) == [125, 125, 250]
+    assert sum(stage_iterations(7, 3)) == 7
