@@ -102,11 +102,9 @@ def _identity(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> lis
 
 @rule("Relu")
 def _relu(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[str | None]:
-    # The mask comes from the output (y > 0 exactly where x > 0), so the pre-activation need not be kept
-    # and onnxruntime can still fuse Conv+Relu in the forward pass.
-    zero = ctx.const(0.0)
-    mask = ctx.emit("Greater", [node.output[0], zero], "relu_mask")
-    return [ctx.emit("Where", [mask, dys[0], zero], "relu")]
+    # y is a ReLU output, so Sign(y) is exactly the 0/1 mask of x > 0: the pre-activation need not be kept,
+    # onnxruntime still fuses Conv+Relu in the forward pass, and Sign+Mul measured faster than Where.
+    return [ctx.emit("Mul", [dys[0], ctx.emit("Sign", [node.output[0]], "relu_mask")], "relu")]
 
 
 @rule("Conv")
@@ -171,8 +169,8 @@ def _maxpool(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list
     x = node.input[0]
     y_up = _upsample2(ctx, node.output[0], x, float("inf"))
     dy_up = _upsample2(ctx, dys[0], x, 0.0)
-    mask = ctx.emit("Equal", [x, y_up], "argmax")
-    return [ctx.emit("Where", [mask, dy_up, ctx.const(0.0)], "maxpool")]
+    mask = ctx.emit("Cast", [ctx.emit("Equal", [x, y_up], "argmax")], "argmax", to=TensorProto.FLOAT)
+    return [ctx.emit("Mul", [dy_up, mask], "maxpool")]  # measured faster than Where
 
 
 @rule("AveragePool")

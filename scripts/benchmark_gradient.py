@@ -1,0 +1,144 @@
+"""Seconds per loss+gradient evaluation: our ONNX gradient graph on onnxruntime against PyTorch eager.
+
+Run: .venv/bin/python scripts/benchmark_gradient.py [--sizes 512x384 1024x768] [--repeats 5]
+
+Both sides compute the same default Gatys loss (content relu4_2; style relu1_1..relu5_1; tv) and dL/dx
+from the same weights, measured side by side in one run, with the machine's SGEMM rate measured in the
+same run for scale. PyTorch is optional (pip install torch==2.13.0); without it that column is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import onnx
+
+from stylize_service.models import export
+from stylize_service.models.graphs import LayerChoice
+from stylize_service.models.paths import default_model_path
+from stylize_service.models.vgg16 import BLOCK_ENDS, CONVS
+from stylize_service.server.engine.network import FeatureNetwork, loss_feeds
+
+CONTENT_LAYERS = ("relu4_2",)
+STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+WEIGHTS = (5.0, 100.0, 1e-3)
+
+
+def flops_per_evaluation(height: int, width: int, deepest: str = "relu5_1") -> float:
+    """Multiply-adds x2 of the convolutions (forward, and backward to the input only) and the Grams."""
+    total, h, w = 0.0, height, width
+    for spec in CONVS:
+        conv = 2.0 * spec.in_channels * spec.out_channels * 9 * h * w
+        total += 2 * conv  # forward + input gradient
+        if spec.relu in STYLE_LAYERS:
+            total += 2 * (2.0 * spec.out_channels**2 * h * w)  # Gram + its gradient
+        if spec.relu == deepest:
+            break
+        if spec.name in BLOCK_ENDS:
+            h, w = h // 2, w // 2
+    return total
+
+
+def sgemm_gflops(n: int = 3072, repeats: int = 3) -> float:
+    rng = np.random.default_rng(0)
+    a, b = rng.random((n, n), np.float32), rng.random((n, n), np.float32)
+    best = min(_time(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _time(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()  # warm-up: first runs allocate and pick kernels
+    fn()
+    return statistics.median(_time(fn) for _ in range(repeats))
+
+
+def onnx_evaluation(network: FeatureNetwork, height: int, width: int):
+    compiled = network.compiled(LayerChoice(CONTENT_LAYERS, STYLE_LAYERS, "max"))
+    rng = np.random.default_rng(0)
+    content = rng.uniform(-120, 120, (1, 3, height, width)).astype(np.float32)
+    x = rng.uniform(-120, 120, (1, 3, height, width)).astype(np.float32)
+    targets = compiled.targets(content)
+    feeds = loss_feeds(targets, *WEIGHTS, [1.0], [1.0] * len(STYLE_LAYERS))
+    return (lambda: compiled.evaluate(x, feeds)), content, x, targets
+
+
+def torch_evaluation(features: onnx.ModelProto, content: np.ndarray, x: np.ndarray, targets):
+    import torch
+
+    tensors = {
+        t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy()) for t in features.graph.initializer
+    }
+    content_targets = {k: torch.from_numpy(v) for k, v in targets.content.items()}
+    grams = {k: torch.from_numpy(v) for k, v in targets.grams.items()}
+    cw, sw, tw = WEIGHTS
+
+    def evaluate() -> None:
+        xt = torch.from_numpy(x).requires_grad_(True)
+        h, loss = xt, 0.0
+        for spec in CONVS:
+            weight, bias = tensors[export.kernel_name(spec.name)], tensors[export.bias_name(spec.name)]
+            h = torch.relu(torch.nn.functional.conv2d(h, weight, bias, padding=1))
+            if spec.relu in content_targets:
+                loss = loss + cw * torch.mean((h - content_targets[spec.relu]) ** 2)
+            if spec.relu in grams:
+                f = h.reshape(h.shape[1], -1)
+                loss = loss + sw * torch.mean((f @ f.T / f.numel() - grams[spec.relu]) ** 2)
+            if spec.relu == "relu5_1":
+                break
+            if spec.name in BLOCK_ENDS:
+                h = torch.nn.functional.max_pool2d(h, 2)
+        corner = xt[..., :-1, :-1]
+        tv = 0.5 * torch.sum((corner - xt[..., :-1, 1:]) ** 2 + (corner - xt[..., 1:, :-1]) ** 2)
+        loss = loss + tw * tv
+        loss.backward()
+
+    return evaluate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", nargs="+", default=["512x384", "1024x768"], help="WIDTHxHEIGHT")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--model", default=str(default_model_path()))
+    args = parser.parse_args()
+
+    try:
+        import torch
+
+        torch_version = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    except ImportError:
+        torch, torch_version = None, "not installed"
+    network = FeatureNetwork(args.model)
+    features = onnx.load(args.model)
+    sgemm = sgemm_gflops()
+    print(f"SGEMM (numpy float32 3072^3): {sgemm:.0f} GFLOP/s; PyTorch: {torch_version}")
+    print()
+    print("| size | ours s/eval | GFLOP/s | % of SGEMM | PyTorch eager s/eval | ours / PyTorch |")
+    print("|---|---|---|---|---|---|")
+    for size in args.sizes:
+        width, height = (int(v) for v in size.lower().split("x"))
+        evaluate, content, x, targets = onnx_evaluation(network, height, width)
+        ours = median_seconds(evaluate, args.repeats)
+        gflops = flops_per_evaluation(height, width) / ours / 1e9
+        theirs = (
+            median_seconds(torch_evaluation(features, content, x, targets), args.repeats)
+            if torch
+            else float("nan")
+        )
+        print(
+            f"| {width}x{height} | {ours:.3f} | {gflops:.0f} | {100 * gflops / sgemm:.0f}% | {theirs:.3f} | "
+            f"{ours / theirs:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
