@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from stylize_service.server.engine import color
 from stylize_service.server.engine.types import ColorMode
 

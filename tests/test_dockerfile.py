@@ -1,0 +1,256 @@
+"""Static checks of the Dockerfile and .dockerignore (Docker itself is not needed to run them)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = ROOT / "Dockerfile"
+DOCKERIGNORE = ROOT / ".dockerignore"
+PORT = "50051"
+
+
+@dataclass
+class Instruction:
+    keyword: str
+    args: str
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+
+def parse_dockerfile(text: str) -> list[Stage]:
+    """Instructions grouped by stage, with line continuations joined and comments dropped."""
+    logical: list[str] = []
+    current = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not current and (not line or line.startswith("#")):
+            continue
+        if current and line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        logical.append(current + line)
+        current = ""
+    if current:
+        logical.append(current)
+
+    stages: list[Stage] = []
+    for line in logical:
+        keyword, _, args = line.partition(" ")
+        keyword = keyword.upper()
+        args = args.strip()
+        if keyword == "FROM":
+            words = args.split()
+            words = [w for w in words if not w.startswith("--")]
+            name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(base=words[0], name=name))
+        elif stages:
+            stages[-1].instructions.append(Instruction(keyword, args))
+    return stages
+
+
+def split_args(args: str) -> tuple[list[str], list[str]]:
+    """(flags, operands) of a COPY/ADD, in shell form or JSON form."""
+    words = shlex.split(args)
+    flags = [w for w in words if w.startswith("--")]
+    rest = args
+    for flag in flags:
+        rest = rest.replace(flag, "", 1)
+    rest = rest.strip()
+    operands = json.loads(rest) if rest.startswith("[") else [w for w in words if not w.startswith("--")]
+    return flags, operands
+
+
+def ignore_patterns(path: Path, gitignore: bool = False) -> list[tuple[bool, re.Pattern[str]]]:
+    """(negated, regex) per line of an ignore file, in order; the last matching line decides.
+
+    .dockerignore patterns are anchored at the context root; in a .gitignore a pattern without an inner
+    slash matches at any depth.
+    """
+    rules = []
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        negated = line.startswith("!")
+        pattern = line[1:].strip() if negated else line
+        if gitignore and "/" not in pattern.strip("/"):
+            pattern = "**/" + pattern
+        pattern = pattern.strip("/")
+        regex = ""
+        i = 0
+        while i < len(pattern):
+            if pattern.startswith("**/", i):
+                regex += "(?:.*/)?"
+                i += 3
+            elif pattern.startswith("**", i):
+                regex += ".*"
+                i += 2
+            elif pattern[i] == "*":
+                regex += "[^/]*"
+                i += 1
+            elif pattern[i] == "?":
+                regex += "[^/]"
+                i += 1
+            else:
+                regex += re.escape(pattern[i])
+                i += 1
+        rules.append((negated, re.compile(regex + r"\Z")))
+    return rules
+
+
+def is_ignored(path: str, rules: list[tuple[bool, re.Pattern[str]]]) -> bool:
+    """Whether the build context leaves out `path` (relative, with /), itself or through a parent folder."""
+    parts = path.strip("/").split("/")
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    ignored = False
+    for negated, regex in rules:
+        if any(regex.match(p) for p in prefixes):
+            ignored = not negated
+    return ignored
+
+
+def dockerignore_patterns() -> list[tuple[bool, re.Pattern[str]]]:
+    return ignore_patterns(DOCKERIGNORE)
+
+
+def tracked_files(source: str) -> list[str]:
+    """Files under `source` that a clean clone has: git's list, else the files on disk not gitignored."""
+    try:
+        out = subprocess.run(
+            ["git", "ls-files", "--", source], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        out = []
+    if out:
+        return out
+    base = ROOT / source
+    if base.is_file():
+        return [source]
+    gitignore = ROOT / ".gitignore"
+    rules = ignore_patterns(gitignore, gitignore=True) if gitignore.is_file() else []
+    files = (p.relative_to(ROOT).as_posix() for p in base.rglob("*") if p.is_file())
+    return [f for f in files if not is_ignored(f, rules)]
+
+
+@pytest.fixture(scope="module")
+def stages() -> list[Stage]:
+    assert DOCKERFILE.is_file(), "no Dockerfile at the repository root"
+    parsed = parse_dockerfile(DOCKERFILE.read_text())
+    assert parsed, "the Dockerfile has no FROM"
+    return parsed
+
+
+def context_copies(stages: list[Stage]) -> list[str]:
+    """Every source path that a COPY/ADD takes from the build context (not from another stage)."""
+    sources = []
+    for stage in stages:
+        for ins in stage.instructions:
+            if ins.keyword not in ("COPY", "ADD"):
+                continue
+            flags, operands = split_args(ins.args)
+            if any(f.startswith("--from") for f in flags):
+                continue
+            sources.extend(operands[:-1])
+    return sources
+
+
+def test_parser_reads_continuations_and_stages() -> None:
+    text = "FROM a AS one\nRUN x \\\n  # note\n  && y\nFROM b\nUSER 1000\n"
+    parsed = parse_dockerfile(text)
+    assert [(s.base, s.name) for s in parsed] == [("a", "one"), ("b", None)]
+    assert parsed[0].instructions[0].args.split() == ["x", "&&", "y"]
+    assert parsed[1].all("USER")[0].args == "1000"
+
+
+def test_dockerignore_matcher() -> None:
+    rules = [(False, re.compile(r"models/build\Z")), (False, re.compile(r"(?:.*/)?__pycache__\Z"))]
+    assert is_ignored("models/build/x.onnx", rules)
+    assert is_ignored("server/engine/__pycache__/a.pyc", rules)
+    assert not is_ignored("models/build.py", rules)
+
+
+def test_builder_runs_setup_script(stages: list[Stage]) -> None:
+    runs = [i.args for s in stages for i in s.all("RUN")]
+    assert any(re.search(r"(^|[\s/])scripts/setup\.sh\b", r) for r in runs), (
+        "the image must be built with scripts/setup.sh, the script CI runs"
+    )
+    assert (ROOT / "scripts" / "setup.sh").is_file()
+
+
+def test_multi_stage(stages: list[Stage]) -> None:
+    assert len(stages) >= 2, "expected a builder stage and a runtime stage"
+    final = stages[-1]
+    assert any("--from" in i.args for i in final.all("COPY")), "the runtime stage copies from the builder"
+
+
+def test_copied_paths_exist(stages: list[Stage]) -> None:
+    sources = context_copies(stages)
+    assert sources, "the Dockerfile copies nothing from the build context"
+    missing = [s for s in sources if not (ROOT / s).exists()]
+    assert not missing, f"COPY sources missing from the repository: {missing}"
+
+
+def test_dockerignore_keeps_what_is_copied(stages: list[Stage]) -> None:
+    assert DOCKERIGNORE.is_file(), "no .dockerignore"
+    rules = dockerignore_patterns()
+    excluded = []
+    for source in context_copies(stages):
+        if is_ignored(source, rules):
+            excluded.append(source)
+            continue
+        excluded.extend(f for f in tracked_files(source) if is_ignored(f, rules))
+    assert not excluded, f".dockerignore leaves out files the Dockerfile copies: {excluded}"
+
+
+def test_dockerignore_keeps_build_outputs_out() -> None:
+    rules = dockerignore_patterns()
+    for path in (".venv/bin/python", ".git/HEAD", "models/build/vgg16_features.onnx", "out/demo/result.png"):
+        assert is_ignored(path, rules), f"{path} should not be sent to the build context"
+
+
+def test_runs_as_non_root(stages: list[Stage]) -> None:
+    users = stages[-1].all("USER")
+    assert users, "the runtime stage sets no USER, so it runs as root"
+    user = users[-1].args.split(":")[0].strip()
+    assert user not in ("root", "0"), f"USER {user} is root"
+
+
+def test_exposes_port_and_listens_on_all_interfaces(stages: list[Stage]) -> None:
+    final = stages[-1]
+    exposed = " ".join(i.args for i in final.all("EXPOSE")).split()
+    assert any(p.split("/")[0] == PORT for p in exposed), f"EXPOSE {PORT} missing"
+    env = " ".join(i.args for i in final.all("ENV"))
+    assert re.search(r"STYLIZE_HOST[= ]0\.0\.0\.0", env), "STYLIZE_HOST=0.0.0.0 missing"
+
+
+def test_healthcheck_uses_grpc_health(stages: list[Stage]) -> None:
+    checks = stages[-1].all("HEALTHCHECK")
+    assert checks, "no HEALTHCHECK in the runtime stage"
+    args = checks[-1].args
+    assert not args.upper().startswith("NONE")
+    assert "healthcheck.py" in args or "grpc_health" in args
+    if "healthcheck.py" in args:
+        assert (ROOT / "scripts" / "healthcheck.py").is_file()
+
+
+def test_runs_the_server(stages: list[Stage]) -> None:
+    cmds = stages[-1].all("CMD") + stages[-1].all("ENTRYPOINT")
+    assert any("stylize-server" in c.args for c in cmds), "the image should start stylize-server"

@@ -1,0 +1,121 @@
+"""The newcomer's scripts: shell syntax, the health check, and the bundled samples' licences."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from concurrent import futures
+from pathlib import Path
+from types import ModuleType
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+SHELL_SCRIPTS = [
+    ROOT / "scripts" / "setup.sh",
+    ROOT / "scripts" / "demo.sh",
+    ROOT / "scripts" / "test.sh",
+    ROOT / ".ci" / "run",
+]
+SAMPLES = ROOT / "client" / "samples"
+
+
+def load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_shell_script_syntax(script: Path) -> None:
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    assert script.is_file()
+    result = subprocess.run([bash, "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    text = (ROOT / ".ci" / "run").read_text()
+    assert "set -euo pipefail" in text
+    assert "bash scripts/test.sh" in text
+    assert "bash scripts/test.sh" in (ROOT / "README.md").read_text()
+    assert "bash scripts/demo.sh" in (ROOT / "README.md").read_text()
+
+
+@pytest.fixture
+def health_server():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}", servicer
+    finally:
+        server.stop(None)
+
+
+def test_healthcheck_serving(health_server) -> None:
+    address, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    assert load_script("healthcheck").main(["--address", address, "--quiet"]) == 0
+
+
+def test_healthcheck_not_serving(health_server) -> None:
+    address, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    assert load_script("healthcheck").main(["--address", address, "--quiet", "--timeout", "1"]) == 1
+
+
+def test_healthcheck_nobody_listening() -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # Bound but not listening: the connection is refused.
+    module = load_script("healthcheck")
+    assert module.main(["--address", f"127.0.0.1:{port}", "--quiet", "--timeout", "1"]) == 1
+
+
+def test_healthcheck_runs_as_a_script(health_server) -> None:
+    address, servicer = health_server
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "healthcheck.py"), "--address", address],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "SERVING" in result.stdout
+
+
+def test_every_sample_has_a_recorded_licence() -> None:
+    licence = (SAMPLES / "LICENSE.md").read_text()
+    images = [p for p in SAMPLES.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".gif", ".webp")]
+    assert len(images) >= 2, "expected a content and a style sample"
+    for image in images:
+        assert f"`{image.name}`" in licence, f"{image.name} has no entry in client/samples/LICENSE.md"
+        assert image.stat().st_size < 400 * 1024, f"{image.name} is larger than 400 KiB"
+        with Image.open(image) as im:
+            assert im.mode == "RGB"
+            assert 256 <= max(im.size) <= 1024
+
+
+def test_style_sample_generator_is_deterministic(tmp_path: Path) -> None:
+    module = load_script("make_style_sample")
+    a = module.paint(size=96, seed=3)
+    b = module.paint(size=96, seed=3)
+    assert a.size == (96, 96)
+    assert a.tobytes() == b.tobytes()
+    assert module.paint(size=96, seed=4).tobytes() != a.tobytes()
