@@ -1,10 +1,10 @@
 """Single-scale against coarse-to-fine (multiscale) optimisation: wall time and final full-resolution loss.
 
-Run: .venv/bin/python scripts/benchmark_multiscale.py [--sizes 512 1024] [--iterations 300 150] [--out out/multiscale]
+Run: .venv/bin/python scripts/benchmark_multiscale.py [--sizes 512 1024] [--iterations 300 100] [--out out/multiscale]
 
 Both runs start from the content image (init content) with the default loss, in the same process on the same
 machine. The final loss of each is the loss of its final image at full resolution. The images are written
-side by side (single | multiscale) into --out. Defaults read the Tübingen / Starry Night pair from
+side by side (single | multiscale | multiscale with equal time) into --out. Defaults read the Tübingen / Starry Night pair from
 ../shared/images beside the checkout.
 """
 
@@ -20,7 +20,7 @@ from PIL import Image
 
 from stylize_service.models.paths import default_model_path
 from stylize_service.server.engine.engine import Engine, stage_iterations, stage_sizes
-from stylize_service.server.engine.types import Init, Progress, StyleSource, StylizeSettings
+from stylize_service.server.engine.types import Init, Progress, StyleSource, StylizeResult, StylizeSettings
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "images"
 
@@ -40,12 +40,24 @@ def load(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), np.float32) / 255.0
 
 
+def equal_time_iterations(iterations: int, min_size: int, size: int) -> int:
+    """Total multiscale iterations whose cost, counted in full-size iterations, is `iterations`."""
+    total = iterations
+    for _ in range(20):
+        sizes = stage_sizes(min_size, size)
+        cost = sum(
+            n * (s / size) ** 2 for s, n in zip(sizes, stage_iterations(total, len(sizes)), strict=True)
+        )
+        total = max(1, round(total * iterations / cost))
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--content", type=Path, default=SHARED / "tubingen.jpg")
     parser.add_argument("--style", type=Path, default=SHARED / "starry_night.jpg")
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
-    parser.add_argument("--iterations", type=int, nargs="+", default=[300, 150], help="one per size")
+    parser.add_argument("--iterations", type=int, nargs="+", default=[300, 100], help="one per size")
     parser.add_argument("--min-divisor", type=int, default=4, help="multiscale min_size = size / this")
     parser.add_argument("--out", type=Path, default=Path("out/multiscale"))
     args = parser.parse_args()
@@ -61,7 +73,7 @@ def main() -> None:
             "single": replace(base, min_size=size),
             "multiscale": replace(base, min_size=size // args.min_divisor),
         }
-        results = {}
+        results: dict[str, tuple[float, StylizeResult]] = {}
         for name, settings in runs.items():
             started = time.perf_counter()
             result = engine.stylize(content, style, settings, Quiet())
@@ -73,11 +85,11 @@ def main() -> None:
             seconds, loss = results[name][0], result.losses.total
             single_seconds, single_loss = results["single"][0], results["single"][1].losses.total
             print(
-                f"| {size} | {iterations} | {schedule} | {seconds:.0f} | {loss:.4g} | "
+                f"| {size} | {settings.iterations} | {schedule} | {seconds:.0f} | {loss:.4g} | "
                 f"{loss / single_loss:.3f} | {seconds / single_seconds:.2f} |",
                 flush=True,
             )
-        pair = np.concatenate([results["single"][1].image, results["multiscale"][1].image], axis=1)
+        pair = np.concatenate([r.image for _, r in results.values()], axis=1)
         Image.fromarray((pair * 255 + 0.5).astype(np.uint8)).save(
             args.out / f"single_vs_multiscale_{size}.jpg", quality=92
         )
