@@ -1,0 +1,105 @@
+"""Assembly of the gRPC server: the StyleTransfer servicer, grpc.health.v1, reflection, limits, draining.
+
+Separate from main.py (process concerns: flags, logging, signals, loading the model) so that tests can run
+the very same server in-process with a fake engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from importlib import metadata
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
+from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.server.config import ServerConfig
+from stylize_service.server.scheduler import Scheduler
+from stylize_service.server.servicer import EngineLike, ServiceLimits, StyleTransferServicer
+
+logger = logging.getLogger("stylize.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StyleTransfer"].full_name  # "stylize.v1.StyleTransfer"
+OVERALL = ""  # grpc.health.v1's name for the server as a whole
+EXTRA_THREADS = 8  # handler threads beyond running + queued jobs: health checks, GetInfo, refusals
+
+
+def package_version() -> str:
+    try:
+        return metadata.version("stylize-service")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class StylizeServer:
+    """The server of one process. start() listens (health NOT_SERVING), set_engine() makes it SERVING,
+    drain() stops it gracefully."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.scheduler = Scheduler(config.concurrency, config.queue_size)
+        self.servicer = StyleTransferServicer(
+            self.scheduler,
+            ServiceLimits(max_pixels=config.max_pixels, max_message_bytes=config.max_message_bytes),
+            version=package_version(),
+        )
+        self.health = health.HealthServicer()
+        # Every Stylize call holds a handler thread while it runs or waits, so size the pool to the
+        # scheduler's bounds; the rest answer health checks and GetInfo while the workers are busy.
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=config.concurrency + config.queue_size + EXTRA_THREADS,
+                thread_name_prefix="grpc-handler",
+            ),
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+            ],
+        )
+        pb_grpc.add_StyleTransferServicer_to_server(self.servicer, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+        )
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = 0
+
+    def start(self) -> int:
+        """Listen on config.host:config.port; returns the bound port (useful when port 0 was asked)."""
+        self.port = self._server.add_insecure_port(self.config.address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {self.config.address} (in use, or not a local address?)")
+        self._server.start()
+        return self.port
+
+    def set_engine(self, engine: EngineLike) -> None:
+        self.servicer.set_engine(engine)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def drain(self, grace_seconds: float | None = None) -> None:
+        """Stop gracefully: report NOT_SERVING, refuse new and queued jobs, let running jobs finish
+        within the grace period, then cancel them (they stop within one evaluation)."""
+        grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
+        self.health.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
+        self.scheduler.close()
+        running = self.scheduler.running
+        if running:
+            logger.info("draining: waiting up to %.0fs for %d running job(s)", grace, running)
+        self._server.stop(grace).wait()
+        # server.stop cancelled what was left; give the workers a moment to see it and release.
+        if not self.scheduler.wait_idle(timeout=10.0):
+            logger.warning("draining: some job did not stop within 10s of being cancelled")
+
+    def cancel_all(self) -> None:
+        """Cut a drain's grace period short: cancel every call now (jobs stop within one evaluation)."""
+        self._server.stop(0)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._server.wait_for_termination(timeout)
+
+    def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in (OVERALL, SERVICE_NAME):
+            self.health.set(name, status)

@@ -1,0 +1,179 @@
+"""The server's settings: command-line flags over STYLIZE_* environment variables over defaults."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stylize_service.models.paths import default_model_path
+
+DEFAULT_PORT = 50051
+DEFAULT_MAX_MESSAGE_MB = 64
+DEFAULT_MAX_PIXELS = 25_000_000  # a 24-megapixel photo fits; decoded as float32 RGB that is 300 MB
+DEFAULT_QUEUE_SIZE = 8
+DEFAULT_GRACE_SECONDS = 30.0
+
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, e.g. of a container's cpuset), else all."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_concurrency(cores: int | None = None) -> int:
+    """One job per 4 cores (a job saturates a few cores by itself), and at least one."""
+    cores = cores or available_cores()
+    return 1 if cores <= 4 else cores // 4
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_PORT  # 0 = pick a free port (tests)
+    model_path: Path | None = None  # None = stylize_service.models.paths.default_model_path()
+    max_message_mb: float = DEFAULT_MAX_MESSAGE_MB
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    concurrency: int = 1
+    queue_size: int = DEFAULT_QUEUE_SIZE
+    threads: int | None = None  # onnxruntime intra-op threads; None = cores // concurrency
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
+    log_level: str = "INFO"
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * 1024 * 1024)
+
+    @property
+    def resolved_model_path(self) -> Path:
+        return self.model_path if self.model_path is not None else default_model_path()
+
+    @property
+    def intra_op_threads(self) -> int:
+        """Split the cores between the concurrent jobs so that they do not oversubscribe the CPU."""
+        if self.threads:
+            return self.threads
+        return max(1, available_cores() // self.concurrency)
+
+
+# (flag, environment variable, type, help); the dataclass field is the flag's name with _ for -.
+_SETTINGS: tuple[tuple[str, str, type, str], ...] = (
+    ("--host", "STYLIZE_HOST", str, "interface to listen on (default: 0.0.0.0)"),
+    ("--port", "STYLIZE_PORT", int, f"port to listen on; 0 = any free port (default: {DEFAULT_PORT})"),
+    (
+        "--model",
+        "STYLIZE_MODEL",
+        Path,
+        "the feature network .onnx (default: models/build/vgg16_features.onnx)",
+    ),
+    (
+        "--max-message-mb",
+        "STYLIZE_MAX_MESSAGE_MB",
+        float,
+        f"largest request or response message, MiB (default: {DEFAULT_MAX_MESSAGE_MB})",
+    ),
+    (
+        "--max-pixels",
+        "STYLIZE_MAX_PIXELS",
+        int,
+        f"largest accepted input image, width*height (default: {DEFAULT_MAX_PIXELS})",
+    ),
+    (
+        "--concurrency",
+        "STYLIZE_CONCURRENCY",
+        int,
+        "jobs that run at the same time (default: 1 on <= 4 cores, else cores // 4)",
+    ),
+    (
+        "--queue-size",
+        "STYLIZE_QUEUE_SIZE",
+        int,
+        f"jobs that may wait for a worker; more are refused (default: {DEFAULT_QUEUE_SIZE})",
+    ),
+    (
+        "--threads",
+        "STYLIZE_THREADS",
+        int,
+        "onnxruntime intra-op threads per job (default: cores // concurrency)",
+    ),
+    (
+        "--grace-seconds",
+        "STYLIZE_GRACE_SECONDS",
+        float,
+        f"on SIGTERM/SIGINT, how long running jobs may finish before they are cancelled "
+        f"(default: {DEFAULT_GRACE_SECONDS:g})",
+    ),
+    ("--log-level", "STYLIZE_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR (default: INFO)"),
+)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stylize-server",
+        description="Serve neural style transfer (stylize.v1.StyleTransfer) over gRPC.",
+        epilog="Every flag can also be set by the environment variable shown; a flag wins over its variable.",
+    )
+    for flag, env, kind, help_text in _SETTINGS:
+        # type=str: conversion happens in load_config so that flags and env vars share one error path.
+        parser.add_argument(flag, metavar=kind.__name__.upper(), help=f"{help_text} [env: {env}]")
+    return parser
+
+
+def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    """Parse flags and the environment; raises ConfigError with the flag or variable at fault."""
+    args = build_parser().parse_args(argv)
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for flag, env, kind, _ in _SETTINGS:
+        name = flag.removeprefix("--").replace("-", "_")
+        raw = getattr(args, name)
+        source = flag
+        if raw is None:
+            raw = environ.get(env) or None
+            source = env
+        if raw is None:
+            continue
+        try:
+            values[name] = kind(raw)
+        except ValueError:
+            raise ConfigError(f"{source}: expected {kind.__name__}, got {raw!r}") from None
+
+    if "model" in values:
+        values["model_path"] = values.pop("model")
+    values.setdefault("concurrency", default_concurrency())
+    config = ServerConfig(**values)
+    _validate(config)
+    return config
+
+
+def _validate(config: ServerConfig) -> None:
+    checks = (
+        (0 <= config.port <= 65535, f"port must be 0..65535, got {config.port}"),
+        (config.max_message_mb > 0, f"max message size must be > 0 MiB, got {config.max_message_mb}"),
+        (config.max_pixels >= 256, f"max pixels must be >= 256, got {config.max_pixels}"),
+        (config.concurrency >= 1, f"concurrency must be >= 1, got {config.concurrency}"),
+        (config.queue_size >= 0, f"queue size must be >= 0, got {config.queue_size}"),
+        (config.threads is None or config.threads >= 1, f"threads must be >= 1, got {config.threads}"),
+        (config.grace_seconds >= 0, f"grace seconds must be >= 0, got {config.grace_seconds}"),
+        (
+            config.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
+            f"log level must be DEBUG, INFO, WARNING or ERROR, got {config.log_level!r}",
+        ),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

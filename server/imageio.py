@@ -1,0 +1,158 @@
+"""Encoded image bytes <-> the engine's float32 (H, W, 3) RGB arrays in [0, 1], with Pillow.
+
+Decoding is where untrusted bytes meet the server, so it refuses an image whose header announces more
+pixels than the limit before any pixel is decoded, and turns every decoder failure into BadImage.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError, features
+
+
+class BadImage(ValueError):
+    """The bytes are not an image the server accepts; the message reads after the field's name."""
+
+
+class Encoding(enum.Enum):
+    """Output encodings: (Pillow format, MIME type, file extension)."""
+
+    PNG = ("PNG", "image/png", "png")
+    JPEG = ("JPEG", "image/jpeg", "jpg")
+    WEBP = ("WEBP", "image/webp", "webp")
+
+    @property
+    def pillow_format(self) -> str:
+        return self.value[0]
+
+    @property
+    def mime_type(self) -> str:
+        return self.value[1]
+
+    @property
+    def extension(self) -> str:
+        return self.value[2]
+
+    @property
+    def available(self) -> bool:
+        return self is not Encoding.WEBP or features.check("webp")
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    data: bytes
+    mime_type: str
+    width: int
+    height: int
+
+
+QUALITY = 90  # JPEG and WebP
+WHITE = 1.0  # transparent pixels are composited on white, what most viewers show
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> np.ndarray:
+    """Encoded bytes -> float32 (H, W, 3) RGB in [0, 1], EXIF orientation applied, alpha on white.
+
+    max_side: shrink (never enlarge) so that the longer side is at most this, as the engine would
+    (bicubic), so that a job waiting in the queue holds no more pixels than it will use.
+    Raises BadImage (never anything else for bad input) for empty, undecodable or too large images.
+    """
+    if not data:
+        raise BadImage("is empty")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            # Image.open reads only the header: refuse decompression bombs before decoding a pixel.
+            _check_pixels(image.size, max_pixels)
+            image.load()
+            _check_pixels(image.size, max_pixels)  # some formats pick their frame only on load
+            rgb = _to_rgb(ImageOps.exif_transpose(image))
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        # Pillow's own global guard (main.py turns its warning into an error too).
+        raise BadImage(f"is too large to decode safely: {err}") from None
+    except UnidentifiedImageError:
+        raise BadImage("is not an image in a format the server reads (PNG, JPEG, WebP, GIF, ...)") from None
+    except MemoryError:
+        raise
+    except Exception as err:
+        # Decoders of corrupt data raise all sorts (OSError, SyntaxError, struct.error, ...): all mean
+        # "bad input", which must be answered, never crash the server.
+        raise BadImage(f"could not be decoded ({type(err).__name__}: {err})") from None
+    height, width = rgb.shape[:2]
+    if max_side is not None and max(width, height) > max_side:
+        rgb = resize(rgb, fit_longest(width, height, max_side))
+    return rgb
+
+
+def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise BadImage(f"has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise BadImage(
+            f"is {width}x{height} = {width * height} pixels, more than the server's limit of {max_pixels}"
+        )
+
+
+def _to_rgb(image: Image.Image) -> np.ndarray:
+    mode = image.mode
+    if mode in _SIXTEEN_BIT_MODES or mode == "I":
+        # Pillow's convert("RGB") would clip 16-bit values at 255; scale them instead.
+        grey = np.asarray(image).astype(np.float32) / 65535.0
+        return _grey_to_rgb(np.clip(grey, 0.0, 1.0))
+    if mode == "F":
+        return _grey_to_rgb(np.clip(np.nan_to_num(np.asarray(image, np.float32)), 0.0, 1.0))
+    has_alpha = mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+    if has_alpha:
+        rgba = np.asarray(image.convert("RGBA"), np.float32) / 255.0
+        alpha = rgba[..., 3:]
+        return np.ascontiguousarray(rgba[..., :3] * alpha + WHITE * (1.0 - alpha), dtype=np.float32)
+    # P, 1, L, CMYK, YCbCr, LAB, HSV, RGB ...
+    return np.asarray(image.convert("RGB"), np.float32) / 255.0
+
+
+def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2), dtype=np.float32)
+
+
+def fit_longest(width: int, height: int, longest: int) -> tuple[int, int]:
+    """(width, height) scaled so that the longer side is `longest` (the engine's rounding)."""
+    scale = longest / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """float32 (H, W, 3) -> size=(width, height), bicubic per channel in Pillow's float mode (no 8-bit
+    rounding; the same resampling as the engine's, so a pre-shrunk image is what the engine would use)."""
+    channels = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(image[..., c]), mode="F").resize(
+                size, Image.Resampling.BICUBIC
+            )
+        )
+        for c in range(3)
+    ]
+    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    return (np.clip(np.nan_to_num(image), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def encode_image(image: np.ndarray, encoding: Encoding, size: tuple[int, int] | None = None) -> EncodedImage:
+    """float32 (H, W, 3) RGB in [0, 1] -> encoded bytes, resized to size=(width, height) if given."""
+    pil = Image.fromarray(to_uint8(image), mode="RGB")
+    if size is not None and pil.size != size:
+        pil = pil.resize(size, Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    if encoding is Encoding.PNG:
+        pil.save(buffer, "PNG")
+    else:
+        pil.save(buffer, encoding.pillow_format, quality=QUALITY)
+    return EncodedImage(buffer.getvalue(), encoding.mime_type, pil.width, pil.height)

@@ -1,0 +1,136 @@
+"""`stylize-server`: configure, listen, load the model, serve until SIGTERM/SIGINT, then drain."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Sequence
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from stylize_service.server.app import SERVICE_NAME, StylizeServer
+from stylize_service.server.config import ConfigError, ServerConfig, load_config
+
+if TYPE_CHECKING:
+    from stylize_service.server.engine.engine import Engine
+
+logger = logging.getLogger("stylize.server")
+
+EXIT_CONFIG = 2  # bad flags or environment, missing model
+EXIT_START = 3  # cannot listen, or the model failed to load
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except ConfigError as err:
+        print(f"stylize-server: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Pillow only warns about images over its global pixel limit; make that an error that the image
+    # decoder turns into INVALID_ARGUMENT (our own, stricter per-call limit is checked first anyway).
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+    model_path = config.resolved_model_path
+    if not model_path.is_file():
+        print(
+            f"stylize-server: error: the model file {model_path} does not exist.\n"
+            "Build it with `bash scripts/setup.sh` (or `stylize-build-model`), "
+            "or point --model / STYLIZE_MODEL at it.",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    return serve(config)
+
+
+def serve(config: ServerConfig) -> int:
+    server = StylizeServer(config)
+    try:
+        port = server.start()
+    except (OSError, RuntimeError) as err:
+        logger.error("cannot start: %s", err)
+        return EXIT_START
+    logger.info(
+        "listening on %s:%d (health NOT_SERVING until the model is loaded); concurrency=%d queue=%d "
+        "threads/job=%d max_pixels=%d max_message=%dB",
+        config.host,
+        port,
+        config.concurrency,
+        config.queue_size,
+        config.intra_op_threads,
+        config.max_pixels,
+        config.max_message_bytes,
+    )
+
+    stop = threading.Event()  # the first SIGTERM/SIGINT: drain
+    hurry = threading.Event()  # a second one: cancel the running jobs now
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        # Only set flags here; the main thread acts on them (grpc calls are not signal-safe).
+        name = signal.Signals(signum).name
+        if stop.is_set():
+            logger.warning("%s again: cancelling the running jobs now", name)
+            hurry.set()
+        else:
+            logger.info("%s: draining (send it again to cancel the running jobs at once)", name)
+            stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    try:
+        engine = _load_engine(config)
+    except Exception as err:
+        logger.error("cannot load the model %s: %s", config.resolved_model_path, err)
+        server.drain(0)
+        return EXIT_START
+    if stop.is_set():  # a signal arrived while loading
+        server.drain(0)
+        return 0
+    server.set_engine(engine)
+    logger.info("model loaded; health SERVING for '' and %r", SERVICE_NAME)
+
+    while not stop.wait(1.0):  # a timed wait, so that the signal handler runs promptly
+        pass
+    drainer = threading.Thread(target=server.drain, name="drain")
+    drainer.start()
+    while drainer.is_alive():
+        drainer.join(0.5)
+        if hurry.is_set():
+            server.cancel_all()
+            hurry.clear()
+    logger.info("stopped")
+    return 0
+
+
+def _load_engine(config: ServerConfig) -> Engine:
+    # Imported here, not at the top: onnxruntime is slow to import, and --help should not wait for it.
+    from stylize_service.server.engine.engine import Engine
+
+    started = time.perf_counter()
+    engine = Engine(config.resolved_model_path, intra_op_threads=config.intra_op_threads)
+    engine.warm_up()  # compile the default layer choice's graphs now, not on the first request
+    info = engine.info
+    logger.info(
+        "loaded %s (%s) from %s in %.1fs; providers %s",
+        info.name,
+        info.weights_source,
+        config.resolved_model_path,
+        time.perf_counter() - started,
+        ", ".join(info.providers),
+    )
+    return engine
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,526 @@
+"""stylize.v1.StyleTransfer over an engine: a thin shell that knows gRPC and images, never ONNX.
+
+One Stylize call: decode and validate the request (INVALID_ARGUMENT naming the field), take a ticket from
+the scheduler (Queued events while it waits), run the engine in a worker thread, and turn the engine's
+observer calls into the response stream. The handler thread, not the optimisation thread, converts and
+encodes what it streams, so a slow client costs the optimisation nothing: past a memory budget, unsent
+frames are dropped (the newest is kept) instead of blocking the engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import grpc
+import numpy as np
+
+from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
+from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.server.engine.types import (
+    InvalidSettings,
+    Losses,
+    ModelInfo,
+    Progress,
+    StyleSource,
+    StylizeCancelled,
+    StylizeObserver,
+    StylizeResult,
+    StylizeSettings,
+)
+from stylize_service.server.imageio import BadImage, decode_image, encode_image, fit_longest
+from stylize_service.server.options import (
+    MAX_ITERATIONS,
+    MAX_SIZE,
+    MAX_STYLES,
+    MIN_SIZE,
+    InvalidOption,
+    JobOptions,
+    default_options,
+    proto_field,
+    to_job_options,
+    with_init_image,
+)
+from stylize_service.server.scheduler import QueueFull, Scheduler, SchedulerClosed, Ticket
+
+logger = logging.getLogger("stylize.server")
+
+POLL_SECONDS = 0.5  # how often waiting threads re-check the call's liveness (cancels also wake them)
+# Unsent frames (float32 arrays) kept for a client that reads slowly: ~20 frames of 512x512, and always
+# the newest one; older ones are dropped beyond this rather than make the engine wait.
+PENDING_FRAME_BYTES = 64 * 1024 * 1024
+
+
+class EngineLike(Protocol):
+    """What the servicer needs of stylize_service.server.engine.Engine (tests pass a fake)."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    def check(self, settings: StylizeSettings) -> None: ...
+
+    def stylize(
+        self,
+        content: np.ndarray,
+        styles: Sequence[StyleSource],
+        settings: StylizeSettings,
+        observer: StylizeObserver,
+    ) -> StylizeResult: ...
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    max_pixels: int
+    max_message_bytes: int
+
+
+class _Abort(Exception):
+    """Ends a call with a status; raised inside the handler, turned into context.abort at its top."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, outcome: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.outcome = outcome
+
+
+@dataclass
+class _Job:
+    id: str
+    content: np.ndarray
+    styles: list[StyleSource]
+    options: JobOptions
+
+
+# What the worker thread hands to the handler thread.
+@dataclass(frozen=True)
+class _FrameEvent:
+    iteration: int
+    image: np.ndarray
+
+
+@dataclass(frozen=True)
+class _Done:
+    result: StylizeResult
+
+
+@dataclass(frozen=True)
+class _Failed:
+    code: grpc.StatusCode
+    message: str
+
+
+@dataclass(frozen=True)
+class _Stopped:
+    pass
+
+
+_Event = Progress | _FrameEvent | _Done | _Failed | _Stopped
+
+
+class _Events:
+    """Worker -> handler hand-off. Never blocks the producer. Unsent frames are kept up to a memory
+    budget; past it the oldest unsent ones are dropped (the newest is always kept)."""
+
+    def __init__(self, max_pending_frame_bytes: int = PENDING_FRAME_BYTES) -> None:
+        self._cond = threading.Condition()
+        self._items: deque[_Event] = deque()
+        self._max_frame_bytes = max_pending_frame_bytes
+        self._frame_bytes = 0
+        self.dropped_frames = 0
+
+    def put(self, event: _Event) -> None:
+        with self._cond:
+            if isinstance(event, _FrameEvent):
+                self._frame_bytes += event.image.nbytes
+                while self._frame_bytes > self._max_frame_bytes and self._drop_oldest_frame():
+                    self.dropped_frames += 1
+            self._items.append(event)
+            self._cond.notify_all()
+
+    def _drop_oldest_frame(self) -> bool:
+        for index, pending in enumerate(self._items):
+            if isinstance(pending, _FrameEvent):
+                del self._items[index]
+                self._frame_bytes -= pending.image.nbytes
+                return True
+        return False
+
+    def get(self, timeout: float) -> _Event | None:
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            if not self._items:
+                return None
+            event = self._items.popleft()
+            if isinstance(event, _FrameEvent):
+                self._frame_bytes -= event.image.nbytes
+            return event
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+class _JobObserver:
+    """The engine's view of one call: forwards events and answers should_stop (called per evaluation)."""
+
+    def __init__(self, events: _Events, stop: threading.Event, context: grpc.ServicerContext) -> None:
+        self._events = events
+        self._stop = stop
+        self._context = context
+        self.last_progress: Progress | None = None
+
+    def on_progress(self, progress: Progress) -> None:
+        self.last_progress = progress
+        self._events.put(progress)
+
+    def on_frame(self, iteration: int, image: np.ndarray) -> None:
+        # A copy, because the engine may reuse its buffer while the handler thread encodes.
+        self._events.put(_FrameEvent(iteration, np.array(image, dtype=np.float32, copy=True)))
+
+    def should_stop(self) -> bool:
+        return self._stop.is_set() or not self._context.is_active()
+
+
+@dataclass
+class _JobLog:
+    """The one log line of a job, written once, by whoever sees its end."""
+
+    id: str
+    queued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    sizes: str = "-"
+    written: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def finish(self, outcome: str, iterations: int = 0, evaluations: int = 0) -> None:
+        with self.lock:
+            if self.written:
+                return
+            self.written = True
+        now = time.monotonic()
+        ran = now - self.started_at if self.started_at is not None else 0.0
+        waited = (self.started_at or now) - self.queued_at
+        logger.info(
+            "job %s %s iterations=%d evaluations=%d queued=%.2fs ran=%.2fs outcome=%s",
+            self.id,
+            self.sizes,
+            iterations,
+            evaluations,
+            waited,
+            ran,
+            outcome,
+        )
+
+
+class StyleTransferServicer(pb_grpc.StyleTransferServicer):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        limits: ServiceLimits,
+        engine: EngineLike | None = None,
+        version: str = "unknown",
+    ) -> None:
+        self._scheduler = scheduler
+        self._limits = limits
+        self._engine = engine
+        self._version = version
+        self._ids = itertools.count(1)
+
+    def set_engine(self, engine: EngineLike) -> None:
+        """Called once the model has loaded; until then calls are answered UNAVAILABLE."""
+        self._engine = engine
+
+    # --- GetInfo ---------------------------------------------------------------------------------
+
+    def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:
+        engine = self._engine
+        if engine is None:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly")
+        info = engine.info
+        return pb.GetInfoResponse(
+            model=pb.ModelInfo(
+                name=info.name,
+                weights_source=info.weights_source,
+                layers=list(info.layers),
+                preprocessing=pb.Preprocessing(
+                    channel_order=info.channel_order,
+                    mean=list(info.mean),
+                    std=list(info.std),
+                    input_scale=info.input_scale,
+                ),
+                providers=list(info.providers),
+            ),
+            defaults=default_options(),
+            limits=pb.Limits(
+                max_pixels=self._limits.max_pixels,
+                max_message_bytes=self._limits.max_message_bytes,
+                concurrency=self._scheduler.concurrency,
+                queue_size=self._scheduler.queue_size,
+                max_size=MAX_SIZE,
+                max_iterations=MAX_ITERATIONS,
+                max_styles=MAX_STYLES,
+            ),
+            server_version=self._version,
+        )
+
+    # --- Stylize ---------------------------------------------------------------------------------
+
+    def Stylize(
+        self, request: pb.StylizeRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.StylizeResponse]:
+        log = _JobLog(id=f"{next(self._ids):06d}")
+        try:
+            yield from self._stylize(request, context, log)
+        except _Abort as abort:
+            log.finish(f"{abort.outcome}: {abort.message}")
+            context.abort(abort.code, abort.message)
+        except Exception as err:
+            # A bug of ours, not of the request: answer it rather than leave the client with UNKNOWN.
+            logger.exception("job %s failed", log.id)
+            log.finish(f"internal error: {type(err).__name__}: {err}")
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+
+    def _stylize(
+        self, request: pb.StylizeRequest, context: grpc.ServicerContext, log: _JobLog
+    ) -> Iterator[pb.StylizeResponse]:
+        engine = self._engine
+        if engine is None:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly", "refused")
+        job = self._prepare(request, engine, log.id)
+        log.sizes = _describe_sizes(job)
+        try:
+            ticket = self._scheduler.enqueue()
+        except QueueFull:
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the server is busy: {self._scheduler.concurrency} job(s) running and "
+                f"{self._scheduler.queue_size} waiting, the most it queues; retry later",
+                "refused",
+            ) from None
+        except SchedulerClosed:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down", "refused") from None
+
+        stop = threading.Event()
+        events = _Events()
+
+        def on_termination() -> None:  # the call ended: cancelled, deadline passed, or finished
+            stop.set()
+            ticket.cancel()
+            events.wake()
+
+        if not context.add_callback(on_termination):
+            on_termination()  # already terminated
+        worker_started = False
+        try:
+            yield from self._wait_for_turn(ticket, stop, context)
+            if stop.is_set():
+                log.finish("cancelled while queued")
+                return
+            observer = _JobObserver(events, stop, context)
+            log.started_at = time.monotonic()
+            worker = threading.Thread(
+                target=self._work,
+                args=(engine, job, observer, events, ticket, log),
+                name=f"stylize-job-{job.id}",
+                daemon=True,
+            )
+            worker.start()
+            worker_started = True
+            yield from self._stream(job, events, stop, context)
+        except GeneratorExit:  # the client went away while we were yielding to it
+            if not worker_started:
+                log.finish("cancelled while queued")
+            raise
+        finally:
+            # Whatever ended the stream (including the client going away mid-yield), stop the engine.
+            stop.set()
+            if not worker_started:
+                ticket.release()  # the worker releases the slot it ran in
+
+    def _prepare(self, request: pb.StylizeRequest, engine: EngineLike, job_id: str) -> _Job:
+        """Decode and validate everything before queueing, so that bad requests fail fast."""
+        try:
+            job_options = to_job_options(request.options)
+            settings = job_options.settings
+            # Decoded images are shrunk to the sizes the engine will use, bounding a queued job's memory.
+            content = self._decode(request.content_image, "content_image", settings.max_size)
+            if request.options.init_image:
+                init_image = self._decode(request.options.init_image, "options.init_image", settings.max_size)
+                job_options = with_init_image(job_options, init_image)
+                settings = job_options.settings
+            try:
+                engine.check(settings)
+            except InvalidSettings as err:
+                raise InvalidOption(proto_field(err.field), f"is invalid: {err.message}") from None
+            if len(request.styles) > MAX_STYLES:
+                raise InvalidOption("styles", f"has {len(request.styles)} images, more than {MAX_STYLES}")
+            if not request.styles and settings.style_weight > 0 and settings.style_layers:
+                raise InvalidOption(
+                    "styles",
+                    "is empty: at least one style image is needed (or set options.style_weight to 0)",
+                )
+            style_side = max(MIN_SIZE, round(settings.max_size * settings.style_scale))
+            styles = []
+            for index, style in enumerate(request.styles):
+                weight = style.blend_weight
+                if not (math.isfinite(weight) and weight >= 0):
+                    raise InvalidOption(
+                        f"styles[{index}].blend_weight", f"must be a finite number >= 0, got {weight}"
+                    )
+                image = self._decode(style.image, f"styles[{index}].image", style_side)
+                styles.append(StyleSource(image, float(weight)))
+        except InvalidOption as err:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(err), "invalid") from None
+        return _Job(job_id, content, styles, job_options)
+
+    def _decode(self, data: bytes, field_name: str, max_side: int) -> np.ndarray:
+        try:
+            return decode_image(data, self._limits.max_pixels, max_side)
+        except BadImage as err:
+            raise InvalidOption(field_name, str(err)) from None
+
+    def _wait_for_turn(
+        self, ticket: Ticket, stop: threading.Event, context: grpc.ServicerContext
+    ) -> Iterator[pb.StylizeResponse]:
+        """Yield Queued whenever the position changes, until the ticket is admitted or the call ends."""
+        reported = 0
+        while not stop.is_set():
+            position = ticket.position
+            if position == 0:
+                return
+            if position != reported:
+                reported = position
+                yield pb.StylizeResponse(queued=pb.Queued(position=position))
+            try:
+                ticket.wait(reported, timeout=POLL_SECONDS)
+            except SchedulerClosed:
+                raise _Abort(
+                    grpc.StatusCode.UNAVAILABLE, "the server is shutting down", "refused while queued"
+                ) from None
+            if not context.is_active():
+                stop.set()
+
+    def _work(
+        self,
+        engine: EngineLike,
+        job: _Job,
+        observer: _JobObserver,
+        events: _Events,
+        ticket: Ticket,
+        log: _JobLog,
+    ) -> None:
+        """The worker thread: run the engine, report how it ended, and always free the slot."""
+        outcome = "ok"
+        iterations = evaluations = 0
+        try:
+            result = engine.stylize(job.content, job.styles, job.options.settings, observer)
+            iterations, evaluations = result.iterations, result.evaluations
+            events.put(_Done(result))
+        except StylizeCancelled:
+            outcome = "cancelled"
+            events.put(_Stopped())
+        except InvalidSettings as err:
+            message = f"{proto_field(err.field)} is invalid: {err.message}"
+            outcome = f"invalid: {message}"
+            events.put(_Failed(grpc.StatusCode.INVALID_ARGUMENT, message))
+        except Exception as err:
+            logger.exception("job %s: the engine failed", job.id)
+            outcome = f"internal error: {type(err).__name__}: {err}"
+            events.put(_Failed(grpc.StatusCode.INTERNAL, f"the engine failed: {type(err).__name__}: {err}"))
+        finally:
+            ticket.release()
+            if observer.last_progress is not None and outcome != "ok":
+                iterations = observer.last_progress.iteration
+                evaluations = observer.last_progress.evaluations
+            if events.dropped_frames:
+                outcome += f" ({events.dropped_frames} frames skipped for a slow client)"
+            log.finish(outcome, iterations, evaluations)
+
+    def _stream(
+        self, job: _Job, events: _Events, stop: threading.Event, context: grpc.ServicerContext
+    ) -> Iterator[pb.StylizeResponse]:
+        """Turn the worker's events into responses, encoding images here, off the optimisation thread."""
+        height, width = job.content.shape[:2]
+        frame_size = fit_longest(width, height, job.options.frame_max_size)
+        while True:
+            event = events.get(POLL_SECONDS)
+            if event is None:
+                if stop.is_set() or not context.is_active():
+                    return  # the call is over; the worker stops at its next evaluation
+                continue
+            if isinstance(event, Progress):
+                yield pb.StylizeResponse(progress=_progress_pb(event))
+            elif isinstance(event, _FrameEvent):
+                encoded = encode_image(event.image, job.options.frame_encoding, frame_size)
+                yield pb.StylizeResponse(
+                    frame=pb.Frame(
+                        iteration=event.iteration,
+                        image=encoded.data,
+                        mime_type=encoded.mime_type,
+                        width=encoded.width,
+                        height=encoded.height,
+                    )
+                )
+            elif isinstance(event, _Done):
+                yield pb.StylizeResponse(result=_result_pb(event.result, job.options))
+                return
+            elif isinstance(event, _Failed):
+                outcome = "internal error" if event.code is grpc.StatusCode.INTERNAL else "invalid"
+                raise _Abort(event.code, event.message, outcome)
+            else:
+                return  # _Stopped: the call was cancelled; nobody is listening
+
+
+def _describe_sizes(job: _Job) -> str:
+    height, width = job.content.shape[:2]
+    out_w, out_h = fit_longest(width, height, job.options.settings.max_size)
+    styles = ",".join(f"{s.image.shape[1]}x{s.image.shape[0]}" for s in job.styles) or "none"
+    return f"content={width}x{height} styles={styles} output={out_w}x{out_h}"
+
+
+def _losses_pb(losses: Losses) -> pb.Losses:
+    return pb.Losses(
+        total=losses.total,
+        content=losses.content,
+        style=losses.style,
+        tv=losses.tv,
+        content_per_layer=losses.content_per_layer,
+        style_per_layer=losses.style_per_layer,
+    )
+
+
+def _progress_pb(progress: Progress) -> pb.Progress:
+    return pb.Progress(
+        iteration=progress.iteration,
+        evaluations=progress.evaluations,
+        losses=_losses_pb(progress.losses),
+        elapsed_seconds=progress.elapsed_seconds,
+        eta_seconds=progress.eta_seconds,
+        stage=progress.stage,
+        stages=progress.stages,
+        width=progress.width,
+        height=progress.height,
+    )
+
+
+def _result_pb(result: StylizeResult, options: JobOptions) -> pb.Result:
+    encoded = encode_image(result.image, options.output_encoding)
+    return pb.Result(
+        image=encoded.data,
+        mime_type=encoded.mime_type,
+        width=encoded.width,
+        height=encoded.height,
+        iterations=result.iterations,
+        evaluations=result.evaluations,
+        final_losses=_losses_pb(result.losses),
+        elapsed_seconds=result.elapsed_seconds,
+    )

@@ -1,0 +1,250 @@
+"""Test doubles and helpers for the service tests: a fake engine, image bytes, an in-process server.
+
+FakeEngine implements the interface of stylize_service.server.engine.engine.Engine without ONNX: it
+"optimises" in a deterministic number of steps, reports falling losses, sends frames, returns an image
+of the requested size and honours should_stop. Tests can hold it at an iteration (gate) to control the
+timing of queue and cancellation scenarios without sleeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+from typing import Any
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from stylize_service.server.app import StylizeServer
+from stylize_service.server.config import ServerConfig
+from stylize_service.server.engine.types import (
+    Init,
+    InvalidSettings,
+    Losses,
+    ModelInfo,
+    Progress,
+    StyleSource,
+    StylizeCancelled,
+    StylizeObserver,
+    StylizeResult,
+    StylizeSettings,
+)
+from stylize_service.server.servicer import EngineLike
+
+LAYERS = tuple(
+    f"relu{block}_{index}"
+    for block, count in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
+    for index in range(1, count + 1)
+)
+
+
+def scaled(width: int, height: int, longest: int) -> tuple[int, int]:
+    scale = longest / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+class FakeEngine:
+    """Engine-shaped and fast. Set `gate` (an unset Event) to hold every job before each iteration until
+    the test sets it; `on_frame_sent` runs in the worker thread right after each on_frame call."""
+
+    def __init__(self, seconds_per_iteration: float = 0.0, fail_with: Exception | None = None) -> None:
+        self.seconds_per_iteration = seconds_per_iteration
+        self.fail_with = fail_with
+        self.gate: threading.Event | None = None
+        self.on_frame_sent: Callable[[int], None] | None = None
+        self._lock = threading.Lock()
+        self.running = 0
+        self.max_running = 0
+        self.started: list[threading.Event] = []  # set when the n-th job starts (pre-created by tests)
+        self.jobs_started = 0
+        self.cancelled = 0
+        self.completed = 0
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            name="fake-vgg16",
+            weights_source="fake weights for tests (sha256 0000)",
+            layers=LAYERS,
+            channel_order="RGB",
+            mean=(0.485, 0.456, 0.406),
+            std=(0.229, 0.224, 0.225),
+            input_scale=1.0,
+            providers=("FakeExecutionProvider",),
+        )
+
+    def check(self, settings: StylizeSettings) -> None:
+        for name in ("content_layers", "style_layers"):
+            for layer in getattr(settings, name):
+                if layer not in LAYERS:
+                    raise InvalidSettings(name, f"unknown layer {layer!r}; known: {', '.join(LAYERS)}")
+        if settings.init is Init.IMAGE and settings.init_image is None:
+            raise InvalidSettings("init_image", "init is IMAGE but no init image was given")
+
+    def stylize(
+        self,
+        content: np.ndarray,
+        styles: Sequence[StyleSource],
+        settings: StylizeSettings,
+        observer: StylizeObserver,
+    ) -> StylizeResult:
+        self.check(settings)
+        with self._lock:
+            index = self.jobs_started
+            self.jobs_started += 1
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+        if index < len(self.started):
+            self.started[index].set()
+        try:
+            return self._run(content, styles, settings, observer)
+        except StylizeCancelled:
+            with self._lock:
+                self.cancelled += 1
+            raise
+        finally:
+            with self._lock:
+                self.running -= 1
+
+    def _run(
+        self,
+        content: np.ndarray,
+        styles: Sequence[StyleSource],
+        settings: StylizeSettings,
+        observer: StylizeObserver,
+    ) -> StylizeResult:
+        started = time.perf_counter()
+        width, height = scaled(content.shape[1], content.shape[0], settings.max_size)
+        colour = np.mean([s.image.mean(axis=(0, 1)) for s in styles], axis=0) if styles else np.zeros(3)
+        evaluations = 0
+        losses = _losses(0, settings)
+        for iteration in range(settings.iterations + 1):
+            self._hold(observer)
+            if observer.should_stop():
+                raise StylizeCancelled()
+            if self.fail_with is not None and iteration == 1:
+                raise self.fail_with
+            evaluations += 1
+            if self.seconds_per_iteration:
+                time.sleep(self.seconds_per_iteration)
+            losses = _losses(iteration, settings)
+            observer.on_progress(
+                Progress(
+                    iteration=iteration,
+                    evaluations=evaluations,
+                    losses=losses,
+                    elapsed_seconds=time.perf_counter() - started,
+                    eta_seconds=(settings.iterations - iteration) * self.seconds_per_iteration,
+                    stage=0,
+                    stages=1,
+                    width=width,
+                    height=height,
+                )
+            )
+            if settings.frame_every and iteration > 0 and iteration % settings.frame_every == 0:
+                observer.on_frame(iteration, _image(width, height, colour, iteration / settings.iterations))
+                if self.on_frame_sent is not None:
+                    self.on_frame_sent(iteration)
+        with self._lock:
+            self.completed += 1
+        return StylizeResult(
+            image=_image(width, height, colour, 1.0),
+            iterations=settings.iterations,
+            evaluations=evaluations,
+            losses=losses,
+            elapsed_seconds=time.perf_counter() - started,
+        )
+
+    def _hold(self, observer: StylizeObserver) -> None:
+        while self.gate is not None and not self.gate.is_set():
+            if observer.should_stop():
+                raise StylizeCancelled()
+            time.sleep(0.005)
+
+
+def _losses(iteration: int, settings: StylizeSettings) -> Losses:
+    falling = 1.0 / (1 + iteration)
+    content = {layer: w * falling for layer, w in settings.content_layers.items()}
+    style = {layer: w * 10 * falling for layer, w in settings.style_layers.items()}
+    tv = settings.tv_weight * falling
+    return Losses(
+        total=sum(content.values()) + sum(style.values()) + tv,
+        content=sum(content.values()),
+        style=sum(style.values()),
+        tv=tv,
+        content_per_layer=content,
+        style_per_layer=style,
+    )
+
+
+def _image(width: int, height: int, colour: np.ndarray, progress: float) -> np.ndarray:
+    ramp = np.linspace(0.0, 1.0, width, dtype=np.float32)[None, :, None]
+    base = np.broadcast_to(colour.astype(np.float32), (height, width, 3))
+    return np.clip(base * progress + ramp * (1 - progress), 0, 1).astype(np.float32)
+
+
+# --- images -------------------------------------------------------------------------------------
+
+
+def gradient(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A uint8 (H, W, 3) test picture with structure (gradients plus a little noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    rgb = np.stack([x / max(1, width - 1), y / max(1, height - 1), (x + y) / max(1, width + height - 2)], -1)
+    rgb = rgb + rng.normal(0, 0.05, rgb.shape)
+    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+
+
+def encode(array: np.ndarray, fmt: str = "PNG", mode: str | None = None, **params: object) -> bytes:
+    image = Image.fromarray(array, mode=mode) if mode else Image.fromarray(array)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def image_bytes(width: int = 48, height: int = 32, fmt: str = "PNG", seed: int = 0) -> bytes:
+    return encode(gradient(width, height, seed), fmt)
+
+
+def decode_size(data: bytes) -> tuple[int, int]:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
+
+
+# --- server -------------------------------------------------------------------------------------
+
+TEST_CONFIG = ServerConfig(
+    host="127.0.0.1",
+    port=0,
+    concurrency=1,
+    queue_size=2,
+    max_pixels=1_000_000,
+    max_message_mb=4,
+    grace_seconds=0,
+)
+
+
+@contextlib.contextmanager
+def running_server(engine: EngineLike | None = None, **overrides: Any) -> Iterator[tuple[StylizeServer, str]]:
+    """An in-process server on an ephemeral loopback port; yields (server, "127.0.0.1:PORT")."""
+    server = StylizeServer(replace(TEST_CONFIG, **overrides))
+    port = server.start()
+    if engine is not None:
+        server.set_engine(engine)
+    try:
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        server.drain(0)
+
+
+def channel(address: str, max_message_mb: float = 64) -> grpc.Channel:
+    limit = int(max_message_mb * 1024 * 1024)
+    return grpc.insecure_channel(
+        address,
+        options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+    )
