@@ -65,13 +65,17 @@ def main() -> None:
     engine = Engine(default_model_path())
     content, style = load(args.content), [StyleSource(load(args.style))]
     args.out.mkdir(parents=True, exist_ok=True)
-    print("| size | iterations | schedule | seconds | final loss | loss vs single | time vs single |")
-    print("|---|---|---|---|---|---|---|")
+    print("| size | run | iterations | schedule | seconds | final loss | loss vs single | time vs single |")
+    print("|---|---|---|---|---|---|---|---|")
     for size, iterations in zip(args.sizes, args.iterations, strict=True):
         base = StylizeSettings(max_size=size, iterations=iterations, init=Init.CONTENT)
+        min_size = size // args.min_divisor
         runs = {
             "single": replace(base, min_size=size),
-            "multiscale": replace(base, min_size=size // args.min_divisor),
+            "multiscale": replace(base, min_size=min_size),
+            "multiscale, equal time": replace(
+                base, min_size=min_size, iterations=equal_time_iterations(iterations, min_size, size)
+            ),
         }
         results: dict[str, tuple[float, StylizeResult]] = {}
         for name, settings in runs.items():
@@ -80,12 +84,13 @@ def main() -> None:
             results[name] = (time.perf_counter() - started, result)
             sizes = stage_sizes(settings.min_size or size, size)
             schedule = " → ".join(
-                f"{s}px: {n} it" for s, n in zip(sizes, stage_iterations(iterations, len(sizes)), strict=True)
+                f"{s}px: {n} it"
+                for s, n in zip(sizes, stage_iterations(settings.iterations, len(sizes)), strict=True)
             )
             seconds, loss = results[name][0], result.losses.total
             single_seconds, single_loss = results["single"][0], results["single"][1].losses.total
             print(
-                f"| {size} | {settings.iterations} | {schedule} | {seconds:.0f} | {loss:.4g} | "
+                f"| {size} | {name} | {settings.iterations} | {schedule} | {seconds:.0f} | {loss:.4g} | "
                 f"{loss / single_loss:.3f} | {seconds / single_seconds:.2f} |",
                 flush=True,
             )
