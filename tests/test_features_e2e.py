@@ -20,7 +20,6 @@ from stylize_service.client import cli
 from stylize_service.models.paths import default_model_path
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
-from stylize_service.server.app import StylizeServer
 from tests.fakes import channel, encode, running_server
 
 DEADLINE = 120.0
