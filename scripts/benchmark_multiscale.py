@@ -20,20 +20,15 @@ from PIL import Image
 
 from stylize_service.models.paths import default_model_path
 from stylize_service.server.engine.engine import Engine, stage_iterations, stage_sizes
-from stylize_service.server.engine.types import Init, Progress, StyleSource, StylizeResult, StylizeSettings
+from stylize_service.server.engine.types import (
+    Init,
+    SilentObserver,
+    StyleSource,
+    StylizeResult,
+    StylizeSettings,
+)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "images"
-
-
-class Quiet:
-    def on_progress(self, progress: Progress) -> None:
-        pass
-
-    def on_frame(self, iteration: int, image: np.ndarray) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
 
 
 def load(path: Path) -> np.ndarray:
@@ -80,7 +75,7 @@ def main() -> None:
         results: dict[str, tuple[float, StylizeResult]] = {}
         for name, settings in runs.items():
             started = time.perf_counter()
-            result = engine.stylize(content, style, settings, Quiet())
+            result = engine.stylize(content, style, settings, SilentObserver())
             results[name] = (time.perf_counter() - started, result)
             sizes = stage_sizes(settings.min_size or size, size)
             schedule = " → ".join(

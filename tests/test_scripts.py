@@ -119,3 +119,17 @@ def test_style_sample_generator_is_deterministic(tmp_path: Path) -> None:
     assert a.size == (96, 96)
     assert a.tobytes() == b.tobytes()
     assert module.paint(size=96, seed=4).tobytes() != a.tobytes()
+
+
+@pytest.mark.parametrize(
+    "script",
+    sorted(p for p in (ROOT / "scripts").glob("*.py") if "argparse" in p.read_text()),
+    ids=lambda p: p.name,
+)
+def test_python_script_help(script: Path) -> None:
+    """Every Python script imports (its imports of the package still resolve) and explains itself."""
+    result = subprocess.run(
+        [sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage:")

@@ -121,6 +121,20 @@ class StylizeObserver(Protocol):
         """Polled before every evaluation; True makes the engine raise StylizeCancelled."""
 
 
+class SilentObserver:
+    """An observer for callers that want only the result (scripts, benchmarks): it ignores every report
+    and never asks to stop."""
+
+    def on_progress(self, progress: Progress) -> None:
+        pass
+
+    def on_frame(self, iteration: int, image: np.ndarray) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
 class InvalidSettings(ValueError):
     """A setting the engine cannot honour; `field` names it as in StylizeSettings (e.g. "style_layers")."""
 
