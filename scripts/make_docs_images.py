@@ -2,9 +2,7 @@
 
 Run: .venv/bin/python scripts/make_docs_images.py [--max-size 384] [--iterations 200] [--out docs/images]
 
-Writes:
-  color_modes.jpg   content | style | the three colour modes (style, luminance, histogram), labelled
-  result.jpg        the style-colour result alone, at full size (the README's first picture)
+Writes color_modes.jpg: content | style | the three colour modes (style, luminance, histogram), labelled;
 and prints the settings and seconds of each run, for the captions.
 """
 
@@ -77,7 +75,6 @@ def main() -> None:
         results[mode] = result.image
 
     args.out.mkdir(parents=True, exist_ok=True)
-    to_image(results[ColorMode.STYLE]).save(args.out / "result.jpg", quality=90)
     panels = [
         ("content", to_image(content)),
         ("style", to_image(style)),

@@ -133,3 +133,13 @@ def test_python_script_help(script: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("usage:")
+
+
+def test_readme_links_to_files_that_exist() -> None:
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    local = [t for t in re.findall(r"\]\(([^)#]+)\)", text) if "://" not in t]
+    assert any(t.startswith("docs/images/") for t in local)
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, f"README links to missing files: {missing}"
