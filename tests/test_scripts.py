@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import re
 import shutil
 import subprocess
 import sys
@@ -136,8 +137,6 @@ def test_python_script_help(script: Path) -> None:
 
 
 def test_readme_links_to_files_that_exist() -> None:
-    import re
-
     text = (ROOT / "README.md").read_text()
     local = [t for t in re.findall(r"\]\(([^)#]+)\)", text) if "://" not in t]
     assert any(t.startswith("docs/images/") for t in local)
