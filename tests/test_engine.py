@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from stylize_service.models.paths import default_model_path
-from stylize_service.server.engine.engine import Engine, stage_iterations, stage_sizes
+from stylize_service.server.engine.engine import Engine, default_min_size, stage_iterations, stage_sizes
 from stylize_service.server.engine.types import (
     ColorMode,
     Init,
@@ -169,3 +169,11 @@ def test_stage_rules():
     assert stage_iterations(500, 1) == [500]
     assert stage_iterations(500, 3) == [125, 125, 250]
     assert sum(stage_iterations(7, 3)) == 7
+
+
+def test_default_min_size_is_single_scale_up_to_512_then_a_quarter():
+    assert default_min_size(64) == 64
+    assert default_min_size(512) == 512
+    assert default_min_size(1024) == 256
+    assert stage_sizes(default_min_size(1024), 1024) == [256, 512, 1024]
+    assert stage_sizes(default_min_size(768), 768) == [192, 384, 768]

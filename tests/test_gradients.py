@@ -218,9 +218,9 @@ def test_against_torch_autograd(real_net):
     total = content_loss + style_loss + tv
     total.backward()
 
-    assert evaluation.content == pytest.approx(float(content_loss), rel=1e-4)
-    assert evaluation.style == pytest.approx(float(style_loss), rel=1e-4)
-    assert evaluation.tv == pytest.approx(float(tv), rel=1e-4)
+    assert evaluation.content == pytest.approx(content_loss.item(), rel=1e-4)
+    assert evaluation.style == pytest.approx(style_loss.item(), rel=1e-4)
+    assert evaluation.tv == pytest.approx(tv.item(), rel=1e-4)
     expected = xt.grad.numpy()
     error = np.linalg.norm(evaluation.grad - expected) / np.linalg.norm(expected)
     assert error < 1e-4

@@ -55,9 +55,9 @@ class StylizeSettings:
     """Every knob of one stylization, with the documented defaults."""
 
     max_size: int = 512  # longest side of the output, px
-    min_size: int | None = (
-        None  # first stage's longest side; None = the engine's rule, == max_size = single scale
-    )
+    # First stage's longest side; None = engine.default_min_size (single scale up to 512 px, from
+    # max_size / 4 above); == max_size = single scale.
+    min_size: int | None = None
     iterations: int = 500  # L-BFGS iterations in all (split over the stages)
     content_weight: float = 5.0
     style_weight: float = 100.0
