@@ -162,6 +162,24 @@ def test_too_thin_image_is_invalid(engine):
     assert error.value.field == "max_size"
 
 
+def test_default_multiscale_skips_stages_too_small_for_a_thin_image(engine):
+    # 600 px > 512, so the rule starts at 150 px; a 600x20 image's short side would be 5 and 10 px there,
+    # below relu5_1's 16, so only the full-size stage remains (the image a single stage accepts).
+    recorder = Recorder()
+    result = engine.stylize(
+        gradient_image(20, 600, 0), STYLE, replace(SMALL, max_size=600, iterations=2), recorder
+    )
+    assert {(p.stage, p.stages, p.width) for p in recorder.progress} == {(0, 1, 600)}
+    assert result.image.shape == (20, 600, 3)
+    with pytest.raises(
+        InvalidSettings
+    ) as error:  # an explicit min_size is honoured, and named when too small
+        engine.stylize(
+            gradient_image(20, 600, 0), STYLE, replace(SMALL, max_size=600, min_size=150), recorder
+        )
+    assert error.value.field == "min_size"
+
+
 def test_stage_rules():
     assert stage_sizes(512, 512) == [512]
     assert stage_sizes(128, 512) == [128, 256, 512]

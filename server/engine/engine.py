@@ -44,7 +44,7 @@ def default_min_size(max_size: int) -> int:
     """The first stage's longest side when the request leaves min_size unset."""
     if max_size <= SINGLE_SCALE_UP_TO:
         return max_size
-    return max(MIN_SIZE, max_size // DEFAULT_STAGE_DIVISOR)
+    return max_size // DEFAULT_STAGE_DIVISOR
 
 
 def stage_sizes(min_size: int, max_size: int) -> list[int]:
@@ -169,9 +169,7 @@ class Engine:
         net_content, net_styles = color.prepare_inputs(
             settings.color_mode, content, [s.image for s in styles]
         )
-        min_size = settings.min_size if settings.min_size is not None else default_min_size(settings.max_size)
-        sizes = stage_sizes(min_size, settings.max_size)
-        self._check_small_side(content, sizes[0], "min_size" if len(sizes) > 1 else "max_size", choice)
+        sizes = self._stage_sizes(content, settings, choice)
         plan = stage_iterations(settings.iterations, len(sizes))
         previous: np.ndarray | None = None  # RGB result of the previous stage
         x = None
@@ -195,15 +193,29 @@ class Engine:
         )
 
     @staticmethod
-    def _check_small_side(content: np.ndarray, smallest_stage: int, field: str, choice: LayerChoice) -> None:
-        height, width = _hw(content, smallest_stage)
+    def _stage_sizes(content: np.ndarray, settings: StylizeSettings, choice: LayerChoice) -> list[int]:
+        """The stages' longest sides, checked against the pooling depth of the deepest layer used."""
         need = 2 ** _pools_before(choice.deepest)
-        if min(height, width) < need:
+
+        def short_side(size: int) -> int:
+            return min(_hw(content, size))
+
+        if settings.min_size is None:
+            sizes = stage_sizes(default_min_size(settings.max_size), settings.max_size)
+            # The server's rule must not refuse an image that one stage accepts: it drops stages too small
+            # for the deepest layer (a thin image).
+            sizes = [size for size in sizes if short_side(size) >= need] or sizes[-1:]
+            field = "max_size"
+        else:
+            sizes = stage_sizes(settings.min_size, settings.max_size)
+            field = "min_size" if len(sizes) > 1 else "max_size"
+        if short_side(sizes[0]) < need:
             raise InvalidSettings(
                 field,
-                f"the image's short side would be {min(height, width)} px, but layer {choice.deepest} needs "
+                f"the image's short side would be {short_side(sizes[0])} px, but layer {choice.deepest} needs "
                 f"at least {need} px; raise the size or use shallower layers",
             )
+        return sizes
 
     def _targets(
         self,
