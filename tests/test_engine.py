@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from stylize_service.models.paths import default_model_path
 from stylize_service.server.engine.engine import Engine, default_min_size, stage_iterations, stage_sizes
 from stylize_service.server.engine.types import (
     ColorMode,
@@ -40,11 +38,9 @@ class Recorder:
         return self.stop_after is not None and self.polls > self.stop_after
 
 
-@pytest.fixture(scope="module")
-def engine() -> Engine:
-    if not Path(default_model_path()).exists():
-        pytest.skip("model not built: run `bash scripts/setup.sh`")
-    return Engine(default_model_path())
+@pytest.fixture
+def engine(real_engine: Engine) -> Engine:
+    return real_engine
 
 
 def gradient_image(height: int, width: int, seed: int) -> np.ndarray:

@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from stylize_service.client import cli
-from stylize_service.models.paths import default_model_path
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.server.servicer import EngineLike
 from tests.fakes import channel, encode, running_server
 
 DEADLINE = 120.0
@@ -39,13 +39,8 @@ STYLE_B = encode(coloured(80, 48, (0.4, 1.0, 0.4), seed=3))  # green
 
 
 @pytest.fixture(scope="module")
-def address() -> Iterator[str]:
-    path = default_model_path()
-    if not path.is_file():
-        pytest.skip(f"the model is not built ({path}); run `bash scripts/setup.sh`")
-    from stylize_service.server.engine.engine import Engine
-
-    with running_server(Engine(path, intra_op_threads=2)) as (_, running_address):
+def address(real_engine: EngineLike) -> Iterator[str]:
+    with running_server(real_engine) as (_, running_address):
         yield running_address
 
 

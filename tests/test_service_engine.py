@@ -20,20 +20,15 @@ from stylize_service.models.paths import default_model_path
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.app import SERVICE_NAME, StylizeServer
+from stylize_service.server.servicer import EngineLike
 from tests.fakes import channel, decode_size, image_bytes, running_server
 
 LIVENESS = 30.0
 
 
 @pytest.fixture(scope="module")
-def real_server() -> Iterator[tuple[StylizeServer, str]]:
-    path = default_model_path()
-    if not path.is_file():
-        pytest.skip(f"the model is not built ({path}); run `bash scripts/setup.sh`")
-    from stylize_service.server.engine.engine import Engine
-
-    engine = Engine(path, intra_op_threads=2)
-    with running_server(engine) as running:
+def real_server(real_engine: EngineLike) -> Iterator[tuple[StylizeServer, str]]:
+    with running_server(real_engine) as running:
         yield running
 
 

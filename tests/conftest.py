@@ -1,0 +1,24 @@
+"""Fixtures shared by the test modules."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pytest
+
+from stylize_service.models.paths import default_model_path
+
+if TYPE_CHECKING:
+    from stylize_service.server.engine.engine import Engine
+
+
+@pytest.fixture(scope="session")
+def real_engine() -> Engine:
+    """One engine over the built ONNX VGG16 for the whole run (its compiled sessions are reused).
+    Skips only when the model has not been built (`bash scripts/setup.sh` builds it; CI always does)."""
+    path = default_model_path()
+    if not path.is_file():
+        pytest.skip(f"the model is not built ({path}); run `bash scripts/setup.sh`")
+    from stylize_service.server.engine.engine import Engine
+
+    return Engine(path, intra_op_threads=2)
