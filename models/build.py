@@ -1,8 +1,8 @@
-"""`stylize-build-model`: weights -> vgg16_features.onnx (+ the default targets and loss graphs, for inspection).
+"""`stylize-build-model`: weights -> vgg16_features.onnx, the one file the server loads.
 
-The server needs only the feature network; it generates the targets and loss graphs of each request's layer
-choice from it at run time, with the same code that writes the default ones here. Outputs are build
-artefacts (gitignored). A second run with the same inputs finds its stamp and does nothing.
+The server generates the targets and loss graphs of each request's layer choice from the feature network at
+run time (models.graphs), so the build writes nothing else. Outputs are build artefacts (gitignored). A
+second run with the same inputs finds its stamp and does nothing.
 """
 
 from __future__ import annotations
@@ -16,21 +16,17 @@ from pathlib import Path
 
 import onnx
 
-from . import autodiff, export, graphs, weights
-from .graphs import LayerChoice
+from . import export, vgg16, weights
 from .paths import FEATURES_FILE, default_cache_dir, default_model_dir
 from .vgg16 import Preprocessing, VGGWeights
 
-TARGETS_FILE = "vgg16_gatys_targets.onnx"
-LOSS_FILE = "vgg16_gatys_loss.onnx"
 STAMP_FILE = "build-stamp.json"
-DEFAULT_CHOICE = LayerChoice(("relu4_2",), ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"), "max")
 
 
 def _code_digest() -> str:
-    """Rebuild when the exporter or the graph generator changes."""
+    """Rebuild when the exporter, the architecture or the weight loaders change."""
     digest = hashlib.sha256()
-    for module in (export, graphs, autodiff, weights):
+    for module in (export, vgg16, weights):
         digest.update(Path(module.__file__).read_bytes())
     return digest.hexdigest()[:16]
 
@@ -60,29 +56,23 @@ def build(args: argparse.Namespace) -> Path:
     out = Path(args.out_dir)
     stamp = out / STAMP_FILE
     key = _source_key(args)
-    outputs = [out / FEATURES_FILE, out / TARGETS_FILE, out / LOSS_FILE]
-    up_to_date = stamp.exists() and all(p.exists() for p in outputs) and json.loads(stamp.read_text()) == key
+    output = out / FEATURES_FILE
+    up_to_date = stamp.exists() and output.exists() and json.loads(stamp.read_text()) == key
     if up_to_date and not args.force:
-        print(f"model up to date: {outputs[0]}")
-        return outputs[0]
+        print(f"model up to date: {output}")
+        return output
     started = time.perf_counter()
     vgg = _load_weights(args)
     out.mkdir(parents=True, exist_ok=True)
-    features = export.export_features(vgg)
-    models = {
-        FEATURES_FILE: features,
-        TARGETS_FILE: graphs.build_targets_model(features, DEFAULT_CHOICE),
-        LOSS_FILE: graphs.build_loss_model(features, DEFAULT_CHOICE),
-    }
-    for name, model in models.items():
-        partial = out / f"{name}.partial"
-        onnx.save(model, str(partial))
-        partial.replace(out / name)
+    partial = out / f"{FEATURES_FILE}.partial"
+    onnx.save(export.export_features(vgg), str(partial))
+    partial.replace(output)
+    # Files of earlier builds that the server never loaded.
+    for stale in ("vgg16_gatys_targets.onnx", "vgg16_gatys_loss.onnx"):
+        (out / stale).unlink(missing_ok=True)
     stamp.write_text(json.dumps(key))
-    print(
-        f"built {', '.join(str(p) for p in outputs)} from {vgg.source} in {time.perf_counter() - started:.1f} s"
-    )
-    return outputs[0]
+    print(f"built {output} from {vgg.source} in {time.perf_counter() - started:.1f} s")
+    return output
 
 
 def parser() -> argparse.ArgumentParser:

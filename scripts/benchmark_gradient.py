@@ -21,11 +21,11 @@ from stylize_service.models import export
 from stylize_service.models.graphs import LayerChoice
 from stylize_service.models.paths import default_model_path
 from stylize_service.models.vgg16 import BLOCK_ENDS, CONVS
-from stylize_service.server.engine.network import FeatureNetwork, loss_feeds
+from stylize_service.server.engine.network import FeatureNetwork
 
 CONTENT_LAYERS = ("relu4_2",)
 STYLE_LAYERS = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
-WEIGHTS = (5.0, 100.0, 1e-3)
+WEIGHTS = {"content": 5.0, "style": 100.0, "tv": 1e-3}
 
 
 def flops_per_evaluation(height: int, width: int, deepest: str = "relu5_1") -> float:
@@ -73,12 +73,13 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], repeats: int) -> d
 
 
 def onnx_evaluation(network: FeatureNetwork, height: int, width: int):
-    compiled = network.compiled(LayerChoice(CONTENT_LAYERS, STYLE_LAYERS, "max"))
+    compiled = network.compiled(LayerChoice.of({"content": CONTENT_LAYERS, "style": STYLE_LAYERS}, "max"))
     rng = np.random.default_rng(0)
     content = rng.uniform(-120, 120, (1, 3, height, width)).astype(np.float32)
     x = rng.uniform(-120, 120, (1, 3, height, width)).astype(np.float32)
     targets = compiled.targets(content)
-    feeds = loss_feeds(targets, *WEIGHTS, [1.0], [1.0] * len(STYLE_LAYERS))
+    layer_weights = {"content": dict.fromkeys(CONTENT_LAYERS, 1.0), "style": dict.fromkeys(STYLE_LAYERS, 1.0)}
+    feeds = compiled.feeds(targets, WEIGHTS, layer_weights)
     return (lambda: compiled.evaluate(x, feeds)), content, x, targets
 
 
@@ -88,9 +89,9 @@ def torch_evaluation(features: onnx.ModelProto, content: np.ndarray, x: np.ndarr
     tensors = {
         t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy()) for t in features.graph.initializer
     }
-    content_targets = {k: torch.from_numpy(v) for k, v in targets.content.items()}
-    grams = {k: torch.from_numpy(v) for k, v in targets.grams.items()}
-    cw, sw, tw = WEIGHTS
+    content_targets = {k: torch.from_numpy(v) for k, v in targets.by_term["content"].items()}
+    grams = {k: torch.from_numpy(v) for k, v in targets.by_term["style"].items()}
+    cw, sw, tw = WEIGHTS["content"], WEIGHTS["style"], WEIGHTS["tv"]
 
     def evaluate() -> None:
         xt = torch.from_numpy(x).requires_grad_(True)

@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 from stylize_service.models.paths import default_model_path
-from stylize_service.server.engine.engine import Engine, stage_iterations, stage_sizes
+from stylize_service.server.engine import pyramid
+from stylize_service.server.engine.engine import Engine
 from stylize_service.server.engine.types import (
     Init,
     SilentObserver,
@@ -35,14 +36,24 @@ def load(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), np.float32) / 255.0
 
 
-def equal_time_iterations(iterations: int, min_size: int, size: int) -> int:
-    """Total multiscale iterations whose cost, counted in full-size iterations, is `iterations`."""
+def stages(content: np.ndarray, settings: StylizeSettings) -> list[pyramid.Stage]:
+    """The engine's own plan for these settings (default layers: relu5_1 is the deepest)."""
+    size = (content.shape[1], content.shape[0])
+    return pyramid.plan(
+        size,
+        settings.max_size,
+        settings.min_size,
+        settings.iterations,
+        min_short_side=16,
+        deepest_layer="relu5_1",
+    )
+
+
+def equal_time_iterations(content: np.ndarray, settings: StylizeSettings, iterations: int) -> int:
+    """Total multiscale iterations whose cost, by the pyramid's cost model, is `iterations` full-size ones."""
     total = iterations
     for _ in range(20):
-        sizes = stage_sizes(min_size, size)
-        cost = sum(
-            n * (s / size) ** 2 for s, n in zip(sizes, stage_iterations(total, len(sizes)), strict=True)
-        )
+        cost = pyramid.cost_in_final_iterations(stages(content, replace(settings, iterations=total)))
         total = max(1, round(total * iterations / cost))
     return total
 
@@ -69,7 +80,9 @@ def main() -> None:
             "single": replace(base, min_size=size),
             "multiscale": replace(base, min_size=min_size),
             "multiscale, equal time": replace(
-                base, min_size=min_size, iterations=equal_time_iterations(iterations, min_size, size)
+                base,
+                min_size=min_size,
+                iterations=equal_time_iterations(content, replace(base, min_size=min_size), iterations),
             ),
         }
         results: dict[str, tuple[float, StylizeResult]] = {}
@@ -77,11 +90,7 @@ def main() -> None:
             started = time.perf_counter()
             result = engine.stylize(content, style, settings, SilentObserver())
             results[name] = (time.perf_counter() - started, result)
-            sizes = stage_sizes(settings.min_size or size, size)
-            schedule = " → ".join(
-                f"{s}px: {n} it"
-                for s, n in zip(sizes, stage_iterations(settings.iterations, len(sizes)), strict=True)
-            )
+            schedule = " → ".join(f"{s.longest}px: {s.iterations} it" for s in stages(content, settings))
             seconds, loss = results[name][0], result.losses.total
             single_seconds, single_loss = results["single"][0], results["single"][1].losses.total
             print(

@@ -13,17 +13,19 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError, features
 
+from stylize_service.server.engine.resample import shrink_longest
+
 
 class BadImage(ValueError):
     """The bytes are not an image the server accepts; the message reads after the field's name."""
 
 
 class Encoding(enum.Enum):
-    """Output encodings: (Pillow format, MIME type, file extension)."""
+    """Output encodings: (Pillow format, MIME type)."""
 
-    PNG = ("PNG", "image/png", "png")
-    JPEG = ("JPEG", "image/jpeg", "jpg")
-    WEBP = ("WEBP", "image/webp", "webp")
+    PNG = ("PNG", "image/png")
+    JPEG = ("JPEG", "image/jpeg")
+    WEBP = ("WEBP", "image/webp")
 
     @property
     def pillow_format(self) -> str:
@@ -32,10 +34,6 @@ class Encoding(enum.Enum):
     @property
     def mime_type(self) -> str:
         return self.value[1]
-
-    @property
-    def extension(self) -> str:
-        return self.value[2]
 
     @property
     def available(self) -> bool:
@@ -58,8 +56,8 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> np.ndarray:
     """Encoded bytes -> float32 (H, W, 3) RGB in [0, 1], EXIF orientation applied, alpha on white.
 
-    max_side: shrink (never enlarge) so that the longer side is at most this, as the engine would
-    (bicubic), so that a job waiting in the queue holds no more pixels than it will use.
+    max_side: shrink (never enlarge) so that the longer side is at most this, with the engine's own
+    resampling, so that a job waiting in the queue holds no more pixels than it will use.
     Raises BadImage (never anything else for bad input) for empty, undecodable or too large images.
     """
     if not data:
@@ -84,10 +82,7 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> n
         # Decoders of corrupt data raise all sorts (OSError, SyntaxError, struct.error, ...): all mean
         # "bad input", which must be answered, never crash the server.
         raise BadImage(f"could not be decoded ({type(err).__name__}: {err})") from None
-    height, width = rgb.shape[:2]
-    if max_side is not None and max(width, height) > max_side:
-        rgb = resize(rgb, fit_longest(width, height, max_side))
-    return rgb
+    return rgb if max_side is None else shrink_longest(rgb, max_side)
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:
@@ -119,26 +114,6 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
 
 def _grey_to_rgb(grey: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2), dtype=np.float32)
-
-
-def fit_longest(width: int, height: int, longest: int) -> tuple[int, int]:
-    """(width, height) scaled so that the longer side is `longest` (the engine's rounding)."""
-    scale = longest / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
-def resize(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """float32 (H, W, 3) -> size=(width, height), bicubic per channel in Pillow's float mode (no 8-bit
-    rounding; the same resampling as the engine's, so a pre-shrunk image is what the engine would use)."""
-    channels = [
-        np.asarray(
-            Image.fromarray(np.ascontiguousarray(image[..., c]), mode="F").resize(
-                size, Image.Resampling.BICUBIC
-            )
-        )
-        for c in range(3)
-    ]
-    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:

@@ -1,28 +1,30 @@
-"""stylize.v1.StylizeOptions -> the engine's StylizeSettings plus the servicer's encoding choices.
+"""stylize.v1.StylizeOptions <-> the engine's StylizeSettings, plus the servicer's own encoding choices.
 
-Validation here names the proto field (e.g. "options.max_size must be between 16 and 4096, got 0") so that
-a client can tell what to fix; the engine's own check (layer names and the like) runs afterwards, and
-`proto_field` translates the field names of its InvalidSettings.
+This module converts; it does not judge values. The engine's validator (server.engine.validation) owns every
+value rule and its limits; `request_field` renders the field names of its InvalidSettings as request field
+names (e.g. "options.max_size must be between 16 and 4096, got 0"), so that a client can tell what to fix.
+The only checks here are about the proto itself (unknown enum numbers) and the servicer's own options
+(frames and encodings).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TypeVar
 
-import numpy as np
-
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
-from stylize_service.server.engine.types import ColorMode, Init, Pooling, StylizeSettings
+from stylize_service.server.engine.types import (
+    ColorMode,
+    Init,
+    InvalidSettings,
+    Layers,
+    Pooling,
+    StylizeSettings,
+)
+from stylize_service.server.engine.validation import MAX_SIZE, MIN_SIZE
 from stylize_service.server.imageio import Encoding
 
-MIN_SIZE = 16  # px; the network pools four times before relu5_x
-MAX_SIZE = 4096  # px; longest side of the output and of frames
-MAX_ITERATIONS = 100_000
-MAX_STYLES = 16
-STYLE_SCALE_RANGE = (0.05, 8.0)
 DEFAULT_OUTPUT = Encoding.PNG
 DEFAULT_FRAMES = Encoding.JPEG
 
@@ -40,8 +42,9 @@ _ENCODING = {
     pb.IMAGE_FORMAT_JPEG: Encoding.JPEG,
     pb.IMAGE_FORMAT_WEBP: Encoding.WEBP,
 }
-# Fields of StylizeSettings that are not under `options` in the request.
-_TOP_LEVEL_FIELDS = {"styles": "styles", "content": "content_image"}
+# Engine fields that are not under `options` in the request, and their request names.
+_TOP_LEVEL_FIELDS = {"content": "content_image"}
+_TOP_LEVEL_PREFIXES = ("styles",)
 
 
 class InvalidOption(ValueError):
@@ -60,53 +63,58 @@ class JobOptions:
     frame_max_size: int  # longest side of frames, px
 
 
-def proto_field(engine_field: str) -> str:
-    """Name of the request field behind a StylizeSettings field (for the engine's InvalidSettings)."""
+def request_field(engine_field: str) -> str:
+    """The request field behind a field name of the engine's InvalidSettings."""
     if engine_field in _TOP_LEVEL_FIELDS:
         return _TOP_LEVEL_FIELDS[engine_field]
+    if engine_field.startswith(_TOP_LEVEL_PREFIXES):
+        return engine_field
     return f"options.{engine_field}"
 
 
-def to_job_options(options: pb.StylizeOptions) -> JobOptions:
-    """Validate and convert. settings.init_image is left None: the caller decodes options.init_image
-    (at most max_size px, which it learns from here) and adds it with with_init_image().
+def invalid_option(error: InvalidSettings) -> InvalidOption:
+    """The engine's refusal in the request's vocabulary."""
+    rendered = error.render(request_field)
+    field = request_field(error.field)
+    return InvalidOption(field, rendered.removeprefix(field).lstrip())
 
-    Raises InvalidOption naming the first field at fault.
-    """
+
+def to_job_options(options: pb.StylizeOptions) -> JobOptions:
+    """Convert; unset fields take the engine's defaults. Raises InvalidOption only for what the proto
+    cannot mean (unknown enum numbers) and for the servicer's own options; values are judged by the engine."""
     defaults = StylizeSettings()
-    max_size = _size(options, "max_size", defaults.max_size, MAX_SIZE)
-    min_size = _size(options, "min_size", None, max_size) if options.HasField("min_size") else None
-    iterations = (
-        _int_range(options.iterations, "iterations", 1, MAX_ITERATIONS)
-        if options.HasField("iterations")
-        else defaults.iterations
-    )
+
+    def value(name: str, default: _E) -> _E:
+        return getattr(options, name) if options.HasField(name) else default
+
     settings = StylizeSettings(
-        max_size=max_size,
-        min_size=min_size,
-        iterations=iterations,
-        content_weight=_weight(options, "content_weight", defaults.content_weight),
-        style_weight=_weight(options, "style_weight", defaults.style_weight),
-        tv_weight=_weight(options, "tv_weight", defaults.tv_weight),
-        content_layers=_layers(options.content_layers, "content_layers", defaults.content_layers),
-        style_layers=_layers(options.style_layers, "style_layers", defaults.style_layers),
+        max_size=value("max_size", defaults.max_size),
+        min_size=value("min_size", None),
+        iterations=value("iterations", defaults.iterations),
+        content_weight=value("content_weight", defaults.content_weight),
+        style_weight=value("style_weight", defaults.style_weight),
+        tv_weight=value("tv_weight", defaults.tv_weight),
+        content_layers=_layers(options.content_layers, defaults.content_layers),
+        style_layers=_layers(options.style_layers, defaults.style_layers),
         pooling=_enum(options.pooling, "pooling", _POOLING, defaults.pooling),
-        init=_init(options, bool(options.init_image)),
-        seed=_seed(options),
-        style_scale=_style_scale(options, defaults.style_scale, max_size),
+        init=_init(options, defaults.init),
+        seed=value("seed", defaults.seed),
+        style_scale=value("style_scale", defaults.style_scale),
         color_mode=_color_mode(options, defaults.color_mode),
-        frame_every=options.frame_every if options.HasField("frame_every") else defaults.frame_every,
+        frame_every=value("frame_every", defaults.frame_every),
     )
+    # Unset = the output's size, which the engine's validator judges as max_size.
+    frame_max_size = value("frame_max_size", settings.max_size)
+    if options.HasField("frame_max_size") and not MIN_SIZE <= frame_max_size <= MAX_SIZE:
+        raise InvalidOption(
+            "options.frame_max_size", f"must be between {MIN_SIZE} and {MAX_SIZE}, got {frame_max_size}"
+        )
     return JobOptions(
         settings=settings,
         output_encoding=_encoding(options.output_format, "output_format", DEFAULT_OUTPUT),
         frame_encoding=_encoding(options.frame_format, "frame_format", DEFAULT_FRAMES),
-        frame_max_size=_size(options, "frame_max_size", max_size, MAX_SIZE),
+        frame_max_size=frame_max_size,
     )
-
-
-def with_init_image(job: JobOptions, image: np.ndarray) -> JobOptions:
-    return replace(job, settings=replace(job.settings, init_image=image))
 
 
 def default_options() -> pb.StylizeOptions:
@@ -119,8 +127,8 @@ def default_options() -> pb.StylizeOptions:
         content_weight=d.content_weight,
         style_weight=d.style_weight,
         tv_weight=d.tv_weight,
-        content_layers=[pb.LayerWeight(layer=k, weight=v) for k, v in d.content_layers.items()],
-        style_layers=[pb.LayerWeight(layer=k, weight=v) for k, v in d.style_layers.items()],
+        content_layers=[pb.LayerWeight(layer=k, weight=v) for k, v in d.content_layers],
+        style_layers=[pb.LayerWeight(layer=k, weight=v) for k, v in d.style_layers],
         pooling=_reverse(_POOLING)[d.pooling],
         init=_reverse(_INIT)[d.init],
         seed=d.seed,
@@ -137,51 +145,12 @@ def _reverse(mapping: dict[int, _E]) -> dict[_E, int]:
     return {v: k for k, v in mapping.items()}
 
 
-def _int_range(value: int, name: str, low: int, high: int) -> int:
-    if not low <= value <= high:
-        raise InvalidOption(f"options.{name}", f"must be between {low} and {high}, got {value}")
-    return int(value)
-
-
-def _size(options: pb.StylizeOptions, name: str, default: int | None, high: int) -> int:
-    if not options.HasField(name):
-        assert default is not None
-        return default
-    value = getattr(options, name)
-    if name == "min_size" and value > high:
-        raise InvalidOption(
-            f"options.{name}", f"must be between {MIN_SIZE} and options.max_size ({high}), got {value}"
-        )
-    return _int_range(value, name, MIN_SIZE, high)
-
-
-def _finite_non_negative(value: float, field: str) -> float:
-    if not (math.isfinite(value) and value >= 0):
-        raise InvalidOption(field, f"must be a finite number >= 0, got {value}")
-    return float(value)
-
-
-def _weight(options: pb.StylizeOptions, name: str, default: float) -> float:
-    if not options.HasField(name):
-        return default
-    return _finite_non_negative(getattr(options, name), f"options.{name}")
-
-
-def _layers(layers: Iterable[pb.LayerWeight], name: str, default: dict[str, float]) -> dict[str, float]:
+def _layers(layers: Iterable[pb.LayerWeight], default: Layers) -> Layers:
+    """Empty = the default; an unset weight = 1. Names are kept as given (stripped) for the validator."""
     items = list(layers)
     if not items:
-        return dict(default)
-    result: dict[str, float] = {}
-    for index, item in enumerate(items):
-        field = f"options.{name}[{index}]"
-        layer = item.layer.strip()
-        if not layer:
-            raise InvalidOption(f"{field}.layer", "is empty")
-        if layer in result:
-            raise InvalidOption(f"options.{name}", f"lists layer {layer!r} twice")
-        weight = item.weight if item.HasField("weight") else 1.0
-        result[layer] = _finite_non_negative(weight, f"{field}.weight")
-    return result
+        return default
+    return tuple((item.layer.strip(), item.weight if item.HasField("weight") else 1.0) for item in items)
 
 
 def _enum(value: int, name: str, mapping: dict[int, _E], default: _E) -> _E:
@@ -193,42 +162,11 @@ def _enum(value: int, name: str, mapping: dict[int, _E], default: _E) -> _E:
     return mapping[value]
 
 
-def _init(options: pb.StylizeOptions, has_image: bool) -> Init:
+def _init(options: pb.StylizeOptions, default: Init) -> Init:
+    """Unspecified = IMAGE when an init image is given, else the default."""
     if options.init == pb.INIT_UNSPECIFIED:
-        return Init.IMAGE if has_image else Init.CONTENT
-    init = _enum(options.init, "init", _INIT, Init.CONTENT)
-    if init is Init.IMAGE and not has_image:
-        raise InvalidOption("options.init_image", "is required when options.init is INIT_IMAGE")
-    if init is not Init.IMAGE and has_image:
-        raise InvalidOption(
-            "options.init_image",
-            f"is given but options.init is {pb.Init.Name(options.init)}; use INIT_IMAGE or leave init unset",
-        )
-    return init
-
-
-def _seed(options: pb.StylizeOptions) -> int:
-    if not options.HasField("seed"):
-        return StylizeSettings().seed
-    if options.seed < 0:
-        raise InvalidOption("options.seed", f"must be >= 0, got {options.seed}")
-    return int(options.seed)
-
-
-def _style_scale(options: pb.StylizeOptions, default: float, max_size: int) -> float:
-    if not options.HasField("style_scale"):
-        return default
-    low, high = STYLE_SCALE_RANGE
-    value = options.style_scale
-    if not (math.isfinite(value) and low <= value <= high):
-        raise InvalidOption("options.style_scale", f"must be between {low} and {high}, got {value}")
-    if max_size * value > MAX_SIZE:
-        # The style images are resized to max_size * style_scale: bound their memory like the output's.
-        raise InvalidOption(
-            "options.style_scale",
-            f"times options.max_size must be at most {MAX_SIZE} px, got {value} * {max_size} = {max_size * value:g}",
-        )
-    return float(value)
+        return Init.IMAGE if options.init_image else default
+    return _enum(options.init, "init", _INIT, default)
 
 
 def _color_mode(options: pb.StylizeOptions, default: ColorMode) -> ColorMode:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -24,6 +23,8 @@ import numpy as np
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.server.engine.pyramid import style_longest
+from stylize_service.server.engine.resample import scaled_size
 from stylize_service.server.engine.types import (
     InvalidSettings,
     Losses,
@@ -35,18 +36,14 @@ from stylize_service.server.engine.types import (
     StylizeResult,
     StylizeSettings,
 )
-from stylize_service.server.imageio import BadImage, decode_image, encode_image, fit_longest
+from stylize_service.server.engine.validation import MAX_ITERATIONS, MAX_SIZE, MAX_STYLES
+from stylize_service.server.imageio import BadImage, decode_image, encode_image
 from stylize_service.server.options import (
-    MAX_ITERATIONS,
-    MAX_SIZE,
-    MAX_STYLES,
-    MIN_SIZE,
     InvalidOption,
     JobOptions,
     default_options,
-    proto_field,
+    invalid_option,
     to_job_options,
-    with_init_image,
 )
 from stylize_service.server.scheduler import QueueFull, Scheduler, SchedulerClosed, Ticket
 
@@ -64,7 +61,14 @@ class EngineLike(Protocol):
     @property
     def info(self) -> ModelInfo: ...
 
-    def check(self, settings: StylizeSettings) -> None: ...
+    def check(
+        self,
+        settings: StylizeSettings,
+        *,
+        style_weights: Sequence[float],
+        has_init_image: bool,
+        content_size: tuple[int, int] | None = None,
+    ) -> None: ...
 
     def stylize(
         self,
@@ -72,6 +76,8 @@ class EngineLike(Protocol):
         styles: Sequence[StyleSource],
         settings: StylizeSettings,
         observer: StylizeObserver,
+        *,
+        init_image: np.ndarray | None = None,
     ) -> StylizeResult: ...
 
 
@@ -96,6 +102,7 @@ class _Job:
     id: str
     content: np.ndarray
     styles: list[StyleSource]
+    init_image: np.ndarray | None
     options: JobOptions
 
 
@@ -347,40 +354,40 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 ticket.release()  # the worker releases the slot it ran in
 
     def _prepare(self, request: pb.StylizeRequest, engine: EngineLike, job_id: str) -> _Job:
-        """Decode and validate everything before queueing, so that bad requests fail fast."""
+        """Convert, validate with the engine's own rules, then decode: bad requests fail fast, before
+        queueing, and before any pixel is decoded when the options alone are at fault."""
         try:
             job_options = to_job_options(request.options)
             settings = job_options.settings
+            style_weights = [style.blend_weight for style in request.styles]
+            has_init_image = bool(request.options.init_image)
+            engine.check(settings, style_weights=style_weights, has_init_image=has_init_image)
             # Decoded images are shrunk to the sizes the engine will use, bounding a queued job's memory.
             content = self._decode(request.content_image, "content_image", settings.max_size)
-            if request.options.init_image:
-                init_image = self._decode(request.options.init_image, "options.init_image", settings.max_size)
-                job_options = with_init_image(job_options, init_image)
-                settings = job_options.settings
-            try:
-                engine.check(settings)
-            except InvalidSettings as err:
-                raise InvalidOption(proto_field(err.field), f"is invalid: {err.message}") from None
-            if len(request.styles) > MAX_STYLES:
-                raise InvalidOption("styles", f"has {len(request.styles)} images, more than {MAX_STYLES}")
-            if not request.styles and settings.style_weight > 0 and settings.style_layers:
-                raise InvalidOption(
-                    "styles",
-                    "is empty: at least one style image is needed (or set options.style_weight to 0)",
+            init_image = (
+                self._decode(request.options.init_image, "options.init_image", settings.max_size)
+                if has_init_image
+                else None
+            )
+            style_side = style_longest(settings.max_size, settings.style_scale)
+            styles = [
+                StyleSource(
+                    self._decode(style.image, f"styles[{index}].image", style_side), style.blend_weight
                 )
-            style_side = max(MIN_SIZE, round(settings.max_size * settings.style_scale))
-            styles = []
-            for index, style in enumerate(request.styles):
-                weight = style.blend_weight
-                if not (math.isfinite(weight) and weight >= 0):
-                    raise InvalidOption(
-                        f"styles[{index}].blend_weight", f"must be a finite number >= 0, got {weight}"
-                    )
-                image = self._decode(style.image, f"styles[{index}].image", style_side)
-                styles.append(StyleSource(image, float(weight)))
+                for index, style in enumerate(request.styles)
+            ]
+            # Now that its shape is known: the stages' sizes (a thin image may not fit the layers).
+            engine.check(
+                settings,
+                style_weights=style_weights,
+                has_init_image=has_init_image,
+                content_size=(content.shape[1], content.shape[0]),
+            )
+        except InvalidSettings as err:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(invalid_option(err)), "invalid") from None
         except InvalidOption as err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(err), "invalid") from None
-        return _Job(job_id, content, styles, job_options)
+        return _Job(job_id, content, styles, init_image, job_options)
 
     def _decode(self, data: bytes, field_name: str, max_side: int) -> np.ndarray:
         try:
@@ -422,14 +429,16 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         outcome = "ok"
         iterations = evaluations = 0
         try:
-            result = engine.stylize(job.content, job.styles, job.options.settings, observer)
+            result = engine.stylize(
+                job.content, job.styles, job.options.settings, observer, init_image=job.init_image
+            )
             iterations, evaluations = result.iterations, result.evaluations
             events.put(_Done(result))
         except StylizeCancelled:
             outcome = "cancelled"
             events.put(_Stopped())
         except InvalidSettings as err:
-            message = f"{proto_field(err.field)} is invalid: {err.message}"
+            message = str(invalid_option(err))
             outcome = f"invalid: {message}"
             events.put(_Failed(grpc.StatusCode.INVALID_ARGUMENT, message))
         except Exception as err:
@@ -450,7 +459,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
     ) -> Iterator[pb.StylizeResponse]:
         """Turn the worker's events into responses, encoding images here, off the optimisation thread."""
         height, width = job.content.shape[:2]
-        frame_size = fit_longest(width, height, job.options.frame_max_size)
+        frame_size = scaled_size(width, height, job.options.frame_max_size)
         while True:
             event = events.get(POLL_SECONDS)
             if event is None:
@@ -482,7 +491,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
 
 def _describe_sizes(job: _Job) -> str:
     height, width = job.content.shape[:2]
-    out_w, out_h = fit_longest(width, height, job.options.settings.max_size)
+    out_w, out_h = scaled_size(width, height, job.options.settings.max_size)
     styles = ",".join(f"{s.image.shape[1]}x{s.image.shape[0]}" for s in job.styles) or "none"
     return f"content={width}x{height} styles={styles} output={out_w}x{out_h}"
 
@@ -490,6 +499,9 @@ def _describe_sizes(job: _Job) -> str:
 def _losses_pb(losses: Losses) -> pb.Losses:
     return pb.Losses(
         total=losses.total,
+        terms=losses.terms,
+        per_layer={term: pb.LayerLosses(layers=layers) for term, layers in losses.per_layer.items()},
+        # The original three terms' own fields, for clients written before `terms`.
         content=losses.content,
         style=losses.style,
         tv=losses.tv,

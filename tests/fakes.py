@@ -22,9 +22,9 @@ from PIL import Image
 
 from stylize_service.server.app import StylizeServer
 from stylize_service.server.config import ServerConfig
+from stylize_service.server.engine.engine import check_request
+from stylize_service.server.engine.resample import scaled_size
 from stylize_service.server.engine.types import (
-    Init,
-    InvalidSettings,
     Losses,
     ModelInfo,
     Progress,
@@ -43,11 +43,6 @@ LAYERS = tuple(
 )
 
 
-def scaled(width: int, height: int, longest: int) -> tuple[int, int]:
-    scale = longest / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
-
-
 class FakeEngine:
     """Engine-shaped and fast. Set `gate` (an unset Event) to hold every job before each iteration until
     the test sets it; `on_frame_sent` runs in the worker thread right after each on_frame call."""
@@ -62,6 +57,7 @@ class FakeEngine:
         self.max_running = 0
         self.started: list[threading.Event] = []  # set when the n-th job starts (pre-created by tests)
         self.jobs_started = 0
+        self.stylize_calls = 0
         self.cancelled = 0
         self.completed = 0
 
@@ -78,13 +74,22 @@ class FakeEngine:
             providers=("FakeExecutionProvider",),
         )
 
-    def check(self, settings: StylizeSettings) -> None:
-        for name in ("content_layers", "style_layers"):
-            for layer in getattr(settings, name):
-                if layer not in LAYERS:
-                    raise InvalidSettings(name, f"unknown layer {layer!r}; known: {', '.join(LAYERS)}")
-        if settings.init is Init.IMAGE and settings.init_image is None:
-            raise InvalidSettings("init_image", "init is IMAGE but no init image was given")
+    def check(
+        self,
+        settings: StylizeSettings,
+        *,
+        style_weights: Sequence[float],
+        has_init_image: bool,
+        content_size: tuple[int, int] | None = None,
+    ) -> None:
+        # The real engine's rules, not a copy of some of them.
+        check_request(
+            settings,
+            LAYERS,
+            style_weights=style_weights,
+            has_init_image=has_init_image,
+            content_size=content_size,
+        )
 
     def stylize(
         self,
@@ -92,8 +97,17 @@ class FakeEngine:
         styles: Sequence[StyleSource],
         settings: StylizeSettings,
         observer: StylizeObserver,
+        *,
+        init_image: np.ndarray | None = None,
     ) -> StylizeResult:
-        self.check(settings)
+        with self._lock:
+            self.stylize_calls += 1  # before any check: tests can tell that a request never got here
+        self.check(
+            settings,
+            style_weights=[s.blend_weight for s in styles],
+            has_init_image=init_image is not None,
+            content_size=(content.shape[1], content.shape[0]),
+        )
         with self._lock:
             index = self.jobs_started
             self.jobs_started += 1
@@ -119,7 +133,7 @@ class FakeEngine:
         observer: StylizeObserver,
     ) -> StylizeResult:
         started = time.perf_counter()
-        width, height = scaled(content.shape[1], content.shape[0], settings.max_size)
+        width, height = scaled_size(content.shape[1], content.shape[0], settings.max_size)
         colour = np.mean([s.image.mean(axis=(0, 1)) for s in styles], axis=0) if styles else np.zeros(3)
         evaluations = 0
         losses = _losses(0, settings)
@@ -169,17 +183,14 @@ class FakeEngine:
 
 def _losses(iteration: int, settings: StylizeSettings) -> Losses:
     falling = 1.0 / (1 + iteration)
-    content = {layer: w * falling for layer, w in settings.content_layers.items()}
-    style = {layer: w * 10 * falling for layer, w in settings.style_layers.items()}
-    tv = settings.tv_weight * falling
-    return Losses(
-        total=sum(content.values()) + sum(style.values()) + tv,
-        content=sum(content.values()),
-        style=sum(style.values()),
-        tv=tv,
-        content_per_layer=content,
-        style_per_layer=style,
-    )
+    content = {layer: w * falling for layer, w in settings.content_layers}
+    style = {layer: w * 10 * falling for layer, w in settings.style_layers}
+    terms = {
+        "content": sum(content.values()),
+        "style": sum(style.values()),
+        "tv": settings.tv_weight * falling,
+    }
+    return Losses(total=sum(terms.values()), terms=terms, per_layer={"content": content, "style": style})
 
 
 def _image(width: int, height: int, colour: np.ndarray, progress: float) -> np.ndarray:

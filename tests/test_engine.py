@@ -7,7 +7,15 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from stylize_service.server.engine.engine import Engine, default_min_size, stage_iterations, stage_sizes
+from stylize_service.server.engine.engine import Engine
+from stylize_service.server.engine.pyramid import (
+    Stage,
+    default_min_size,
+    plan,
+    remaining_seconds,
+    stage_iterations,
+    stage_sizes,
+)
 from stylize_service.server.engine.types import (
     ColorMode,
     Init,
@@ -117,21 +125,53 @@ def test_color_modes(engine, mode):
         )
 
 
-def test_avg_pooling_blend_and_init_image(engine):
-    styles = [StyleSource(stripes(40, 40), 3.0), StyleSource(gradient_image(30, 50, 1), 1.0)]
-    settings = replace(
-        SMALL, pooling=Pooling.AVG, init=Init.IMAGE, init_image=gradient_image(20, 20, 2), iterations=3
-    )
+def _first_losses(engine, styles, settings, init_image=None):
+    """The losses of the starting point (iteration 0)."""
     recorder = Recorder()
-    engine.stylize(CONTENT, styles, settings, recorder)
-    assert recorder.progress[-1].losses.total < recorder.progress[0].losses.total
+    engine.stylize(CONTENT, styles, replace(settings, iterations=1), recorder, init_image=init_image)
+    return recorder.progress[0].losses
+
+
+def test_blend_weights_are_relative_and_weigh_each_style(engine):
+    a, b = stripes(40, 40), gradient_image(30, 50, 1)
+    settings = replace(SMALL, pooling=Pooling.AVG)
+
+    def style_loss(weights):
+        return _first_losses(engine, [StyleSource(a, weights[0]), StyleSource(b, weights[1])], settings).style
+
+    only_a = _first_losses(engine, [StyleSource(a, 1.0)], settings).style
+    assert style_loss((2.0, 0.0)) == pytest.approx(only_a, rel=1e-6)  # a zero weight drops a style
+    assert style_loss((3.0, 1.0)) == pytest.approx(style_loss((6.0, 2.0)), rel=1e-6)  # only ratios count
+    assert style_loss((3.0, 1.0)) != pytest.approx(style_loss((1.0, 3.0)), rel=1e-3)  # and they count
+    assert style_loss((0.0, 0.0)) == pytest.approx(style_loss((1.0, 1.0)), rel=1e-6)  # all zero = equal
+
+
+def test_init_image_is_where_the_optimisation_starts(engine):
+    image_settings = replace(SMALL, init=Init.IMAGE)
+    from_content = _first_losses(engine, STYLE, replace(SMALL, init=Init.CONTENT))
+    # The content image given as init image starts at the same point as init=CONTENT ...
+    assert _first_losses(engine, STYLE, image_settings, init_image=CONTENT).total == pytest.approx(
+        from_content.total, rel=1e-6
+    )
+    # ... and another init image starts elsewhere, resized to the stage (here 20x20 -> 64x48).
+    other = _first_losses(engine, STYLE, image_settings, init_image=gradient_image(20, 20, 2))
+    assert other.content > 0 and from_content.content == pytest.approx(0.0, abs=1e-6)
+
+
+def test_content_only_request_without_styles(engine):
+    # style_weight 0 and no style images: a valid content reconstruction, whose style term is 0.
+    settings = replace(SMALL, style_weight=0.0, init=Init.NOISE, iterations=3)
+    recorder = Recorder()
+    result = engine.stylize(CONTENT, [], settings, recorder)
+    assert result.losses.style == 0.0 and result.losses.per_layer["style"] == {}
+    assert result.losses.total < recorder.progress[0].losses.total
 
 
 @pytest.mark.parametrize(
     ("change", "field"),
     [
-        ({"content_layers": {"relu9_9": 1.0}}, "content_layers"),
-        ({"style_layers": {"relu1_1": float("nan")}}, "style_layers"),
+        ({"content_layers": {"relu9_9": 1.0}}, "content_layers[0].layer"),
+        ({"style_layers": {"relu1_1": float("nan")}}, "style_layers[0].weight"),
         ({"iterations": 0}, "iterations"),
         ({"max_size": 8}, "max_size"),
         ({"min_size": 1000}, "min_size"),
@@ -156,6 +196,14 @@ def test_too_thin_image_is_invalid(engine):
     with pytest.raises(InvalidSettings) as error:
         engine.stylize(gradient_image(4, 200, 0), STYLE, SMALL, Recorder())
     assert error.value.field == "max_size"
+    assert "raise the size" in str(error.value)  # 4x200 at 4096 px would be 82 px high: that helps
+
+
+def test_image_too_thin_at_any_size_does_not_advise_a_larger_size(engine):
+    with pytest.raises(InvalidSettings) as error:
+        engine.check(SMALL, style_weights=[1.0], has_init_image=False, content_size=(5000, 1))
+    assert error.value.field == "max_size"
+    assert "too thin" in str(error.value) and "raise the size" not in str(error.value)
 
 
 def test_default_multiscale_skips_stages_too_small_for_a_thin_image(engine):
@@ -183,6 +231,23 @@ def test_stage_rules():
     assert stage_iterations(500, 1) == [500]
     assert stage_iterations(500, 3) == [125, 125, 250]
     assert sum(stage_iterations(7, 3)) == 7
+
+
+def test_plan_sizes_and_iterations():
+    stages = plan((640, 480), 1024, None, 100, min_short_side=16, deepest_layer="relu5_1")
+    assert [(s.index, s.count, s.width, s.height, s.iterations) for s in stages] == [
+        (0, 3, 256, 192, 25),
+        (1, 3, 512, 384, 25),
+        (2, 3, 1024, 768, 50),
+    ]
+
+
+def test_eta_weighs_later_stages_by_their_pixels():
+    small = Stage(0, 2, 100, 50, iterations=10)
+    large = Stage(1, 2, 200, 100, iterations=20)  # 4x the pixels
+    # 4 of 10 done at 2 s each: 6 * 2 s left here, then 20 iterations at 4 * 2 s.
+    assert remaining_seconds([small, large], small, 4, 2.0) == pytest.approx(6 * 2 + 20 * 8)
+    assert remaining_seconds([small, large], large, 20, 8.0) == 0.0
 
 
 def test_default_min_size_is_single_scale_up_to_512_then_a_quarter():

@@ -12,7 +12,7 @@ from stylize_service.models import export
 from stylize_service.models.graphs import LayerChoice
 from stylize_service.models.paths import default_model_path
 from stylize_service.models.vgg16 import CAFFE_PREPROCESSING, CONVS, VGGWeights
-from stylize_service.server.engine.network import FeatureNetwork, Targets, loss_feeds
+from stylize_service.server.engine.network import CompiledChoice, FeatureNetwork, Targets
 
 from . import numpy_reference as ref
 
@@ -68,6 +68,27 @@ def image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
     return (noisy - np.array(CAFFE_PREPROCESSING.mean)[:, None, None]).astype(np.float32)
 
 
+def choice_of(
+    content_layers: dict[str, float], style_layers: dict[str, float], pooling: str = "max"
+) -> LayerChoice:
+    return LayerChoice.of({"content": tuple(content_layers), "style": tuple(style_layers)}, pooling)
+
+
+def feeds_of(
+    compiled: CompiledChoice,
+    content_targets: dict[str, np.ndarray],
+    grams: dict[str, np.ndarray],
+    weights: tuple[float, float, float],
+    content_layers: dict[str, float],
+    style_layers: dict[str, float],
+) -> dict[str, np.ndarray]:
+    return compiled.feeds(
+        Targets({"content": content_targets, "style": grams}),
+        dict(zip(("content", "style", "tv"), weights, strict=True)),
+        {"content": content_layers, "style": style_layers},
+    )
+
+
 def check_against_reference(
     network: FeatureNetwork,
     weights: VGGWeights,
@@ -80,16 +101,15 @@ def check_against_reference(
     weights_cst: tuple[float, float, float] = (5.0, 100.0, 1e-3),
 ) -> None:
     rng = np.random.default_rng(seed)
-    choice = LayerChoice(tuple(content_layers), tuple(style_layers), pooling)
-    compiled = network.compiled(choice)
+    compiled = network.compiled(choice_of(content_layers, style_layers, pooling))
     content, style, x = (
         image(rng, height, width),
         image(rng, height + 6, width - 4),
         image(rng, height, width),
     )
 
-    content_targets = compiled.targets(content[None]).content
-    style_grams = compiled.targets(style[None]).grams
+    content_targets = compiled.targets(content[None]).by_term["content"]
+    style_grams = compiled.targets(style[None]).by_term["style"]
     ref_content = ref.features(weights, content, set(content_layers), pooling)
     ref_style = ref.features(weights, style, set(style_layers), pooling)
     for layer in content_layers:
@@ -101,14 +121,7 @@ def check_against_reference(
         )
 
     cw, sw, tw = weights_cst
-    feeds = loss_feeds(
-        Targets(content_targets, style_grams),
-        cw,
-        sw,
-        tw,
-        list(content_layers.values()),
-        list(style_layers.values()),
-    )
+    feeds = feeds_of(compiled, content_targets, style_grams, weights_cst, content_layers, style_layers)
     evaluation = compiled.evaluate(x[None], feeds)
     targets64 = {k: v[0].astype(np.float64) for k, v in content_targets.items()}
     grams64 = {k: v.astype(np.float64) for k, v in style_grams.items()}
@@ -119,11 +132,15 @@ def check_against_reference(
         )
 
     expected = reference(x.astype(np.float64))
+    terms = evaluation.terms
     assert evaluation.loss == pytest.approx(expected["loss"], rel=1e-4)
-    assert evaluation.content == pytest.approx(expected["content"], rel=1e-4, abs=1e-6)
-    assert evaluation.style == pytest.approx(expected["style"], rel=1e-4, abs=1e-6)
-    assert evaluation.tv == pytest.approx(expected["tv"], rel=1e-4)
-    assert evaluation.loss == pytest.approx(evaluation.content + evaluation.style + evaluation.tv, rel=1e-5)
+    assert terms["content"] == pytest.approx(expected["content"], rel=1e-4, abs=1e-6)
+    assert terms["style"] == pytest.approx(expected["style"], rel=1e-4, abs=1e-6)
+    assert terms["tv"] == pytest.approx(expected["tv"], rel=1e-4)
+    assert evaluation.loss == pytest.approx(sum(terms.values()), rel=1e-5)
+    for term, layers in (("content", content_layers), ("style", style_layers)):
+        assert list(evaluation.per_layer[term]) == list(layers)
+        assert sum(evaluation.per_layer[term].values()) == pytest.approx(terms[term], rel=1e-5, abs=1e-9)
     assert evaluation.grad.shape == x[None].shape
 
     # Central differences of the float64 reference along random directions against grad . v.
@@ -173,12 +190,15 @@ def test_loss_graph_is_standard_onnx(real_net):
     """Only default-domain ops, so stock onnxruntime runs it on any provider."""
     from stylize_service.models.graphs import build_loss_model
 
-    model = build_loss_model(onnx.load(str(default_model_path())), LayerChoice(("relu4_2",), ("relu1_1",)))
+    model = build_loss_model(onnx.load(str(default_model_path())), choice_of({"relu4_2": 1}, {"relu1_1": 1}))
     onnx.checker.check_model(model, full_check=True)
     assert {n.domain for n in model.graph.node} <= {""}
     assert "Gradient" not in {n.op_type for n in model.graph.node}
     outputs = [o.name for o in model.graph.output]
-    assert outputs[:4] == ["loss", "content_loss", "style_loss", "tv_loss"] and outputs[-1] == "grad"
+    assert outputs[0] == "loss" and outputs[-1] == "grad"
+    assert {"term/content", "term/style", "term/tv", "layer_losses/content", "layer_losses/style"} <= set(
+        outputs
+    )
 
 
 def test_against_torch_autograd(real_net):
@@ -188,10 +208,10 @@ def test_against_torch_autograd(real_net):
     content_layers, style_layers = {"relu4_2": 1.0}, DEFAULT_STYLE
     rng = np.random.default_rng(4)
     content, style, x = image(rng, 36, 44), image(rng, 40, 40), image(rng, 36, 44)
-    compiled = network.compiled(LayerChoice(tuple(content_layers), tuple(style_layers)))
-    content_targets = compiled.targets(content[None]).content
-    grams = compiled.targets(style[None]).grams
-    feeds = loss_feeds(Targets(content_targets, grams), 5.0, 100.0, 1e-3, [1.0], [1.0] * 5)
+    compiled = network.compiled(choice_of(content_layers, style_layers))
+    content_targets = compiled.targets(content[None]).by_term["content"]
+    grams = compiled.targets(style[None]).by_term["style"]
+    feeds = feeds_of(compiled, content_targets, grams, (5.0, 100.0, 1e-3), content_layers, style_layers)
     evaluation = compiled.evaluate(x[None], feeds)
 
     xt = torch.tensor(x[None], dtype=torch.float64, requires_grad=True)
@@ -218,9 +238,9 @@ def test_against_torch_autograd(real_net):
     total = content_loss + style_loss + tv
     total.backward()
 
-    assert evaluation.content == pytest.approx(content_loss.item(), rel=1e-4)
-    assert evaluation.style == pytest.approx(style_loss.item(), rel=1e-4)
-    assert evaluation.tv == pytest.approx(tv.item(), rel=1e-4)
+    assert evaluation.terms["content"] == pytest.approx(content_loss.item(), rel=1e-4)
+    assert evaluation.terms["style"] == pytest.approx(style_loss.item(), rel=1e-4)
+    assert evaluation.terms["tv"] == pytest.approx(tv.item(), rel=1e-4)
     expected = xt.grad.numpy()
     error = np.linalg.norm(evaluation.grad - expected) / np.linalg.norm(expected)
     assert error < 1e-4

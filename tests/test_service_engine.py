@@ -112,6 +112,25 @@ def test_unknown_layer_is_refused_by_the_engine_check(stub: pb_grpc.StyleTransfe
     assert "options.style_layers" in caught.value.details() and "conv9_9" in caught.value.details()
 
 
+def test_content_only_request_without_styles_completes(stub: pb_grpc.StyleTransferStub) -> None:
+    # No style images with style_weight 0 is a valid request (the proto allows it); it once failed INTERNAL.
+    req = request(max_size=32, iterations=1, style_weight=0)
+    del req.styles[:]
+    responses = list(stub.Stylize(req, timeout=LIVENESS))
+    result = responses[-1].result
+    assert (result.width, result.height) == (32, 21)
+    assert result.final_losses.terms["style"] == 0 and not result.final_losses.per_layer["style"].layers
+    assert result.final_losses.terms["content"] == result.final_losses.content
+
+
+def test_losses_report_every_term_by_name(stub: pb_grpc.StyleTransferStub) -> None:
+    losses = list(stub.Stylize(request(iterations=1), timeout=LIVENESS))[-1].result.final_losses
+    assert set(losses.terms) == {"content", "style", "tv"}
+    assert losses.total == pytest.approx(sum(losses.terms.values()), rel=1e-5)
+    assert dict(losses.per_layer["style"].layers) == dict(losses.style_per_layer)
+    assert losses.terms["style"] == losses.style and losses.terms["tv"] == losses.tv
+
+
 def test_server_process_serves_then_drains_on_sigterm() -> None:
     """stylize-server end to end: health SERVING once loaded; SIGTERM drains, a second one cancels."""
     if not default_model_path().is_file():

@@ -15,7 +15,6 @@ from stylize_service.server.imageio import (
     Encoding,
     decode_image,
     encode_image,
-    fit_longest,
 )
 from tests.fakes import encode, gradient
 
@@ -135,18 +134,20 @@ def test_encode_png_is_lossless_and_tolerates_out_of_range() -> None:
     np.testing.assert_allclose(decoded[1:], image[1:], atol=1 / 255)
 
 
-def test_fit_longest_keeps_aspect() -> None:
-    assert fit_longest(48, 32, 64) == (64, 43)
-    assert fit_longest(32, 48, 64) == (43, 64)
-    assert fit_longest(1000, 1, 16) == (16, 1)
+def test_scaled_size_keeps_aspect() -> None:
+    from stylize_service.server.engine.resample import scaled_size
+
+    assert scaled_size(48, 32, 64) == (64, 43)
+    assert scaled_size(32, 48, 64) == (43, 64)
+    assert scaled_size(1000, 1, 16) == (16, 1)
 
 
 def test_max_side_shrinks_like_the_engine_and_never_enlarges() -> None:
-    from stylize_service.server.engine.resize import resize_longest
+    from stylize_service.server.engine.resample import resize_longest
 
     pixels = gradient(120, 80)
     full = decode_image(encode(pixels), LIMIT)
     shrunk = decode_image(encode(pixels), LIMIT, max_side=60)
     assert shrunk.shape == (40, 60, 3) and shrunk.dtype == np.float32
-    np.testing.assert_allclose(shrunk, resize_longest(full, 60), atol=1e-6)  # what the engine would do
+    np.testing.assert_array_equal(shrunk, resize_longest(full, 60))  # exactly what the engine would do
     assert decode_image(encode(pixels), LIMIT, max_side=500).shape == (80, 120, 3)

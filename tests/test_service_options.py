@@ -1,22 +1,24 @@
-"""StylizeOptions -> engine settings, and validation messages that name the field (server.options)."""
+"""StylizeOptions -> engine settings (server.options), and the engine validator's refusals rendered in the
+request's field names."""
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
-from stylize_service.server.engine.types import ColorMode, Init, Pooling, StylizeSettings
+from stylize_service.server.engine.types import ColorMode, Init, InvalidSettings, Pooling, StylizeSettings
+from stylize_service.server.engine.validation import validate
 from stylize_service.server.imageio import Encoding
 from stylize_service.server.options import (
     InvalidOption,
     default_options,
-    proto_field,
+    invalid_option,
+    request_field,
     to_job_options,
-    with_init_image,
 )
+from tests.fakes import LAYERS
 
 
 def test_unset_options_take_the_documented_defaults() -> None:
@@ -35,7 +37,6 @@ def test_get_info_defaults_are_what_unset_fields_become() -> None:
 
 
 def test_every_option_is_converted() -> None:
-    init = np.zeros((4, 4, 3), np.float32)
     options = pb.StylizeOptions(
         max_size=300,
         min_size=75,
@@ -55,13 +56,13 @@ def test_every_option_is_converted() -> None:
         frame_max_size=100,
         output_format=pb.IMAGE_FORMAT_JPEG,
     )
-    job = with_init_image(to_job_options(options), init)
+    job = to_job_options(options)
     s = job.settings
     assert (s.max_size, s.min_size, s.iterations) == (300, 75, 42)
     assert (s.content_weight, s.style_weight, s.tv_weight) == (2.5, 7.0, 0.0)
-    assert s.content_layers == {"relu3_2": 1.0}
-    assert s.style_layers == {"relu1_1": 0.5, "relu2_1": 2.0}
-    assert s.pooling is Pooling.AVG and s.init is Init.IMAGE and s.init_image is init
+    assert s.content_layers == (("relu3_2", 1.0),)
+    assert s.style_layers == (("relu1_1", 0.5), ("relu2_1", 2.0))
+    assert s.pooling is Pooling.AVG and s.init is Init.IMAGE  # an init image and no init: IMAGE
     assert (s.seed, s.style_scale, s.color_mode, s.frame_every) == (7, 0.5, ColorMode.HISTOGRAM, 5)
     assert (job.frame_encoding, job.frame_max_size, job.output_encoding) == (Encoding.PNG, 100, Encoding.JPEG)
 
@@ -114,7 +115,7 @@ def test_preserve_colors_maps_to_luminance_unless_color_mode_is_set(
             "options.style_layers lists layer 'relu1_1' twice",
         ),
         (pb.StylizeOptions(pooling=7), "options.pooling has an unknown value 7"),
-        (pb.StylizeOptions(seed=-1), "options.seed must be >= 0, got -1"),
+        (pb.StylizeOptions(seed=-1), "options.seed must be between 0 and 9223372036854775807, got -1"),
         (pb.StylizeOptions(style_scale=0), "options.style_scale must be between 0.05 and 8.0, got 0"),
         (pb.StylizeOptions(style_scale=math.nan), "options.style_scale must be between"),
         (
@@ -124,25 +125,48 @@ def test_preserve_colors_maps_to_luminance_unless_color_mode_is_set(
         (pb.StylizeOptions(frame_max_size=8), "options.frame_max_size must be between 16 and 4096, got 8"),
         (
             pb.StylizeOptions(init=pb.INIT_IMAGE),
-            "options.init_image is required when options.init is INIT_IMAGE",
+            "options.init_image is required when options.init is IMAGE",
         ),
         (pb.StylizeOptions(output_format=9), "options.output_format has an unknown value 9"),
     ],
 )
 def test_invalid_options_name_the_field(options: pb.StylizeOptions, message: str) -> None:
+    assert message in _refusal(options)
+
+
+def _refusal(options: pb.StylizeOptions) -> str:
+    """What the servicer answers: conversion, then the engine's validator in request field names."""
     with pytest.raises(InvalidOption) as caught:
-        to_job_options(options)
-    assert message in str(caught.value)
+        try:
+            settings = to_job_options(options).settings
+            validate(settings, LAYERS, style_weights=[1.0], has_init_image=bool(options.init_image))
+        except InvalidSettings as err:
+            raise invalid_option(err) from None
     assert str(caught.value).startswith(caught.value.field)
+    return str(caught.value)
 
 
 def test_init_image_with_another_init_is_refused() -> None:
-    with pytest.raises(InvalidOption) as caught:
-        to_job_options(pb.StylizeOptions(init=pb.INIT_NOISE, init_image=b"an image"))
-    assert str(caught.value).startswith("options.init_image is given but options.init is INIT_NOISE")
+    message = _refusal(pb.StylizeOptions(init=pb.INIT_NOISE, init_image=b"an image"))
+    assert message.startswith("options.init_image is given but options.init is NOISE")
 
 
 def test_engine_fields_map_to_request_fields() -> None:
-    assert proto_field("style_layers") == "options.style_layers"
-    assert proto_field("styles") == "styles"
-    assert proto_field("content") == "content_image"
+    assert request_field("style_layers") == "options.style_layers"
+    assert request_field("style_layers[2].weight") == "options.style_layers[2].weight"
+    assert request_field("styles") == "styles"
+    assert request_field("styles[1].blend_weight") == "styles[1].blend_weight"
+    assert request_field("content") == "content_image"
+    assert request_field("init_image") == "options.init_image"
+
+
+def test_references_to_other_fields_are_rendered_in_request_names() -> None:
+    error = InvalidSettings("min_size", "must be at most {max_size}, and {styles} too")
+    assert str(invalid_option(error)) == "options.min_size must be at most options.max_size, and styles too"
+    assert str(error) == "min_size must be at most max_size, and styles too"
+
+
+def test_settings_compare_and_hash_whatever_form_their_layers_are_given_in() -> None:
+    as_mapping = StylizeSettings(content_layers={"relu4_2": 1.0})
+    assert as_mapping == StylizeSettings() and hash(as_mapping) == hash(StylizeSettings())
+    assert StylizeSettings(style_layers={"relu1_1": 2.0}) != StylizeSettings()

@@ -28,7 +28,7 @@ from tests.fakes import FakeEngine, channel, decode_size, encode, gradient, imag
 from tests.test_service_imageio import png_header_only
 
 LIVENESS = 10.0  # generous bound for "happens promptly"; never a performance assertion
-LOSSES = Losses(1.0, 0.5, 0.5, 0.0, {}, {})
+LOSSES = Losses(1.0, {"content": 0.5, "style": 0.5, "tv": 0.0}, {"content": {}, "style": {}})
 
 
 @pytest.fixture
@@ -275,11 +275,19 @@ BAD_REQUESTS = {
     "tv_weight negative": (_with(tv_weight=-1.0), "options.tv_weight must be a finite number >= 0"),
     "unknown layer": (
         _with(style_layers=[pb.LayerWeight(layer="relu9_9")]),
-        "options.style_layers is invalid: unknown layer 'relu9_9'",
+        "options.style_layers[0].layer names an unknown layer 'relu9_9'",
     ),
     "init image missing": (_with(init=pb.INIT_IMAGE), "options.init_image is required"),
     "undecodable init image": (_with(init_image=b"nope"), "options.init_image "),
-    "negative seed": (_with(seed=-5), "options.seed must be >= 0"),
+    "negative seed": (_with(seed=-5), "options.seed must be between 0 and"),
+    "min_size above max_size": (
+        _with(max_size=64, min_size=128),
+        "options.min_size must be between 16 and options.max_size (64), got 128",
+    ),
+    "too thin for the layers": (
+        _with(content_image=image_bytes(400, 4), max_size=64),
+        "options.max_size gives the image a short side of 1 px, but layer relu5_1 needs at least 16 px",
+    ),
 }
 
 
@@ -291,7 +299,7 @@ def test_bad_input_is_invalid_argument_naming_the_field_and_the_server_carries_o
         list(stub.Stylize(req, timeout=LIVENESS))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in caught.value.details()
-    assert engine.jobs_started == 0  # refused before reaching the engine
+    assert engine.stylize_calls == 0  # refused before reaching the engine (the servicer's own check)
     responses = list(stub.Stylize(request(iterations=2), timeout=LIVENESS))
     assert kinds(responses)[-1] == "result"
 
@@ -301,11 +309,11 @@ def test_engine_invalid_settings_at_run_time_is_invalid_argument(
 ) -> None:
     from stylize_service.server.engine.types import InvalidSettings
 
-    engine.fail_with = InvalidSettings("min_size", "the image's short side would be 4 px")
+    engine.fail_with = InvalidSettings("min_size", "must be at most {max_size} here")
     with pytest.raises(grpc.RpcError) as caught:
         list(stub.Stylize(request(), timeout=LIVENESS))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "options.min_size is invalid: the image's short side" in caught.value.details()
+    assert caught.value.details() == "options.min_size must be at most options.max_size here"
 
 
 def test_engine_crash_is_internal_and_frees_the_worker(

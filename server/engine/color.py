@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .resize import resize
+from .resample import resize
 from .types import ColorMode
 
 # NTSC YIQ (FCC 1953 coefficients). The inverse is the exact matrix inverse rather than the rounded
@@ -114,14 +114,6 @@ def luminance(image: np.ndarray) -> np.ndarray:
 
 def _y_as_rgb(y: np.ndarray) -> np.ndarray:
     return np.repeat(np.clip(y, 0.0, 1.0)[..., None], 3, axis=-1).astype(np.float32)
-
-
-def luminance_as_rgb(image: np.ndarray) -> np.ndarray:
-    """The image's luminance replicated into three channels: the grey image the network sees.
-
-    R = G = B = Y has Y as its own luminance (the Y weights sum to 1) and I = Q = 0.
-    """
-    return _y_as_rgb(luminance(image))
 
 
 def match_luminance(style_y: np.ndarray, content_y: np.ndarray, eps: float = 1e-5) -> np.ndarray:

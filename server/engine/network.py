@@ -15,30 +15,26 @@ import onnxruntime as ort
 
 from stylize_service.models import export, graphs
 from stylize_service.models.graphs import LayerChoice
+from stylize_service.models.terms import TERMS
 
 from .types import ModelInfo
 
 
-class ModelNotFound(FileNotFoundError):
-    pass
-
-
 @dataclass(frozen=True)
 class Targets:
-    """What the loss graph compares against: content features and (blended) style Grams, by layer."""
+    """What the loss graph compares against: each layered term's targets by layer (content features,
+    blended style Grams)."""
 
-    content: dict[str, np.ndarray]
-    grams: dict[str, np.ndarray]
+    by_term: dict[str, dict[str, np.ndarray]]
 
 
 @dataclass(frozen=True)
 class Evaluation:
+    """One run of the loss graph: the loss, each term (weights applied), per-layer values, and dL/dx."""
+
     loss: float
-    content: float
-    style: float
-    tv: float
-    content_per_layer: np.ndarray
-    style_per_layer: np.ndarray
+    terms: dict[str, float]
+    per_layer: dict[str, dict[str, float]]  # layered term -> layer -> value
     grad: np.ndarray  # float32, shaped like the image
 
 
@@ -51,19 +47,19 @@ class CompiledChoice:
         self.choice = choice
         self._targets = targets
         self._loss = loss
+        self._target_outputs = [o.name for o in targets.get_outputs()]
         self._loss_outputs = [o.name for o in loss.get_outputs()]
 
     def targets(self, image: np.ndarray) -> Targets:
+        """Every layered term's targets computed from one image (content image or style image)."""
         outputs = dict(
-            zip(
-                (o.name for o in self._targets.get_outputs()),
-                self._targets.run(None, {"image": image}),
-                strict=True,
-            )
+            zip(self._target_outputs, self._targets.run(None, {export.INPUT_NAME: image}), strict=True)
         )
         return Targets(
-            {layer: outputs[graphs.feature_output(layer)] for layer in self.choice.content_layers},
-            {layer: outputs[graphs.gram_output(layer)] for layer in self.choice.style_layers},
+            {
+                term: {layer: outputs[graphs.target_input(term, layer)] for layer in layers}
+                for term, layers in self.choice.layers
+            }
         )
 
     def evaluate(self, image: np.ndarray, feeds: dict[str, np.ndarray]) -> Evaluation:
@@ -71,35 +67,33 @@ class CompiledChoice:
             zip(self._loss_outputs, self._loss.run(None, {**feeds, export.INPUT_NAME: image}), strict=True)
         )
         return Evaluation(
-            float(out[graphs.LOSS]),
-            float(out[graphs.CONTENT_LOSS]),
-            float(out[graphs.STYLE_LOSS]),
-            float(out[graphs.TV_LOSS]),
-            out[graphs.CONTENT_LAYER_LOSSES],
-            out[graphs.STYLE_LAYER_LOSSES],
-            out[graphs.GRAD],
+            loss=float(out[graphs.LOSS]),
+            terms={term: float(out[graphs.term_output(term)]) for term in TERMS},
+            per_layer={
+                term: {
+                    layer: float(value)
+                    for layer, value in zip(layers, out[graphs.layer_losses_output(term)], strict=True)
+                }
+                for term, layers in self.choice.layers
+            },
+            grad=out[graphs.GRAD],
         )
 
+    def feeds(
+        self, targets: Targets, weights: dict[str, float], layer_weights: dict[str, dict[str, float]]
+    ) -> dict[str, np.ndarray]:
+        """The loss graph's inputs other than the image, fixed for one optimisation stage.
 
-def loss_feeds(
-    targets: Targets,
-    content_weight: float,
-    style_weight: float,
-    tv_weight: float,
-    content_layer_weights: list[float],
-    style_layer_weights: list[float],
-) -> dict[str, np.ndarray]:
-    """The loss graph's inputs other than the image, fixed for one optimisation stage."""
-    feeds = {
-        graphs.CONTENT_WEIGHT: np.asarray(content_weight, np.float32),
-        graphs.STYLE_WEIGHT: np.asarray(style_weight, np.float32),
-        graphs.TV_WEIGHT: np.asarray(tv_weight, np.float32),
-        graphs.CONTENT_LAYER_WEIGHTS: np.asarray(content_layer_weights, np.float32),
-        graphs.STYLE_LAYER_WEIGHTS: np.asarray(style_layer_weights, np.float32),
-    }
-    feeds.update({graphs.content_target(layer): f for layer, f in targets.content.items()})
-    feeds.update({graphs.gram_target(layer): g for layer, g in targets.grams.items()})
-    return feeds
+        weights: every term's overall weight; layer_weights: each layered term's weight per layer of
+        the choice."""
+        feeds = {graphs.term_weight(term): np.asarray(weights[term], np.float32) for term in TERMS}
+        for term, layers in self.choice.layers:
+            feeds[graphs.layer_weights(term)] = np.asarray(
+                [layer_weights[term][layer] for layer in layers], np.float32
+            )
+            for layer in layers:
+                feeds[graphs.target_input(term, layer)] = targets.by_term[term][layer]
+        return feeds
 
 
 class FeatureNetwork:
@@ -115,7 +109,7 @@ class FeatureNetwork:
     ) -> None:
         path = Path(model_path)
         if not path.is_file():
-            raise ModelNotFound(f"model file {path} not found: build it with `bash scripts/setup.sh`")
+            raise FileNotFoundError(f"model file {path} not found: build it with `bash scripts/setup.sh`")
         self._features = onnx.load(str(path))
         meta = {p.key: p.value for p in self._features.metadata_props}
         try:
@@ -131,8 +125,8 @@ class FeatureNetwork:
                 f"{path} lacks the metadata {missing}: rebuild it with stylize-build-model"
             ) from None
         available = ort.get_available_providers()
-        self.providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in available]
-        if not self.providers:
+        self._requested_providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in available]
+        if not self._requested_providers:
             raise ValueError(
                 f"none of the providers {providers} is available; onnxruntime offers {available}"
             )
@@ -140,6 +134,9 @@ class FeatureNetwork:
         self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             self._options.intra_op_num_threads = intra_op_threads
+        # What onnxruntime really registers (a provider can fail to load and fall back), asked of a
+        # one-node session rather than assumed from the request.
+        self.providers = tuple(self._session(_probe_model()).get_providers())
         self._cache: OrderedDict[LayerChoice, CompiledChoice] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -154,7 +151,7 @@ class FeatureNetwork:
             mean=tuple(float(v) for v in self.mean),
             std=tuple(float(v) for v in self.std),
             input_scale=self.input_scale,
-            providers=tuple(self.providers),
+            providers=self.providers,
         )
 
     def compiled(self, choice: LayerChoice) -> CompiledChoice:
@@ -180,7 +177,9 @@ class FeatureNetwork:
             return compiled
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
-        return ort.InferenceSession(model.SerializeToString(), self._options, providers=self.providers)
+        return ort.InferenceSession(
+            model.SerializeToString(), self._options, providers=self._requested_providers
+        )
 
     # Preprocessing, read from the model: x = (rgb * scale - mean) / std in the network's channel order.
     def _order(self, channels: np.ndarray) -> np.ndarray:
@@ -202,3 +201,10 @@ class FeatureNetwork:
         low = np.broadcast_to(((0.0 - self.mean) / self.std)[:, None, None], (3, height, width))
         high = np.broadcast_to(((self.input_scale - self.mean) / self.std)[:, None, None], (3, height, width))
         return low.astype(np.float64).ravel(), high.astype(np.float64).ravel()
+
+
+def _probe_model() -> onnx.ModelProto:
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", export.OPSET)])

@@ -8,19 +8,25 @@ from the network's own input space (read from the model's metadata).
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
-DEFAULT_CONTENT_LAYERS: dict[str, float] = {"relu4_2": 1.0}
-DEFAULT_STYLE_LAYERS: dict[str, float] = {
-    "relu1_1": 1.0,
-    "relu2_1": 1.0,
-    "relu3_1": 1.0,
-    "relu4_1": 1.0,
-    "relu5_1": 1.0,
-}
+# A term's layers and their weights, in order. A tuple (not a dict) so that settings compare and hash, and
+# so that a layer listed twice reaches the validator instead of vanishing in a dict.
+Layers = tuple[tuple[str, float], ...]
+
+DEFAULT_CONTENT_LAYERS: Layers = (("relu4_2", 1.0),)
+DEFAULT_STYLE_LAYERS: Layers = (
+    ("relu1_1", 1.0),
+    ("relu2_1", 1.0),
+    ("relu3_1", 1.0),
+    ("relu4_1", 1.0),
+    ("relu5_1", 1.0),
+)
 
 
 class Init(enum.Enum):
@@ -52,35 +58,70 @@ class StyleSource:
 
 @dataclass(frozen=True)
 class StylizeSettings:
-    """Every knob of one stylization, with the documented defaults."""
+    """Every knob of one stylization, with the documented defaults. Values are checked by
+    engine.validation, not here, so that every rule has one owner."""
 
     max_size: int = 512  # longest side of the output, px
-    # First stage's longest side; None = engine.default_min_size (single scale up to 512 px, from
+    # First stage's longest side; None = pyramid.default_min_size (single scale up to 512 px, from
     # max_size / 4 above); == max_size = single scale.
     min_size: int | None = None
     iterations: int = 500  # L-BFGS iterations in all (split over the stages)
     content_weight: float = 5.0
     style_weight: float = 100.0
     tv_weight: float = 1e-3
-    content_layers: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_CONTENT_LAYERS))
-    style_layers: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_STYLE_LAYERS))
+    # Mappings are accepted too and stored as Layers.
+    content_layers: Layers = DEFAULT_CONTENT_LAYERS
+    style_layers: Layers = DEFAULT_STYLE_LAYERS
     pooling: Pooling = Pooling.MAX
-    init: Init = Init.CONTENT
-    init_image: np.ndarray | None = None  # for Init.IMAGE, float32 (H, W, 3) RGB in [0, 1]
+    init: Init = Init.CONTENT  # Init.IMAGE needs the init_image argument of Engine.stylize
     seed: int = 0
     style_scale: float = 1.0  # style images are scaled to max_size * style_scale
     color_mode: ColorMode = ColorMode.STYLE
     frame_every: int = 0  # 0 = no intermediate frames
 
+    def __post_init__(self) -> None:
+        for name in ("content_layers", "style_layers"):
+            layers = getattr(self, name)
+            items = layers.items() if isinstance(layers, Mapping) else layers
+            object.__setattr__(self, name, tuple((str(layer), float(weight)) for layer, weight in items))
+
+    def term_weights(self) -> dict[str, float]:
+        """Each loss term's overall weight, by models.terms name: the one place settings meet terms."""
+        return {"content": self.content_weight, "style": self.style_weight, "tv": self.tv_weight}
+
+    def term_layers(self) -> dict[str, Layers]:
+        """Each layered term's layers and weights, by models.terms name."""
+        return {"content": self.content_layers, "style": self.style_layers}
+
 
 @dataclass(frozen=True)
 class Losses:
+    """The loss and its terms (weights applied), by models.terms name; layered terms also by layer."""
+
     total: float
-    content: float
-    style: float
-    tv: float
-    content_per_layer: dict[str, float]
-    style_per_layer: dict[str, float]
+    terms: dict[str, float]
+    per_layer: dict[str, dict[str, float]]  # term -> layer -> value
+
+    # The paper's three terms by name, for readability where they are meant.
+    @property
+    def content(self) -> float:
+        return self.terms.get("content", 0.0)
+
+    @property
+    def style(self) -> float:
+        return self.terms.get("style", 0.0)
+
+    @property
+    def tv(self) -> float:
+        return self.terms.get("tv", 0.0)
+
+    @property
+    def content_per_layer(self) -> dict[str, float]:
+        return self.per_layer.get("content", {})
+
+    @property
+    def style_per_layer(self) -> dict[str, float]:
+        return self.per_layer.get("style", {})
 
 
 @dataclass(frozen=True)
@@ -136,12 +177,23 @@ class SilentObserver:
 
 
 class InvalidSettings(ValueError):
-    """A setting the engine cannot honour; `field` names it as in StylizeSettings (e.g. "style_layers")."""
+    """A setting or input the engine cannot honour.
+
+    `field` names it in the engine's vocabulary: a StylizeSettings field ("max_size", "style_layers[1].weight"),
+    or an input of Engine.stylize ("content", "styles", "styles[0].blend_weight", "init_image"). `message`
+    reads after the field's name and may name other fields as {field} placeholders, so that a shell (the
+    gRPC servicer) can render every name in its own vocabulary with render()."""
 
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(f"{field}: {message}")
         self.field = field
         self.message = message
+        super().__init__(self.render(lambda name: name))
+
+    def render(self, name_of: Callable[[str], str]) -> str:
+        return f"{name_of(self.field)} {_FIELD_REFERENCE.sub(lambda m: name_of(m.group(1)), self.message)}"
+
+
+_FIELD_REFERENCE = re.compile(r"\{([a-z_]+)\}")
 
 
 @dataclass(frozen=True)
@@ -153,4 +205,4 @@ class ModelInfo:
     mean: tuple[float, float, float]  # subtracted after scaling, in the network's channel order
     std: tuple[float, float, float]
     input_scale: float  # pixel values in [0, 1] are multiplied by this first (255 for caffe-style weights)
-    providers: tuple[str, ...]  # onnxruntime execution providers in use
+    providers: tuple[str, ...]  # onnxruntime execution providers the sessions really use

@@ -136,7 +136,7 @@ class Queued(_message.Message):
     def __init__(self, position: _Optional[int] = ...) -> None: ...
 
 class Losses(_message.Message):
-    __slots__ = ("total", "content", "style", "tv", "content_per_layer", "style_per_layer")
+    __slots__ = ("total", "content", "style", "tv", "content_per_layer", "style_per_layer", "terms", "per_layer")
     class ContentPerLayerEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -151,19 +151,50 @@ class Losses(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class TermsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class PerLayerEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: LayerLosses
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[LayerLosses, _Mapping]] = ...) -> None: ...
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     STYLE_FIELD_NUMBER: _ClassVar[int]
     TV_FIELD_NUMBER: _ClassVar[int]
     CONTENT_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     STYLE_PER_LAYER_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    PER_LAYER_FIELD_NUMBER: _ClassVar[int]
     total: float
     content: float
     style: float
     tv: float
     content_per_layer: _containers.ScalarMap[str, float]
     style_per_layer: _containers.ScalarMap[str, float]
-    def __init__(self, total: _Optional[float] = ..., content: _Optional[float] = ..., style: _Optional[float] = ..., tv: _Optional[float] = ..., content_per_layer: _Optional[_Mapping[str, float]] = ..., style_per_layer: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    terms: _containers.ScalarMap[str, float]
+    per_layer: _containers.MessageMap[str, LayerLosses]
+    def __init__(self, total: _Optional[float] = ..., content: _Optional[float] = ..., style: _Optional[float] = ..., tv: _Optional[float] = ..., content_per_layer: _Optional[_Mapping[str, float]] = ..., style_per_layer: _Optional[_Mapping[str, float]] = ..., terms: _Optional[_Mapping[str, float]] = ..., per_layer: _Optional[_Mapping[str, LayerLosses]] = ...) -> None: ...
+
+class LayerLosses(_message.Message):
+    __slots__ = ("layers",)
+    class LayersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.ScalarMap[str, float]
+    def __init__(self, layers: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("iteration", "evaluations", "losses", "elapsed_seconds", "eta_seconds", "stage", "stages", "width", "height")

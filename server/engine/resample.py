@@ -1,4 +1,9 @@
-"""Resampling of float RGB images, channel by channel in Pillow's 32-bit float mode (no 8-bit rounding)."""
+"""Resampling of float RGB images: the one place sizes are scaled and pixels resampled.
+
+Bicubic, channel by channel in Pillow's 32-bit float mode, so there is no 8-bit rounding. The server's image
+decoding (server.imageio), the engine's stages and the tests all use this module, so an image shrunk on
+arrival is exactly what the engine would have made of it.
+"""
 
 from __future__ import annotations
 
@@ -28,5 +33,12 @@ def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
 
 
 def resize_longest(image: np.ndarray, longest: int) -> np.ndarray:
+    """Resize so that the longer side is `longest` (up or down), keeping the aspect ratio."""
     height, width = image.shape[:2]
     return resize(image, *scaled_size(width, height, longest))
+
+
+def shrink_longest(image: np.ndarray, longest: int) -> np.ndarray:
+    """Like resize_longest, but never enlarges."""
+    height, width = image.shape[:2]
+    return image if max(width, height) <= longest else resize_longest(image, longest)

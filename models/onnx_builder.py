@@ -1,0 +1,50 @@
+"""A small helper for writing ONNX graphs node by node: named ops, constants, and the Gram matrix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import onnx
+from onnx import TensorProto, helper
+
+from .vgg16 import CONVS
+
+CHANNELS: dict[str, int] = {spec.relu: spec.out_channels for spec in CONVS}
+
+
+class GraphBuilder:
+    """Collects nodes and initializers; every op gets a unique name unless `out` gives one."""
+
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+        self._count = 0
+
+    def op(self, op: str, inputs: Sequence[str], out: str | None = None, **attrs: object) -> str:
+        self._count += 1
+        out = out or f"{op.lower()}_{self._count}"
+        self.nodes.append(helper.make_node(op, list(inputs), [out], name=out, **attrs))
+        return out
+
+    def const(self, name: str, values: Sequence[int] | float, dtype: int) -> str:
+        dims = [] if isinstance(values, float | int) else [len(values)]
+        vals = [values] if isinstance(values, float | int) else list(values)
+        self.initializers.append(helper.make_tensor(name, dtype, dims, vals))
+        return name
+
+    def zero(self) -> str:
+        return self.const(f"zero_{len(self.initializers)}", 0.0, TensorProto.FLOAT)
+
+    def gram(self, features: str, layer: str, out: str | None = None) -> str:
+        """G = F Fᵀ / (C H W) of a (1, C, H, W) feature map at `layer`."""
+        flat = self.op(
+            "Reshape",
+            [features, self.const(f"{layer}/flat_shape", [CHANNELS[layer], -1], TensorProto.INT64)],
+        )
+        product = self.op("MatMul", [flat, self.op("Transpose", [flat], perm=[1, 0])])
+        count = self.op("Cast", [self.op("Size", [features])], to=TensorProto.FLOAT)
+        return self.op("Div", [product, count], out)
+
+    def mean_square(self, a: str, target: str) -> str:
+        diff = self.op("Sub", [a, target])
+        return self.op("ReduceMean", [self.op("Mul", [diff, diff])], keepdims=0)

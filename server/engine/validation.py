@@ -1,0 +1,111 @@
+"""Every value rule of a stylization, and its limits: the one owner of both.
+
+The engine checks a request with validate() before it runs it; the gRPC servicer calls the same function
+before it queues a job (so bad requests fail fast) and only translates the field names of the
+InvalidSettings it raises. Test doubles call it too, so they accept and refuse exactly what the engine does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from .types import Init, InvalidSettings, Layers, StylizeSettings
+
+MIN_SIZE = 16  # px; below this the stages would be smaller than VGG's receptive field is useful for
+MAX_SIZE = 4096  # px; longest side of the output (and of the scaled style images)
+MAX_ITERATIONS = 100_000
+MAX_STYLES = 16
+STYLE_SCALE_RANGE = (0.05, 8.0)
+MAX_SEED = 2**63 - 1
+
+
+def validate(
+    settings: StylizeSettings,
+    known_layers: Sequence[str],
+    *,
+    style_weights: Sequence[float],
+    has_init_image: bool,
+) -> None:
+    """Raise InvalidSettings naming the first setting or input that cannot be honoured.
+
+    style_weights: the blend weight of each style image (their number matters too). What depends on the
+    content image's shape (the stages' sizes) is checked by pyramid.plan once the image is known."""
+    s = settings
+    _check_range("max_size", s.max_size, MIN_SIZE, MAX_SIZE)
+    if s.min_size is not None and not MIN_SIZE <= s.min_size <= s.max_size:
+        raise InvalidSettings(
+            "min_size", f"must be between {MIN_SIZE} and {{max_size}} ({s.max_size}), got {s.min_size}"
+        )
+    _check_range("iterations", s.iterations, 1, MAX_ITERATIONS)
+    for name, value in s.term_weights().items():
+        _check_weight(f"{name}_weight", value)
+    for name in ("content_layers", "style_layers"):
+        _check_layers(name, getattr(s, name), known_layers)
+    low, high = STYLE_SCALE_RANGE
+    if not (math.isfinite(s.style_scale) and low <= s.style_scale <= high):
+        raise InvalidSettings("style_scale", f"must be between {low} and {high}, got {s.style_scale}")
+    if s.max_size * s.style_scale > MAX_SIZE:
+        # Style images are resized to max_size * style_scale: bound their memory like the output's.
+        raise InvalidSettings(
+            "style_scale",
+            f"times {{max_size}} must be at most {MAX_SIZE} px, "
+            f"got {s.style_scale} * {s.max_size} = {s.max_size * s.style_scale:g}",
+        )
+    _check_range("seed", s.seed, 0, MAX_SEED)
+    _check_range("frame_every", s.frame_every, 0, MAX_ITERATIONS)
+    _check_styles(s, style_weights)
+    if s.init is Init.IMAGE and not has_init_image:
+        raise InvalidSettings("init_image", f"is required when {{init}} is {Init.IMAGE.name}")
+    if s.init is not Init.IMAGE and has_init_image:
+        raise InvalidSettings(
+            "init_image", f"is given but {{init}} is {s.init.name}; use {Init.IMAGE.name} or leave init unset"
+        )
+
+
+def style_active(settings: StylizeSettings, styles: int) -> bool:
+    """Whether the style term takes part: it needs style images, layers and a weight. Without style images
+    and with style_weight 0 the request is a valid content-only reconstruction."""
+    return styles > 0 and bool(settings.style_layers)
+
+
+def _check_range(field: str, value: int, low: int, high: int) -> None:
+    if not low <= value <= high:
+        raise InvalidSettings(field, f"must be between {low} and {high}, got {value}")
+
+
+def _check_weight(field: str, value: float) -> None:
+    if not (math.isfinite(value) and value >= 0):
+        raise InvalidSettings(field, f"must be a finite number >= 0, got {value}")
+
+
+def _check_layers(field: str, layers: Layers, known_layers: Sequence[str]) -> None:
+    seen: set[str] = set()
+    for index, (layer, weight) in enumerate(layers):
+        if not layer.strip():
+            raise InvalidSettings(f"{field}[{index}].layer", "is empty")
+        if layer not in known_layers:
+            raise InvalidSettings(
+                f"{field}[{index}].layer",
+                f"names an unknown layer {layer!r}; known: {', '.join(known_layers)}",
+            )
+        if layer in seen:
+            raise InvalidSettings(field, f"lists layer {layer!r} twice")
+        seen.add(layer)
+        _check_weight(f"{field}[{index}].weight", weight)
+
+
+def _check_styles(settings: StylizeSettings, style_weights: Sequence[float]) -> None:
+    if len(style_weights) > MAX_STYLES:
+        raise InvalidSettings("styles", f"has {len(style_weights)} images, more than {MAX_STYLES}")
+    for index, weight in enumerate(style_weights):
+        if not (math.isfinite(weight) and weight >= 0):
+            raise InvalidSettings(
+                f"styles[{index}].blend_weight", f"must be a finite number >= 0, got {weight}"
+            )
+    if not style_weights and settings.style_weight > 0 and settings.style_layers:
+        raise InvalidSettings(
+            "styles", "is empty: at least one style image is needed (or set {style_weight} to 0)"
+        )
+    if not settings.content_layers and not style_active(settings, len(style_weights)):
+        raise InvalidSettings("content_layers", "and the style term are both empty: nothing to optimise for")
