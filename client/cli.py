@@ -410,14 +410,14 @@ def run_job(
         outputs.write_result(result, job.output)
     except KeyboardInterrupt:
         call.cancel()
-        display.abort("")
+        display.abort()
         print(f"stylize: {label}: interrupted; the job was cancelled", file=sys.stderr)
         return EXIT_INTERRUPTED
     except StylizeError as err:
-        display.abort("")
+        display.abort()
         return _report(err, client.address, label)
     except OSError as err:
-        display.abort("")
+        display.abort()
         print(f"stylize: error: {label}: cannot write the output: {err}", file=sys.stderr)
         return EXIT_FAILED
     display.finish(result, str(job.output))

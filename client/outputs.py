@@ -26,7 +26,6 @@ class JobOutputs:
         self.animation = animation
         self.frame_duration_ms = frame_duration_ms
         self._frames: list[bytes] = []
-        self.frame_paths: list[Path] = []
         if frames_dir is not None:
             frames_dir.mkdir(parents=True, exist_ok=True)
 
@@ -34,7 +33,6 @@ class JobOutputs:
         if self.frames_dir is not None:
             path = self.frames_dir / f"frame-{frame.iteration:06d}.{extension(frame.mime_type)}"
             path.write_bytes(frame.image)
-            self.frame_paths.append(path)
         if self.animation is not None:
             self._frames.append(frame.image)
 
