@@ -10,8 +10,14 @@
         png = call.result.image            # the Result, also the last event
         # or, in one go:  result = client.run("photo.jpg", ["starry.jpg"], on_event=print, iterations=200)
 
+A server that keeps strangers out (see client/security.py):
+
+    StylizeClient("stylize.example.com:50051", tls_ca="ca.pem", token=os.environ["STYLIZE_TOKEN"])
+    StylizeClient(address, tls_ca="ca.pem", tls_cert="client.pem", tls_key="client.key")   # mutual TLS
+
 Errors are raised as StylizeError, whose `code` is the grpc.StatusCode (INVALID_ARGUMENT for a bad
-request, UNAVAILABLE when the server cannot be reached, CANCELLED after cancel(), ...).
+request, UNAVAILABLE when the server cannot be reached, UNAUTHENTICATED for a missing or wrong token,
+CANCELLED after cancel(), ...). Unusable TLS files or tokens raise ClientSecurityError (a ValueError).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 import grpc
 
 from stylize_service.client.request import ImageInput, StyleInput, build_request
+from stylize_service.client.security import PemInput, open_channel, token_metadata
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 
@@ -91,7 +98,12 @@ class StylizeCall:
 
 class StylizeClient:
     """A channel to one server. Use it as a context manager (or call close()); it is thread-safe and
-    several calls may run over it at once. timeout: seconds allowed per call (None = no deadline)."""
+    several calls may run over it at once. timeout: seconds allowed per call (None = no deadline).
+
+    TLS: tls=True checks the server's certificate against gRPC's default roots, tls_ca (a PEM path or
+    bytes) against that CA instead; tls_cert and tls_key add a client certificate (mutual TLS);
+    tls_server_name checks the certificate for that name instead of the address's host. token: a bearer
+    token, sent as `authorization: Bearer TOKEN` with every call."""
 
     def __init__(
         self,
@@ -100,14 +112,26 @@ class StylizeClient:
         *,
         max_message_mb: float = DEFAULT_MAX_MESSAGE_MB,
         wait_for_ready: bool = False,
+        tls: bool = False,
+        tls_ca: PemInput | None = None,
+        tls_cert: PemInput | None = None,
+        tls_key: PemInput | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
         limit = int(max_message_mb * 1024 * 1024)
         self.address = address
         self.timeout = timeout
         self._wait_for_ready = wait_for_ready
-        self._channel = grpc.insecure_channel(
+        self._metadata = token_metadata(token)
+        self._channel = open_channel(
             address,
-            options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
         )
         self._stub = pb_grpc.StyleTransferStub(self._channel)
 
@@ -124,7 +148,10 @@ class StylizeClient:
         """The model, the defaults of every option and the server's limits."""
         try:
             return self._stub.GetInfo(
-                pb.GetInfoRequest(), timeout=self.timeout, wait_for_ready=self._wait_for_ready
+                pb.GetInfoRequest(),
+                timeout=self.timeout,
+                metadata=self._metadata,
+                wait_for_ready=self._wait_for_ready,
             )
         except grpc.RpcError as err:
             raise StylizeError.from_rpc(err) from None
@@ -138,7 +165,9 @@ class StylizeClient:
     def stylize_request(self, request: pb.StylizeRequest) -> StylizeCall:
         """Start a stylization from a ready-made request."""
         return StylizeCall(
-            self._stub.Stylize(request, timeout=self.timeout, wait_for_ready=self._wait_for_ready)
+            self._stub.Stylize(
+                request, timeout=self.timeout, metadata=self._metadata, wait_for_ready=self._wait_for_ready
+            )
         )
 
     def run(

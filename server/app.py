@@ -18,6 +18,7 @@ from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.config import ServerConfig
 from stylize_service.server.scheduler import Scheduler
+from stylize_service.server.security import ServerSecurity
 from stylize_service.server.servicer import EngineLike, ServiceLimits, StyleTransferServicer
 
 logger = logging.getLogger("stylize.server")
@@ -38,8 +39,10 @@ class StylizeServer:
     """The server of one process. start() listens (health NOT_SERVING), set_engine() makes it SERVING,
     drain() stops it gracefully."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, security: ServerSecurity | None = None) -> None:
+        """security: what from_config(config) gives (read here when None; raises ConfigError)."""
         self.config = config
+        self.security = security if security is not None else ServerSecurity.from_config(config)
         self.scheduler = Scheduler(config.concurrency, config.queue_size)
         self.servicer = StyleTransferServicer(
             self.scheduler,
@@ -58,6 +61,7 @@ class StylizeServer:
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
             ],
+            interceptors=self.security.interceptors(),
         )
         pb_grpc.add_StyleTransferServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -69,10 +73,17 @@ class StylizeServer:
 
     def start(self) -> int:
         """Listen on config.host:config.port; returns the bound port (useful when port 0 was asked)."""
-        self.port = self._server.add_insecure_port(self.config.address)
+        credentials = self.security.credentials
+        if credentials is None:
+            self.port = self._server.add_insecure_port(self.config.address)
+        else:
+            self.port = self._server.add_secure_port(self.config.address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.address} (in use, or not a local address?)")
         self._server.start()
+        warning = self.security.exposure_warning(self.config.host)
+        if warning is not None:
+            logger.warning(warning)
         return self.port
 
     def set_engine(self, engine: EngineLike) -> None:

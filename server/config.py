@@ -44,6 +44,12 @@ class ServerConfig:
     threads: int | None = None  # onnxruntime intra-op threads; None = cores // concurrency
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     log_level: str = "INFO"
+    # Who may call (server/security.py reads and checks the files): TLS when tls_cert/tls_key are set,
+    # mutual TLS with tls_client_ca, bearer tokens with auth_tokens_file.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens_file: Path | None = None
 
     @property
     def address(self) -> str:
@@ -114,6 +120,26 @@ _SETTINGS: tuple[tuple[str, str, type, str], ...] = (
         f"(default: {DEFAULT_GRACE_SECONDS:g})",
     ),
     ("--log-level", "STYLIZE_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR (default: INFO)"),
+    (
+        "--tls-cert",
+        "STYLIZE_TLS_CERT",
+        Path,
+        "PEM certificate (chain) of the server; with --tls-key, serve TLS only (default: plaintext)",
+    ),
+    ("--tls-key", "STYLIZE_TLS_KEY", Path, "PEM private key of --tls-cert, unencrypted"),
+    (
+        "--tls-client-ca",
+        "STYLIZE_TLS_CLIENT_CA",
+        Path,
+        "PEM CA certificate(s); require client certificates signed by them (mutual TLS)",
+    ),
+    (
+        "--auth-tokens-file",
+        "STYLIZE_AUTH_TOKENS_FILE",
+        Path,
+        "file of bearer tokens, one a line (# comments); every call but health must send "
+        "'authorization: Bearer TOKEN'; re-read when it changes",
+    ),
 )
 
 
@@ -121,11 +147,21 @@ class ConfigError(ValueError):
     pass
 
 
+def setting_name(field: str) -> str:
+    """How errors name a setting: "--tls-cert (STYLIZE_TLS_CERT)" for the field tls_cert."""
+    for flag, env, _, _ in _SETTINGS:
+        if flag.removeprefix("--").replace("-", "_") == field:
+            return f"{flag} ({env})"
+    raise KeyError(field)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stylize-server",
         description="Serve neural style transfer (stylize.v1.StyleTransfer) over gRPC.",
-        epilog="Every flag can also be set by the environment variable shown; a flag wins over its variable.",
+        epilog="Every flag can also be set by the environment variable shown; a flag wins over its variable. "
+        "Without TLS or tokens, anyone who can reach the port can use the server: outside loopback, set "
+        "--tls-cert/--tls-key and --auth-tokens-file or --tls-client-ca (see the README's Security section).",
     )
     for flag, env, kind, help_text in _SETTINGS:
         # type=str: conversion happens in load_config so that flags and env vars share one error path.
@@ -172,6 +208,15 @@ def _validate(config: ServerConfig) -> None:
         (
             config.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
             f"log level must be DEBUG, INFO, WARNING or ERROR, got {config.log_level!r}",
+        ),
+        (
+            (config.tls_cert is None) == (config.tls_key is None),
+            f"{setting_name('tls_cert')} and {setting_name('tls_key')} go together: give both or neither",
+        ),
+        (
+            config.tls_client_ca is None or config.tls_cert is not None,
+            f"{setting_name('tls_client_ca')} needs {setting_name('tls_cert')} and "
+            f"{setting_name('tls_key')}: mutual TLS is TLS",
         ),
     )
     for ok, message in checks:

@@ -46,6 +46,7 @@ from stylize_service.server.options import (
     to_job_options,
 )
 from stylize_service.server.scheduler import QueueFull, Scheduler, SchedulerClosed, Ticket
+from stylize_service.server.security import client_label
 
 logger = logging.getLogger("stylize.server")
 
@@ -202,6 +203,7 @@ class _JobLog:
     """The one log line of a job, written once, by whoever sees its end."""
 
     id: str
+    client: str = "-"  # security.client_label: the token's short hash, else the peer address
     queued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     sizes: str = "-"
@@ -217,8 +219,9 @@ class _JobLog:
         ran = now - self.started_at if self.started_at is not None else 0.0
         waited = (self.started_at or now) - self.queued_at
         logger.info(
-            "job %s %s iterations=%d evaluations=%d queued=%.2fs ran=%.2fs outcome=%s",
+            "job %s client=%s %s iterations=%d evaluations=%d queued=%.2fs ran=%.2fs outcome=%s",
             self.id,
+            self.client,
             self.sizes,
             iterations,
             evaluations,
@@ -284,7 +287,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
     def Stylize(
         self, request: pb.StylizeRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.StylizeResponse]:
-        log = _JobLog(id=f"{next(self._ids):06d}")
+        log = _JobLog(id=f"{next(self._ids):06d}", client=client_label(context))
         try:
             yield from self._stylize(request, context, log)
         except _Abort as abort:
