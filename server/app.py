@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.config import ServerConfig
+from stylize_service.server.engine.memory import current_rss_bytes, megabytes
 from stylize_service.server.scheduler import Scheduler
 from stylize_service.server.security import ServerSecurity
 from stylize_service.server.servicer import EngineLike, ServiceLimits, StyleTransferServicer
@@ -43,10 +44,15 @@ class StylizeServer:
         """security: what from_config(config) gives (read here when None; raises ConfigError)."""
         self.config = config
         self.security = security if security is not None else ServerSecurity.from_config(config)
-        self.scheduler = Scheduler(config.concurrency, config.queue_size)
+        # Memory for jobs is the budget less the idle server, known once the model is loaded (set_engine).
+        self.scheduler = Scheduler(config.concurrency, config.queue_size, memory_capacity=None)
         self.servicer = StyleTransferServicer(
             self.scheduler,
-            ServiceLimits(max_pixels=config.max_pixels, max_message_bytes=config.max_message_bytes),
+            ServiceLimits(
+                max_pixels=config.max_pixels,
+                max_message_bytes=config.max_message_bytes,
+                memory_budget_bytes=config.memory_budget_bytes,
+            ),
             version=package_version(),
         )
         self.health = health.HealthServicer()
@@ -87,6 +93,14 @@ class StylizeServer:
         return self.port
 
     def set_engine(self, engine: EngineLike) -> None:
+        idle = current_rss_bytes()
+        self.scheduler.memory_capacity = max(0, self.config.memory_budget_bytes - idle)
+        logger.info(
+            "memory: budget %d MB, idle server %d MB, %d MB for jobs",
+            megabytes(self.config.memory_budget_bytes),
+            megabytes(idle),
+            megabytes(self.scheduler.memory_capacity),
+        )
         self.servicer.set_engine(engine)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 

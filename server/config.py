@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from stylize_service.models.paths import default_model_path
+from stylize_service.server.engine.memory import default_budget_bytes
 
 DEFAULT_PORT = 50051
 DEFAULT_MAX_MESSAGE_MB = 64
@@ -50,6 +51,15 @@ class ServerConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     auth_tokens_file: Path | None = None
+    # Memory (server/engine/memory.py): None = the container's or machine's memory less a margin.
+    memory_limit_mb: int | None = None
+    tile_size: int = 0  # px; 0 = tiles only where the memory budget needs them
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        if self.memory_limit_mb is not None:
+            return self.memory_limit_mb * 1024 * 1024
+        return default_budget_bytes()
 
     @property
     def address(self) -> str:
@@ -140,6 +150,21 @@ _SETTINGS: tuple[tuple[str, str, type, str], ...] = (
         "file of bearer tokens, one a line (# comments); every call but health must send "
         "'authorization: Bearer TOKEN'; re-read when it changes",
     ),
+    (
+        "--memory-limit-mb",
+        "STYLIZE_MEMORY_LIMIT_MB",
+        int,
+        "memory the server may use, MiB: jobs are admitted, and tiled, so that the idle server and the "
+        "running jobs' predicted peaks fit it (default: the container's memory.max, else physical memory, "
+        "less 10%% and at least 512 MiB)",
+    ),
+    (
+        "--tile-size",
+        "STYLIZE_TILE_SIZE",
+        int,
+        "evaluate every stage larger than this many px in exact tiles of this size; 0 = automatic, "
+        "only where the memory budget needs it (default: 0)",
+    ),
 )
 
 
@@ -205,6 +230,14 @@ def _validate(config: ServerConfig) -> None:
         (config.queue_size >= 0, f"queue size must be >= 0, got {config.queue_size}"),
         (config.threads is None or config.threads >= 1, f"threads must be >= 1, got {config.threads}"),
         (config.grace_seconds >= 0, f"grace seconds must be >= 0, got {config.grace_seconds}"),
+        (
+            config.memory_limit_mb is None or config.memory_limit_mb >= 256,
+            f"{setting_name('memory_limit_mb')} must be >= 256, got {config.memory_limit_mb}",
+        ),
+        (
+            config.tile_size == 0 or config.tile_size >= 32,
+            f"{setting_name('tile_size')} must be 0 or >= 32, got {config.tile_size}",
+        ),
         (
             config.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
             f"log level must be DEBUG, INFO, WARNING or ERROR, got {config.log_level!r}",

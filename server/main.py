@@ -129,7 +129,9 @@ def _load_engine(config: ServerConfig) -> Engine:
     from stylize_service.server.engine.engine import Engine
 
     started = time.perf_counter()
-    engine = Engine(config.resolved_model_path, intra_op_threads=config.intra_op_threads)
+    engine = Engine(
+        config.resolved_model_path, intra_op_threads=config.intra_op_threads, tile_size=config.tile_size
+    )
     engine.warm_up()  # compile the default layer choice's graphs now, not on the first request
     info = engine.info
     logger.info(

@@ -23,6 +23,7 @@ import numpy as np
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.server.engine.memory import JobMemory, MemoryExceeded, megabytes
 from stylize_service.server.engine.pyramid import style_longest
 from stylize_service.server.engine.resample import scaled_size
 from stylize_service.server.engine.types import (
@@ -71,6 +72,10 @@ class EngineLike(Protocol):
         content_size: tuple[int, int] | None = None,
     ) -> None: ...
 
+    def plan_memory(
+        self, content_size: tuple[int, int], settings: StylizeSettings, styles: int, budget: int | None
+    ) -> JobMemory: ...
+
     def stylize(
         self,
         content: np.ndarray,
@@ -79,6 +84,7 @@ class EngineLike(Protocol):
         observer: StylizeObserver,
         *,
         init_image: np.ndarray | None = None,
+        tiles: Sequence[int] | None = None,
     ) -> StylizeResult: ...
 
 
@@ -86,6 +92,7 @@ class EngineLike(Protocol):
 class ServiceLimits:
     max_pixels: int
     max_message_bytes: int
+    memory_budget_bytes: int = 0  # 0 = not budgeted
 
 
 class _Abort(Exception):
@@ -105,6 +112,7 @@ class _Job:
     styles: list[StyleSource]
     init_image: np.ndarray | None
     options: JobOptions
+    memory: JobMemory
 
 
 # What the worker thread hands to the handler thread.
@@ -278,6 +286,8 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 max_size=MAX_SIZE,
                 max_iterations=MAX_ITERATIONS,
                 max_styles=MAX_STYLES,
+                memory_budget_bytes=self._limits.memory_budget_bytes,
+                memory_for_jobs_bytes=self._scheduler.memory_capacity or 0,
             ),
             server_version=self._version,
         )
@@ -308,7 +318,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         job = self._prepare(request, engine, log.id)
         log.sizes = _describe_sizes(job)
         try:
-            ticket = self._scheduler.enqueue()
+            ticket = self._scheduler.enqueue(job.memory.peak_bytes)
         except QueueFull:
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -386,11 +396,16 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 has_init_image=has_init_image,
                 content_size=(content.shape[1], content.shape[0]),
             )
+            job_memory = engine.plan_memory(
+                (content.shape[1], content.shape[0]), settings, len(styles), self._scheduler.memory_capacity
+            )
         except InvalidSettings as err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(invalid_option(err)), "invalid") from None
         except InvalidOption as err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(err), "invalid") from None
-        return _Job(job_id, content, styles, init_image, job_options)
+        except MemoryExceeded as err:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"memory: {err}", "refused") from None
+        return _Job(job_id, content, styles, init_image, job_options, job_memory)
 
     def _decode(self, data: bytes, field_name: str, max_side: int) -> np.ndarray:
         try:
@@ -433,7 +448,12 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         iterations = evaluations = 0
         try:
             result = engine.stylize(
-                job.content, job.styles, job.options.settings, observer, init_image=job.init_image
+                job.content,
+                job.styles,
+                job.options.settings,
+                observer,
+                init_image=job.init_image,
+                tiles=job.memory.tiles,
             )
             iterations, evaluations = result.iterations, result.evaluations
             events.put(_Done(result))
@@ -496,7 +516,11 @@ def _describe_sizes(job: _Job) -> str:
     height, width = job.content.shape[:2]
     out_w, out_h = scaled_size(width, height, job.options.settings.max_size)
     styles = ",".join(f"{s.image.shape[1]}x{s.image.shape[0]}" for s in job.styles) or "none"
-    return f"content={width}x{height} styles={styles} output={out_w}x{out_h}"
+    tiles = ",".join(str(t) for t in job.memory.tiles)
+    return (
+        f"content={width}x{height} styles={styles} output={out_w}x{out_h} "
+        f"memory={megabytes(job.memory.peak_bytes)}MB tiles={tiles}"
+    )
 
 
 def _losses_pb(losses: Losses) -> pb.Losses:
@@ -524,6 +548,8 @@ def _progress_pb(progress: Progress) -> pb.Progress:
         stages=progress.stages,
         width=progress.width,
         height=progress.height,
+        tile_size=progress.tile_size,
+        tiles=progress.tiles,
     )
 
 

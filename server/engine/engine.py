@@ -12,7 +12,7 @@ import numpy as np
 
 from stylize_service.models.graphs import POOLS_BEFORE, LayerChoice
 
-from . import color, pyramid, validation
+from . import color, memory, pyramid, validation
 from .network import CompiledChoice, Evaluation, FeatureNetwork, Targets
 from .optimizer import Step, run_lbfgs
 from .pyramid import Stage
@@ -88,6 +88,16 @@ class Engine:
             content_size=content_size,
         )
 
+    def plan_memory(
+        self, content_size: tuple[int, int], settings: StylizeSettings, styles: int, budget: int | None
+    ) -> memory.JobMemory:
+        """Each stage's tile size and the job's predicted peak (bytes above the idle server) for a content
+        image of content_size = (width, height), within `budget` bytes (None = no limit); raises
+        memory.MemoryExceeded when it fits at no tile size. Pass the tiles on to stylize()."""
+        choice = layer_choice(settings, styles)
+        stages = plan_stages(content_size, settings, choice)
+        return memory.plan_job(stages, choice, budget, forced_tile=self.tile_size)
+
     def stylize(
         self,
         content: np.ndarray,
@@ -113,7 +123,7 @@ class Engine:
         choice = layer_choice(settings, len(styles))
         stages = plan_stages((content.shape[1], content.shape[0]), settings, choice)
         if tiles is None:
-            tiles = [self.tile_size if max(s.width, s.height) > self.tile_size else 0 for s in stages]
+            tiles = memory.plan_job(stages, choice, None, forced_tile=self.tile_size).tiles
         run = _Run(
             observer,
             settings,

@@ -45,6 +45,23 @@ _SHRINK = ort.RunOptions()
 _SHRINK.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 
+_ARENA_LOCK = threading.Lock()
+_arena_registered = False
+
+
+def _register_shared_cpu_arena() -> None:
+    """One CPU arena for every session of the process, extended by exactly what is requested
+    (kSameAsRequested), so that arena shrinkage can return whole regions; registered once."""
+    global _arena_registered
+    with _ARENA_LOCK:
+        if _arena_registered:
+            return
+        memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        # max_mem 0 = no cap, extend strategy 1 = kSameAsRequested, the rest default (-1).
+        ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, 1, -1, -1))
+        _arena_registered = True
+
+
 def _trim_heap() -> None:
     """glibc keeps freed memory in its heap; malloc_trim returns it. Elsewhere this is a no-op."""
     with contextlib.suppress(OSError, AttributeError):
@@ -184,6 +201,14 @@ class FeatureNetwork:
             )
         self._options = ort.SessionOptions()
         self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Memory (README, Memory; scripts/benchmark_memory.py). onnxruntime's memory patterns pre-plan one
+        # block per input shape for every intermediate: at 768x576 they took a job's peak from 2.1 to
+        # 3.6 GB. Without them, and with one process-wide arena that grows by exactly what is asked
+        # (rather than doubling), a job's memory can be given back in full afterwards (release_memory).
+        self._options.enable_mem_pattern = False
+        if "CPUExecutionProvider" in self._requested_providers:
+            _register_shared_cpu_arena()
+            self._options.add_session_config_entry("session.use_env_allocators", "1")
         if intra_op_threads:
             self._options.intra_op_num_threads = intra_op_threads
         # What onnxruntime really registers (a provider can fail to load and fall back), asked of a
