@@ -6,9 +6,12 @@ does not change their iterates: run_lbfgs must reproduce the old path bit for bi
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import logging
+import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,6 +31,7 @@ from stylize_service.server.engine.optimizer import (
     single_threaded_blas,
 )
 
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
 SHAPE = (1, 3, 6, 8)
 MEAN = np.array([0.485, 0.456, 0.406])
 STD = np.array([0.229, 0.224, 0.225])
@@ -347,3 +351,18 @@ def test_blas_is_restored_when_the_optimisation_is_cancelled() -> None:
         with pytest.raises(Cancelled):
             run_lbfgs(Problem(), start(), pixel_bounds(), 3, lambda step: None, before_evaluation)
         assert blas_threads() == before
+
+
+def test_the_overhead_benchmark_times_every_way_on_the_same_points(monkeypatch: pytest.MonkeyPatch) -> None:
+    """scripts/benchmark_overhead.py part 1 on a tiny image: each way runs, and old and direct evaluate
+    the same points (new may differ only where a threaded BLAS would split its sums: not at this size)."""
+    spec = importlib.util.spec_from_file_location("benchmark_overhead", SCRIPTS / "benchmark_overhead.py")
+    assert spec and spec.loader
+    benchmark = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, benchmark)  # its dataclasses look their module up there
+    spec.loader.exec_module(benchmark)
+    runs = {name: benchmark.time_optimizer(way, 12, 16, 4) for name, way in benchmark.WAYS.items()}
+    assert set(runs) == {"old", "direct", "new"}
+    for run in runs.values():
+        assert run.evaluations >= 5 and run.routine > 0 and run.setup > 0
+        assert run.evaluated == runs["old"].evaluated
