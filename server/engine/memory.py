@@ -28,12 +28,14 @@ from .tiling import TileLayout
 MiB = 2**20
 MAXCOR = 10  # L-BFGS-B correction pairs (server.engine.optimizer)
 LBFGS_BYTES_PER_VARIABLE = 8 * (2 * MAXCOR + 5) + 8 * 4 + 4 + 8  # workspace, x/g/bounds, nbd, our copies
-# Measured (scripts/benchmark_memory.py --calibrate): one untiled evaluation and the targets passes at
-# 512 and 768 px took 2.2-2.3 KB per pixel above the L-BFGS state; tiles 2.0 KB per pixel of the window
-# plus about 380 MB for building and holding the tile sessions.
+# Measured (one-iteration single-stage jobs on the Tübingen/Starry Night pair, peak RSS above the warmed-up
+# server; scripts/benchmark_memory.py prints predicted against measured): untiled, 512 and 768 px took
+# 2.95-3.03 KB per pixel in all, 2.2-2.3 KB of it above the L-BFGS state and stage arrays; tiled at
+# 1024 px, tiles of 256 and 512 px took 1.98 KB per pixel of the largest window plus about 690 MB for
+# building and holding the job's tile sessions.
 EVAL_BYTES_PER_PIXEL = 2400
 TILE_EVAL_BYTES_PER_PIXEL = 2100
-TILE_SESSIONS_BYTES = 400 * MiB
+TILE_SESSIONS_BYTES = 720 * MiB
 STAGE_ARRAY_BYTES_PER_PIXEL = 64  # float32 RGB content, start, point and gradient copies
 TILE_SIZES = (1024, 768, 512, 384, 256, 128)  # tried largest first when a stage does not fit untiled
 DEFAULT_MARGIN_FRACTION = 0.1  # of the machine's or container's memory, left to the kernel and others
