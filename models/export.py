@@ -15,6 +15,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .vgg16 import BLOCK_ENDS, CONVS, RELU_LAYERS, VGGWeights
 
+# Every graph (this one and those models/graphs.py derives from it) is written with the IR version that
+# its opset needs (make_model_gen_version: 8 for opset 17), not the newest the onnx package knows:
+# onnxruntime refuses IR versions newer than its own, and onnxruntime-gpu trails the CPU package (1.31
+# reads up to IR 13; onnx 1.23 writes 14 by default).
 OPSET = 17
 INPUT_NAME = "image"
 MODEL_NAME = "vgg16"
@@ -75,7 +79,9 @@ def export_features(weights: VGGWeights) -> onnx.ModelProto:
         ],
         initializers,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="stylize")
+    model = helper.make_model_gen_version(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="stylize"
+    )
     pre = weights.preprocessing
     helper.set_model_props(
         model,

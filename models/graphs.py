@@ -162,7 +162,9 @@ def _model(
     builder: GraphBuilder, name: str, inputs: list, outputs: list, features: onnx.ModelProto
 ) -> onnx.ModelProto:
     graph = helper.make_graph(builder.nodes, name, inputs, outputs, builder.initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="stylize")
+    model = helper.make_model_gen_version(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="stylize"
+    )
     helper.set_model_props(model, {p.key: p.value for p in features.metadata_props})
     return model
 
