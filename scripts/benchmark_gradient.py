@@ -1,16 +1,24 @@
 """Seconds per loss+gradient evaluation: our ONNX gradient graph on onnxruntime against PyTorch eager.
 
 Run: .venv/bin/python scripts/benchmark_gradient.py [--sizes 512x384 1024x768] [--repeats 5]
+     [--provider cpu|cuda|auto]
 
 Both sides compute the same default Gatys loss (content relu4_2; style relu1_1..relu5_1; tv) and dL/dx
 from the same weights, measured side by side in one run, with the machine's SGEMM rate measured in the
 same run, interleaved with the evaluations, for scale. PyTorch is optional (pip install torch==2.13.0); without it that column is skipped.
+
+--provider picks onnxruntime's execution provider as the server's --provider does (default cpu). On CUDA
+(the gpu extra installed, a GPU visible) PyTorch and the SGEMM run on the same GPU, through PyTorch; the
+SGEMM column is left empty without a CUDA build of PyTorch. The first lines name the providers the
+sessions really got and the card.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -21,6 +29,7 @@ from stylize_service.models import export
 from stylize_service.models.graphs import LayerChoice
 from stylize_service.models.paths import default_model_path
 from stylize_service.models.vgg16 import BLOCK_ENDS, CONVS
+from stylize_service.server.engine import providers
 from stylize_service.server.engine.network import FeatureNetwork
 
 CONTENT_LAYERS = ("relu4_2",)
@@ -53,6 +62,33 @@ def sgemm() -> Callable[[], object]:
     return lambda: a @ b
 
 
+def gpu_sgemm(torch) -> Callable[[], object]:
+    """The same SGEMM on the GPU through PyTorch (cuBLAS), synchronised so that it is timed whole."""
+    a = torch.rand((SGEMM_N, SGEMM_N), device="cuda")
+    b = torch.rand((SGEMM_N, SGEMM_N), device="cuda")
+
+    def run() -> None:
+        a @ b
+        torch.cuda.synchronize()
+
+    return run
+
+
+def gpu_name() -> str:
+    """The card's name from nvidia-smi, for the figures' record."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return "unknown (no nvidia-smi)"
+    result = subprocess.run(
+        [smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+    )
+    return (
+        result.stdout.strip().splitlines()[0]
+        if result.returncode == 0 and result.stdout.strip()
+        else "unknown"
+    )
+
+
 def _time(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -83,18 +119,23 @@ def onnx_evaluation(network: FeatureNetwork, height: int, width: int):
     return (lambda: compiled.evaluate(x, feeds)), content, x, targets
 
 
-def torch_evaluation(features: onnx.ModelProto, content: np.ndarray, x: np.ndarray, targets):
+def torch_evaluation(
+    features: onnx.ModelProto, content: np.ndarray, x: np.ndarray, targets, device: str = "cpu"
+):
+    """PyTorch eager on `device` ("cpu" or "cuda"); like ours, each evaluation takes the image from and
+    returns the gradient to host memory."""
     import torch
 
-    tensors = {
-        t.name: torch.from_numpy(onnx.numpy_helper.to_array(t).copy()) for t in features.graph.initializer
-    }
-    content_targets = {k: torch.from_numpy(v) for k, v in targets.by_term["content"].items()}
-    grams = {k: torch.from_numpy(v) for k, v in targets.by_term["style"].items()}
+    def tensor(array: np.ndarray):
+        return torch.from_numpy(array).to(device)
+
+    tensors = {t.name: tensor(onnx.numpy_helper.to_array(t).copy()) for t in features.graph.initializer}
+    content_targets = {k: tensor(v) for k, v in targets.by_term["content"].items()}
+    grams = {k: tensor(v) for k, v in targets.by_term["style"].items()}
     cw, sw, tw = WEIGHTS["content"], WEIGHTS["style"], WEIGHTS["tv"]
 
     def evaluate() -> None:
-        xt = torch.from_numpy(x).requires_grad_(True)
+        xt = tensor(x).requires_grad_(True)
         h, loss = xt, 0.0
         for spec in CONVS:
             weight, bias = tensors[export.kernel_name(spec.name)], tensors[export.bias_name(spec.name)]
@@ -112,6 +153,7 @@ def torch_evaluation(features: onnx.ModelProto, content: np.ndarray, x: np.ndarr
         tv = 0.5 * torch.sum((corner - xt[..., :-1, 1:]) ** 2 + (corner - xt[..., 1:, :-1]) ** 2)
         loss = loss + tw * tv
         loss.backward()
+        xt.grad.cpu()
 
     return evaluate
 
@@ -121,17 +163,40 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["512x384", "1024x768"], help="WIDTHxHEIGHT")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--model", default=str(default_model_path()))
+    parser.add_argument(
+        "--provider",
+        choices=providers.PROVIDER_CHOICES,
+        default="cpu",
+        help="onnxruntime execution provider, as the server's --provider (default: cpu)",
+    )
     args = parser.parse_args()
 
     try:
+        requested = providers.execution_providers(args.provider)
+    except providers.ProviderUnavailable as err:
+        raise SystemExit(f"--provider {args.provider}: {err}") from None
+    network = FeatureNetwork(args.model, providers=requested)
+    if missing := providers.not_started(requested, network.providers):
+        raise SystemExit(f"onnxruntime could not start {', '.join(missing)}; see its messages above")
+    on_gpu = providers.CUDA in network.providers
+    try:
         import torch
 
-        torch_version = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+        if on_gpu and not torch.cuda.is_available():
+            torch, torch_version = None, f"torch {torch.__version__} has no CUDA: skipped"
+        else:
+            where = "CUDA" if on_gpu else f"{torch.get_num_threads()} threads"
+            torch_version = f"torch {torch.__version__}, {where}"
     except ImportError:
         torch, torch_version = None, "not installed"
-    network = FeatureNetwork(args.model)
     features = onnx.load(args.model)
-    print(f"PyTorch: {torch_version}; SGEMM: numpy float32 {SGEMM_N}^3, timed between the evaluations")
+    print(f"onnxruntime execution providers: {', '.join(network.providers)}")
+    if on_gpu:
+        print(f"GPU: {gpu_name()}")
+        where = "PyTorch on the GPU" if torch else "skipped (needs PyTorch with CUDA)"
+        print(f"PyTorch: {torch_version}; SGEMM: float32 {SGEMM_N}^3, {where}, timed between the evaluations")
+    else:
+        print(f"PyTorch: {torch_version}; SGEMM: numpy float32 {SGEMM_N}^3, timed between the evaluations")
     print()
     print(
         "| size | ours s/eval | GFLOP/s | SGEMM GFLOP/s | % of SGEMM | PyTorch eager s/eval | ours / PyTorch |"
@@ -140,12 +205,16 @@ def main() -> None:
     for size in args.sizes:
         width, height = (int(v) for v in size.lower().split("x"))
         evaluate, content, x, targets = onnx_evaluation(network, height, width)
-        fns = {"ours": evaluate, "sgemm": sgemm()}
+        fns: dict[str, Callable[[], object]] = {"ours": evaluate}
+        if not on_gpu:
+            fns["sgemm"] = sgemm()
+        elif torch:
+            fns["sgemm"] = gpu_sgemm(torch)
         if torch:
-            fns["torch"] = torch_evaluation(features, content, x, targets)
+            fns["torch"] = torch_evaluation(features, content, x, targets, "cuda" if on_gpu else "cpu")
         seconds = interleaved_medians(fns, args.repeats)
         gflops = flops_per_evaluation(height, width) / seconds["ours"] / 1e9
-        sgemm_rate = 2 * SGEMM_N**3 / seconds["sgemm"] / 1e9
+        sgemm_rate = 2 * SGEMM_N**3 / seconds["sgemm"] / 1e9 if "sgemm" in seconds else float("nan")
         theirs = seconds.get("torch", float("nan"))
         print(
             f"| {width}x{height} | {seconds['ours']:.3f} | {gflops:.0f} | {sgemm_rate:.0f} | "

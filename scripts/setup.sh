@@ -7,13 +7,15 @@
 #   1. creates .venv with `python3 -m venv` if it is missing;
 #   2. upgrades pip and installs the project editable with its extras (`pip install -e '.[dev]'`),
 #      skipped when pyproject.toml, the extras and the checkout path are unchanged since the last
-#      successful install (a stamp is kept in .venv);
+#      successful install (a stamp is kept in .venv); with the gpu extra it then leaves onnxruntime-gpu
+#      as the only onnxruntime package, without it the CPU package (see keep_one_onnxruntime);
 #   3. builds the model with `stylize-build-model` (it downloads pinned weights, verifies their sha256
 #      and writes models/build/; it is cached, so a second run is quick).
 #
 # Environment:
 #   STYLIZE_PYTHON      interpreter that creates the venv (default: python3; needs Python >= 3.11)
-#   STYLIZE_EXTRAS      extras to install (default: dev; empty for the runtime only, as in the Docker image)
+#   STYLIZE_EXTRAS      extras to install, comma separated (default: dev; empty for the runtime only, as
+#                       in the Docker image; add gpu for the CUDA build of onnxruntime: dev,gpu or gpu)
 #   STYLIZE_SKIP_MODEL  set to 1 to skip the model build
 #   STYLIZE_FORCE_INSTALL  set to 1 to reinstall even when the stamp matches
 set -euo pipefail
@@ -28,6 +30,25 @@ say() { printf 'setup: %s\n' "$*"; }
 die() {
     printf 'setup: error: %s\n' "$*" >&2
     exit 1
+}
+
+# pip cannot replace a dependency through an extra: onnxruntime (the base dependency) and onnxruntime-gpu
+# (the gpu extra) both install the module `onnxruntime`, so with both installed the files of the one
+# installed last overwrite the other's, and removing either later breaks the module. Keep exactly one:
+# remove the other package, then reinstall the kept one (no dependencies) over the files that went with it.
+keep_one_onnxruntime() {
+    local keep=onnxruntime drop=onnxruntime-gpu version
+    if [[ ",${EXTRAS// /}," == *",gpu,"* ]]; then
+        keep=onnxruntime-gpu drop=onnxruntime
+    fi
+    "$VENV/bin/python" -m pip show --quiet "$drop" >/dev/null 2>&1 || return 0
+    version="$("$VENV/bin/python" -m pip show "$keep" 2>/dev/null | sed -n 's/^Version: //p')"
+    [[ -n "$version" ]] || die "$keep is not installed after pip install -e '$spec'"
+    say "keeping one onnxruntime: removing $drop, reinstalling $keep $version"
+    "$VENV/bin/python" -m pip uninstall --quiet --disable-pip-version-check --yes "$drop" ||
+        die "pip uninstall $drop failed"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps --force-reinstall \
+        "$keep==$version" || die "reinstalling $keep $version failed; see pip's output above"
 }
 
 cd "$ROOT"
@@ -74,6 +95,7 @@ else
     say "installing the project: pip install -e '$spec'"
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e "$spec" ||
         die "pip install -e '$spec' failed; see pip's output above"
+    keep_one_onnxruntime
     printf '%s\n' "$stamp_now" >"$STAMP"
 fi
 

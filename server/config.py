@@ -11,6 +11,7 @@ from typing import Any
 
 from stylize_service.models.paths import default_model_path
 from stylize_service.server.engine.memory import default_budget_bytes
+from stylize_service.server.engine.providers import PROVIDER_CHOICES
 
 DEFAULT_PORT = 50051
 DEFAULT_MAX_MESSAGE_MB = 64
@@ -54,6 +55,8 @@ class ServerConfig:
     # Memory (server/engine/memory.py): None = the container's or machine's memory less a margin.
     memory_limit_mb: int | None = None
     tile_size: int = 0  # px; 0 = tiles only where the memory budget needs them
+    # onnxruntime execution provider (server/engine/providers.py): auto = CUDA when onnxruntime offers it.
+    provider: str = "auto"
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -165,6 +168,13 @@ _SETTINGS: tuple[tuple[str, str, type, str], ...] = (
         "evaluate every stage larger than this many px in exact tiles of this size; 0 = automatic, "
         "only where the memory budget needs it (default: 0)",
     ),
+    (
+        "--provider",
+        "STYLIZE_PROVIDER",
+        str,
+        "onnxruntime execution provider: auto (CUDA when onnxruntime offers it, else the CPU), cpu, or "
+        "cuda (refuse to start without it) (default: auto)",
+    ),
 )
 
 
@@ -215,6 +225,8 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
 
     if "model" in values:
         values["model_path"] = values.pop("model")
+    if "provider" in values:
+        values["provider"] = values["provider"].lower()
     values.setdefault("concurrency", default_concurrency())
     config = ServerConfig(**values)
     _validate(config)
@@ -237,6 +249,10 @@ def _validate(config: ServerConfig) -> None:
         (
             config.tile_size == 0 or config.tile_size >= 32,
             f"{setting_name('tile_size')} must be 0 or >= 32, got {config.tile_size}",
+        ),
+        (
+            config.provider in PROVIDER_CHOICES,
+            f"{setting_name('provider')} must be {', '.join(PROVIDER_CHOICES)}, got {config.provider!r}",
         ),
         (
             config.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),

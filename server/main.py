@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from stylize_service.server.app import SERVICE_NAME, StylizeServer
-from stylize_service.server.config import ConfigError, ServerConfig, load_config
+from stylize_service.server.config import ConfigError, ServerConfig, load_config, setting_name
+from stylize_service.server.engine import providers
 from stylize_service.server.security import ServerSecurity
 
 if TYPE_CHECKING:
@@ -23,8 +24,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("stylize.server")
 
-EXIT_CONFIG = 2  # bad flags or environment, missing model, unusable TLS or tokens file
-EXIT_START = 3  # cannot listen, or the model failed to load
+EXIT_CONFIG = 2  # bad flags or environment, missing model, unusable TLS or tokens file, provider not offered
+EXIT_START = 3  # cannot listen, the model failed to load, or the requested provider did not start
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -46,6 +47,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Pillow only warns about images over its global pixel limit; make that an error that the image
     # decoder turns into INVALID_ARGUMENT (our own, stricter per-call limit is checked first anyway).
     warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+    try:  # what the installed onnxruntime offers is known now; whether a GPU answers, only at load
+        providers.execution_providers(config.provider)
+    except providers.ProviderUnavailable as err:
+        print(
+            f"stylize-server: error: {setting_name('provider')} is {config.provider}: {err}", file=sys.stderr
+        )
+        return EXIT_CONFIG
 
     model_path = config.resolved_model_path
     if not model_path.is_file():
@@ -101,6 +110,10 @@ def serve(config: ServerConfig, security: ServerSecurity | None = None) -> int:
 
     try:
         engine = _load_engine(config)
+    except providers.ProviderUnavailable as err:
+        logger.error("%s", err)
+        server.drain(0)
+        return EXIT_START
     except Exception as err:
         logger.error("cannot load the model %s: %s", config.resolved_model_path, err)
         server.drain(0)
@@ -129,18 +142,33 @@ def _load_engine(config: ServerConfig) -> Engine:
     from stylize_service.server.engine.engine import Engine
 
     started = time.perf_counter()
+    requested = providers.execution_providers(config.provider)
     engine = Engine(
-        config.resolved_model_path, intra_op_threads=config.intra_op_threads, tile_size=config.tile_size
+        config.resolved_model_path,
+        providers=requested,
+        intra_op_threads=config.intra_op_threads,
+        tile_size=config.tile_size,
     )
-    engine.warm_up()  # compile the default layer choice's graphs now, not on the first request
     info = engine.info
+    if missing := providers.not_started(requested, info.providers):
+        reason = (
+            f"onnxruntime could not start {', '.join(missing)} (no GPU visible to this process, or the "
+            "driver or the CUDA/cuDNN libraries missing: see onnxruntime's messages above)"
+        )
+        if config.provider != "auto":
+            raise providers.ProviderUnavailable(
+                f"{setting_name('provider')} is {config.provider}, but {reason}"
+            )
+        logger.warning("%s; running on %s instead", reason, ", ".join(info.providers))
+    engine.warm_up()  # compile the default layer choice's graphs now, not on the first request
     logger.info(
-        "loaded %s (%s) from %s in %.1fs; providers %s",
+        "loaded %s (%s) from %s in %.1fs; execution providers %s (--provider %s)",
         info.name,
         info.weights_source,
         config.resolved_model_path,
         time.perf_counter() - started,
         ", ".join(info.providers),
+        config.provider,
     )
     return engine
 

@@ -6,6 +6,7 @@ import json
 import re
 import shlex
 import subprocess
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -282,3 +283,67 @@ def test_healthcheck_follows_the_servers_tls_settings(stages: list[Stage]) -> No
 def test_runs_the_server(stages: list[Stage]) -> None:
     cmds = stages[-1].all("CMD") + stages[-1].all("ENTRYPOINT")
     assert any("stylize-server" in c.args for c in cmds), "the image should start stylize-server"
+
+
+# The GPU image: `docker build --build-arg STYLIZE_EXTRAS=gpu -t stylize:gpu .` (README, GPU)
+
+
+def declared_args(stage: Stage) -> dict[str, str | None]:
+    """ARG NAME[=DEFAULT] of a stage, defaults unquoted."""
+    args: dict[str, str | None] = {}
+    for ins in stage.all("ARG"):
+        for word in shlex.split(ins.args):
+            name, has_default, default = word.partition("=")
+            args[name] = default if has_default else None
+    return args
+
+
+def env_values(stage: Stage) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for ins in stage.all("ENV"):
+        for word in shlex.split(ins.args):
+            name, _, value = word.partition("=")
+            values[name] = value
+    return values
+
+
+def setup_run(stages: list[Stage]) -> tuple[Stage, str]:
+    for stage in stages:
+        for ins in stage.all("RUN"):
+            if "scripts/setup.sh" in ins.args:
+                return stage, ins.args
+    raise AssertionError("no RUN of scripts/setup.sh")
+
+
+def test_extras_are_a_build_argument_passed_to_setup(stages: list[Stage]) -> None:
+    """Empty by default, so that the plain build stays the CPU runtime without dev tools; whatever is
+    given reaches scripts/setup.sh, which swaps onnxruntime for onnxruntime-gpu (test_gpu_install.py)."""
+    stage, run = setup_run(stages)
+    assert declared_args(stage).get("STYLIZE_EXTRAS") == ""
+    assert re.search(r"STYLIZE_EXTRAS=\"\$\{?STYLIZE_EXTRAS\}?\"\s+bash\s+scripts/setup\.sh", run), run
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "gpu" in project["optional-dependencies"]
+
+
+def test_gpu_build_fails_without_the_cuda_provider(stages: list[Stage]) -> None:
+    """With gpu among the extras the build asks the installed onnxruntime for CUDAExecutionProvider, so
+    that an image whose swap left the CPU package behind is never built; other builds skip the check."""
+    _, run = setup_run(stages)
+    match = re.search(r'case ",\$STYLIZE_EXTRAS," in \*,gpu,\*\)(.*?);; esac', run)
+    assert match, f"no check for the gpu extra in {run}"
+    assert "CUDAExecutionProvider" in match.group(1) and "get_available_providers" in match.group(1)
+
+
+def test_containers_given_a_gpu_get_the_cuda_driver(stages: list[Stage]) -> None:
+    # The NVIDIA container toolkit mounts only the `utility` part of the driver unless told otherwise.
+    capabilities = env_values(stages[-1]).get("NVIDIA_DRIVER_CAPABILITIES", "")
+    assert "compute" in capabilities.split(",") or capabilities == "all"
+    assert "NVIDIA_VISIBLE_DEVICES" not in env_values(stages[-1]), (
+        "the image must not expose every GPU by itself: --gpus or the device plugin choose"
+    )
+
+
+def test_readme_documents_the_gpu_build() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "docker build --build-arg STYLIZE_EXTRAS=gpu" in readme
+    assert "docker build --build-arg STYLIZE_EXTRAS=gpu" in DOCKERFILE.read_text()

@@ -25,6 +25,7 @@ from stylize_service.server.config import DEFAULT_GRACE_SECONDS, ServerConfig, b
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "k8s"
 QUEUE_DEPTH = ROOT / "deploy" / "queue-depth"
+GPU = ROOT / "deploy" / "gpu"
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 
 # The oldest Kubernetes the manifests are for: the preStop `sleep` action is on by default from 1.30
@@ -178,6 +179,11 @@ def test_base_validates_strictly(base: list[Obj], version: str) -> None:
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_queue_depth_overlay_validates_strictly(version: str) -> None:
     assert validation_errors(kubectl_kustomize(QUEUE_DEPTH), version) == []
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_gpu_overlay_validates_strictly(version: str) -> None:
+    assert validation_errors(kubectl_kustomize(GPU), version) == []
 
 
 def test_strict_validation_rejects_unknown_and_mistyped_fields(base: list[Obj]) -> None:
@@ -348,3 +354,43 @@ def test_measure_replica_help() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "--max-size" in result.stdout
+
+
+# The GPU overlay
+
+
+def test_gpu_overlay_asks_for_one_gpu_and_requires_cuda(base: list[Obj]) -> None:
+    rendered = kubectl_kustomize(GPU)
+    deployment = find(rendered, "Deployment")
+    pod_spec = deployment["spec"]["template"]["spec"]
+    (container,) = pod_spec["containers"]
+    # The image that `docker build --build-arg STYLIZE_EXTRAS=gpu -t stylize:gpu .` makes (README, GPU).
+    assert container["image"] == "stylize:gpu"
+    resources = container["resources"]
+    assert quantity(resources["limits"]["nvidia.com/gpu"]) == 1
+    assert (
+        resources["requests"].get("nvidia.com/gpu", resources["limits"]["nvidia.com/gpu"])
+        == (resources["limits"]["nvidia.com/gpu"])
+    ), "an extended resource's request must equal its limit"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec["tolerations"]
+    # The server reads the setting and insists on CUDA (the check that a GPU answers is at start).
+    env = {k: v for k, v in resolved_env(container).items() if k not in PLANNED_SETTINGS}
+    config = load_config([], environ=env)
+    assert config.provider == "cuda"
+    assert config.concurrency == 1, "one job per replica, so one GPU per replica"
+
+
+def test_gpu_overlay_changes_nothing_else(base: list[Obj]) -> None:
+    rendered = kubectl_kustomize(GPU)
+    assert sorted(json.dumps(o, sort_keys=True) for o in rendered if o["kind"] != "Deployment") == sorted(
+        json.dumps(o, sort_keys=True) for o in base if o["kind"] != "Deployment"
+    )
+    gpu = copy.deepcopy(find(rendered, "Deployment"))
+    pod_spec = gpu["spec"]["template"]["spec"]
+    del pod_spec["tolerations"]
+    (container,) = pod_spec["containers"]
+    container["image"] = find(base, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"]
+    container["env"] = [v for v in container["env"] if v["name"] != "STYLIZE_PROVIDER"]
+    for kind in ("requests", "limits"):
+        del container["resources"][kind]["nvidia.com/gpu"]
+    assert json.dumps(gpu, sort_keys=True) == json.dumps(find(base, "Deployment"), sort_keys=True)

@@ -15,6 +15,7 @@ from stylize_service.models.graphs import POOLS_BEFORE, LayerChoice
 from . import color, memory, pyramid, validation
 from .network import CompiledChoice, Evaluation, FeatureNetwork, Targets
 from .optimizer import Step, run_lbfgs
+from .providers import ProviderSpec
 from .pyramid import Stage
 from .resample import resize, resize_longest
 from .tiling import TiledEvaluator, TileLayout
@@ -53,12 +54,13 @@ class Engine:
         self,
         model_path: str | Path,
         *,
-        providers: list[str] | None = None,
+        providers: list[ProviderSpec] | None = None,
         intra_op_threads: int | None = None,
         tile_size: int = 0,
     ) -> None:
-        """tile_size: evaluate every stage larger than this in tiles of about this many px (0 = only
-        where the memory budget given to stylize() asks for it)."""
+        """providers: onnxruntime execution providers, most preferred first (providers.execution_providers;
+        default the CPU). tile_size: evaluate every stage larger than this in tiles of about this many px
+        (0 = only where the memory budget given to stylize() asks for it)."""
         self._network = FeatureNetwork(model_path, providers=providers, intra_op_threads=intra_op_threads)
         self.tile_size = tile_size
 

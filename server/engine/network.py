@@ -19,6 +19,7 @@ from stylize_service.models import export, graphs
 from stylize_service.models.graphs import LayerChoice
 from stylize_service.models.terms import TERMS
 
+from .providers import CPU, CUDA, ProviderSpec, load_cuda_libraries, provider_name
 from .types import ModelInfo
 
 
@@ -41,8 +42,15 @@ class Evaluation:
 
 
 SHRINK_IMAGE_SIDE = 32  # px: deep enough for relu5_x (four pools), tiny enough to cost nothing
-_SHRINK = ort.RunOptions()
-_SHRINK.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+
+def _shrink_options(providers: tuple[str, ...]) -> ort.RunOptions:
+    """Run options that shrink the arenas of the sessions' devices: the CPU's, and the card's where the
+    sessions run on CUDA (naming a device a session has no arena on fails the run)."""
+    options = ort.RunOptions()
+    devices = "cpu:0;gpu:0" if CUDA in providers else "cpu:0"
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", devices)
+    return options
 
 
 _ARENA_LOCK = threading.Lock()
@@ -113,14 +121,15 @@ class CompiledChoice:
             grad=out[graphs.GRAD],
         )
 
-    def shrink_arenas(self) -> None:
-        """Run both sessions once on a tiny image with arena shrinkage, so that their memory arenas give
-        back what the last large image made them hold (onnxruntime shrinks only at the end of a run)."""
+    def shrink_arenas(self, shrink: ort.RunOptions) -> None:
+        """Run both sessions once on a tiny image with arena shrinkage (`shrink`, from _shrink_options), so
+        that their memory arenas give back what the last large image made them hold (onnxruntime shrinks
+        only at the end of a run)."""
         tiny = np.zeros((1, 3, SHRINK_IMAGE_SIDE, SHRINK_IMAGE_SIDE), np.float32)
-        targets = self.targets(tiny, _SHRINK)
+        targets = self.targets(tiny, shrink)
         ones = {term: 1.0 for term in TERMS}
         layer_ones = {term: dict.fromkeys(layers, 1.0) for term, layers in self.choice.layers}
-        self._loss.run(None, {**self.feeds(targets, ones, layer_ones), export.INPUT_NAME: tiny}, _SHRINK)
+        self._loss.run(None, {**self.feeds(targets, ones, layer_ones), export.INPUT_NAME: tiny}, shrink)
 
     def feeds(
         self, targets: Targets, weights: dict[str, float], layer_weights: dict[str, dict[str, float]]
@@ -172,10 +181,13 @@ class FeatureNetwork:
         self,
         model_path: str | Path,
         *,
-        providers: list[str] | None = None,
+        providers: list[ProviderSpec] | None = None,
         intra_op_threads: int | None = None,
         cache_size: int = 8,
     ) -> None:
+        """providers: onnxruntime's provider list, names or (name, options), most preferred first
+        (server.engine.providers.execution_providers); default the CPU. Those this onnxruntime does not
+        offer are left out; `self.providers` says which ones the sessions really got."""
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} not found: build it with `bash scripts/setup.sh`")
@@ -194,7 +206,7 @@ class FeatureNetwork:
                 f"{path} lacks the metadata {missing}: rebuild it with stylize-build-model"
             ) from None
         available = ort.get_available_providers()
-        self._requested_providers = [p for p in (providers or ["CPUExecutionProvider"]) if p in available]
+        self._requested_providers = [p for p in (providers or [CPU]) if provider_name(p) in available]
         if not self._requested_providers:
             raise ValueError(
                 f"none of the providers {providers} is available; onnxruntime offers {available}"
@@ -206,14 +218,21 @@ class FeatureNetwork:
         # 3.6 GB. Without them, and with one process-wide arena that grows by exactly what is asked
         # (rather than doubling), a job's memory can be given back in full afterwards (release_memory).
         self._options.enable_mem_pattern = False
-        if "CPUExecutionProvider" in self._requested_providers:
+        if CPU in (provider_name(p) for p in self._requested_providers):
             _register_shared_cpu_arena()
             self._options.add_session_config_entry("session.use_env_allocators", "1")
         if intra_op_threads:
             self._options.intra_op_num_threads = intra_op_threads
+        if CUDA in (provider_name(p) for p in self._requested_providers):
+            load_cuda_libraries()
         # What onnxruntime really registers (a provider can fail to load and fall back), asked of a
-        # one-node session rather than assumed from the request.
+        # one-node session rather than assumed from the request. A provider that failed here is not
+        # tried again for every later session (onnxruntime itself falls back to the CPU).
         self.providers = tuple(self._session(_probe_model()).get_providers())
+        self._requested_providers = [
+            p for p in self._requested_providers if provider_name(p) in self.providers
+        ] or list(self.providers)
+        self._shrink = _shrink_options(self.providers)
         self._cache: OrderedDict[LayerChoice, CompiledChoice] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
@@ -268,7 +287,7 @@ class FeatureNetwork:
         with self._lock:
             compiled = self._cache.get(choice)
         if compiled is not None:
-            compiled.shrink_arenas()
+            compiled.shrink_arenas(self._shrink)
         _trim_heap()
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
@@ -302,4 +321,6 @@ def _probe_model() -> onnx.ModelProto:
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])
     y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])
     graph = onnx.helper.make_graph([onnx.helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
-    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", export.OPSET)])
+    return onnx.helper.make_model_gen_version(
+        graph, opset_imports=[onnx.helper.make_opsetid("", export.OPSET)]
+    )
