@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.config import ServerConfig
+from stylize_service.server.imageio import allow_pixels
 from stylize_service.server.scheduler import Scheduler
 from stylize_service.server.servicer import EngineLike, ServiceLimits, StyleTransferServicer
 
@@ -40,7 +41,8 @@ class StylizeServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.scheduler = Scheduler(config.concurrency, config.queue_size)
+        allow_pixels(config.max_pixels)  # the limit GetInfo reports is the one in force
+        self.scheduler = Scheduler(config.concurrency, config.queue_size, config.jobs_per_client)
         self.servicer = StyleTransferServicer(
             self.scheduler,
             ServiceLimits(max_pixels=config.max_pixels, max_message_bytes=config.max_message_bytes),

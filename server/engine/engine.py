@@ -17,6 +17,7 @@ from .optimizer import Step, run_lbfgs
 from .pyramid import Stage
 from .resample import resize, resize_longest
 from .types import (
+    GraphCacheStats,
     Init,
     Losses,
     ModelInfo,
@@ -58,6 +59,10 @@ class Engine:
     @property
     def info(self) -> ModelInfo:
         return self._network.info()
+
+    @property
+    def graph_cache(self) -> GraphCacheStats:
+        return self._network.cache_stats()
 
     def warm_up(self, settings: StylizeSettings | None = None) -> None:
         """Compile the default layer choice's graphs now rather than on the first request."""
@@ -112,7 +117,7 @@ class Engine:
         last: Step | None = None
         for stage in stages:
             stage_content = resize(net_content, stage.width, stage.height)
-            targets = self._targets(run.compiled, stage_content, net_styles, blend, stage, settings)
+            targets = self._targets(run, stage_content, net_styles, blend, stage)
             start_rgb = self._start(settings, stage, stage_content, previous, init_image)
             last = self._optimise(run, stage, targets, start_rgb)
             previous = self._network.from_network(last.x)
@@ -128,23 +133,27 @@ class Engine:
 
     def _targets(
         self,
-        compiled: CompiledChoice,
+        run: _Run,
         stage_content: np.ndarray,
         styles: list[np.ndarray],
         blend: np.ndarray,
         stage: Stage,
-        settings: StylizeSettings,
     ) -> Targets:
         """Content targets from the stage's content image; style targets blended over the style images,
-        each scaled to the stage's longest side times style_scale."""
+        each scaled to the stage's longest side times style_scale. Each pass is a whole network run (many
+        seconds at 4096 px), so a cancelled job stops before each one rather than after them all."""
+        compiled = run.compiled
+        _stop_if_asked(run.observer)
         by_term = {"content": compiled.targets(self._network.to_network(stage_content)).by_term["content"]}
         grams: dict[str, np.ndarray] = {}
-        style_size = pyramid.style_longest(stage.longest, settings.style_scale)
+        style_size = pyramid.style_longest(stage.longest, run.settings.style_scale)
         for weight, style in zip(blend, styles, strict=True):
+            _stop_if_asked(run.observer)
             style_targets = compiled.targets(self._network.to_network(resize_longest(style, style_size)))
             for layer, gram in style_targets.by_term["style"].items():
                 grams[layer] = grams.get(layer, 0) + np.float32(weight) * gram
         by_term["style"] = grams
+        _stop_if_asked(run.observer)  # before the stage's first evaluation
         return Targets(by_term)
 
     @staticmethod
@@ -258,6 +267,11 @@ def plan_stages(content_size: tuple[int, int], settings: StylizeSettings, choice
         min_short_side=2 ** POOLS_BEFORE[choice.deepest],
         deepest_layer=choice.deepest,
     )
+
+
+def _stop_if_asked(observer: StylizeObserver) -> None:
+    if observer.should_stop():
+        raise StylizeCancelled()
 
 
 def _blend_weights(weights: Sequence[float]) -> np.ndarray:

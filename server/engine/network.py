@@ -1,5 +1,11 @@
 """The ONNX side of the engine: the exported feature network, its preprocessing, and onnxruntime sessions
-for the targets and loss graphs of each layer choice (generated on first use, then cached)."""
+for the targets and loss graphs of each layer choice (generated on first use, then cached).
+
+The cache is bounded by memory, not by a count: a choice's sessions hold the convolution weights up to
+its deepest layer (the loss graph twice: forward and backward), from a few MB (relu2_1) to about 650 MB
+(relu5_3). Each entry's size is estimated from its graphs' initializer bytes (`estimated_session_bytes`),
+and the least recently used choices are dropped beyond the budget.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,31 @@ from stylize_service.models import export, graphs
 from stylize_service.models.graphs import LayerChoice
 from stylize_service.models.terms import TERMS
 
-from .types import ModelInfo
+from .types import GraphCacheStats, ModelInfo
+
+GRAPH_CACHE_BYTES = 1 << 30  # default budget: the default choice (about 0.5 GB) and one or two others
+# A compiled pair of sessions holds its initializers several times over (onnxruntime's own copy, and
+# pre-packed convolution weights). Measured with `scripts/measure_bounds.py cache` on the bundled VGG16,
+# each choice in a fresh process, after a compile and one 32 px evaluation: resident memory grew by 3.0x
+# to 3.9x the graphs' initializer bytes (relu5_3: 689 MB for 177 MB of weights), and by 16 MB for the
+# smallest choice (1.4 MB of weights). The estimate, 4x plus 16 MB, covers every measured choice.
+SESSION_BYTES_PER_INITIALIZER_BYTE = 4
+SESSION_OVERHEAD_BYTES = 16 << 20
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of a graph's constant tensors (its weights), from their shapes; nothing is copied."""
+    total = 0
+    for tensor in model.graph.initializer:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return total
+
+
+def estimated_session_bytes(*models: onnx.ModelProto) -> int:
+    """Resident memory of onnxruntime sessions of these graphs, as measured (see the constants above).
+    Not included: the arena of intermediate tensors, which grows with the images a session runs."""
+    return SESSION_OVERHEAD_BYTES + SESSION_BYTES_PER_INITIALIZER_BYTE * sum(map(initializer_bytes, models))
 
 
 @dataclass(frozen=True)
@@ -42,9 +72,14 @@ class CompiledChoice:
     """The two onnxruntime sessions of one LayerChoice."""
 
     def __init__(
-        self, choice: LayerChoice, targets: ort.InferenceSession, loss: ort.InferenceSession
+        self,
+        choice: LayerChoice,
+        targets: ort.InferenceSession,
+        loss: ort.InferenceSession,
+        nbytes: int = 0,
     ) -> None:
         self.choice = choice
+        self.nbytes = nbytes  # estimated resident memory of the two sessions
         self._targets = targets
         self._loss = loss
         self._target_outputs = [o.name for o in targets.get_outputs()]
@@ -105,8 +140,10 @@ class FeatureNetwork:
         *,
         providers: list[str] | None = None,
         intra_op_threads: int | None = None,
-        cache_size: int = 8,
+        cache_bytes: int = GRAPH_CACHE_BYTES,
     ) -> None:
+        """cache_bytes: memory budget of the compiled-graph cache (estimated, see the module docstring);
+        the most recently used choice is always kept, even alone over the budget."""
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} not found: build it with `bash scripts/setup.sh`")
@@ -138,7 +175,9 @@ class FeatureNetwork:
         # one-node session rather than assumed from the request.
         self.providers = tuple(self._session(_probe_model()).get_providers())
         self._cache: OrderedDict[LayerChoice, CompiledChoice] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache_budget = cache_bytes
+        self._cache_used = 0
+        self._evictions = 0
         self._lock = threading.Lock()
         self._building: dict[LayerChoice, threading.Lock] = {}
 
@@ -164,17 +203,38 @@ class FeatureNetwork:
             with self._lock:
                 if choice in self._cache:
                     return self._cache[choice]
+            targets = graphs.build_targets_model(self._features, choice)
+            loss = graphs.build_loss_model(self._features, choice)
             compiled = CompiledChoice(
                 choice,
-                self._session(graphs.build_targets_model(self._features, choice)),
-                self._session(graphs.build_loss_model(self._features, choice)),
+                self._session(targets),
+                self._session(loss),
+                nbytes=estimated_session_bytes(targets, loss),
             )
+            del targets, loss  # the graphs' own copy of the weights
             with self._lock:
                 self._cache[choice] = compiled
+                self._cache_used += compiled.nbytes
                 self._building.pop(choice, None)
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
+                self._evict()
             return compiled
+
+    def _evict(self) -> None:
+        """Drop least recently used choices while over the budget, never the newest; lock held. A running
+        job keeps its own reference, so its sessions live on until it ends."""
+        while self._cache_used > self._cache_budget and len(self._cache) > 1:
+            _, dropped = self._cache.popitem(last=False)
+            self._cache_used -= dropped.nbytes
+            self._evictions += 1
+
+    def cache_stats(self) -> GraphCacheStats:
+        with self._lock:
+            return GraphCacheStats(
+                budget_bytes=self._cache_budget,
+                used_bytes=self._cache_used,
+                entries=len(self._cache),
+                evictions=self._evictions,
+            )
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         return ort.InferenceSession(
