@@ -205,24 +205,23 @@ class FeatureNetwork:
                     return self._cache[choice]
             targets = graphs.build_targets_model(self._features, choice)
             loss = graphs.build_loss_model(self._features, choice)
-            compiled = CompiledChoice(
-                choice,
-                self._session(targets),
-                self._session(loss),
-                nbytes=estimated_session_bytes(targets, loss),
-            )
+            nbytes = estimated_session_bytes(targets, loss)
+            with self._lock:
+                self._evict(keep=0, reserve=nbytes)  # make room first: the new sessions are the peak
+            compiled = CompiledChoice(choice, self._session(targets), self._session(loss), nbytes=nbytes)
             del targets, loss  # the graphs' own copy of the weights
             with self._lock:
                 self._cache[choice] = compiled
                 self._cache_used += compiled.nbytes
                 self._building.pop(choice, None)
-                self._evict()
+                self._evict(keep=1)  # other choices may have come in meanwhile
             return compiled
 
-    def _evict(self) -> None:
-        """Drop least recently used choices while over the budget, never the newest; lock held. A running
-        job keeps its own reference, so its sessions live on until it ends."""
-        while self._cache_used > self._cache_budget and len(self._cache) > 1:
+    def _evict(self, keep: int, reserve: int = 0) -> None:
+        """Drop least recently used choices until `reserve` more bytes fit the budget, keeping at least
+        the `keep` most recent; lock held. A running job keeps its own reference to its choice, so its
+        sessions live on until it ends."""
+        while self._cache_used + reserve > self._cache_budget and len(self._cache) > keep:
             _, dropped = self._cache.popitem(last=False)
             self._cache_used -= dropped.nbytes
             self._evictions += 1
