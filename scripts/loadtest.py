@@ -13,10 +13,11 @@ time is up, each call picking one behaviour at random (weights: --mix):
   slow       asks for a PNG frame every iteration and reads one message every 0.1-0.4 s;
   deadline   gives the call a deadline of 0.2-1.5 s.
 
-A refused call (RESOURCE_EXHAUSTED: the queue or the client's bound is full) backs off briefly and the client
-goes on. Jobs are tiny (--max-size 32-64, a few iterations), so the test measures the service, not the
-optimisation. Every client connects from 127.0.0.1, one address, so by default the per-client bound is set
-to what the server can hold (--max-jobs-per-client) and the queue's bound is what refuses.
+After a refused call (RESOURCE_EXHAUSTED: the queue or the client's bound is full) the client backs off
+(exponentially, with jitter, up to 2 s) and goes on. Jobs are tiny (max_size 32-64, 2-5 iterations), so
+the test measures the service, not the optimisation. Every client connects from 127.0.0.1, one address,
+so by default the per-client bound is set to what the server can hold (--max-jobs-per-client) and the
+queue's bound is what refuses.
 
 It reports the calls submitted, completed, refused, cancelled (by the client, or by its deadline), killed,
 and lost: a call the server accepted (it sent a Queued or Progress) that ended without a terminal status the
@@ -58,6 +59,7 @@ BEHAVIOURS = ("complete", "cancel", "kill", "slow", "deadline")
 DEFAULT_MIX = "complete=4,cancel=2,kill=1,slow=1,deadline=2"
 CALL_TIMEOUT = 120.0  # a generous deadline for calls that should finish: missing it counts as lost
 START_TIMEOUT = 180.0  # the server loads the model and compiles the default graphs
+MAX_BACKOFF = 2.0  # seconds a refused client waits at most before it tries again
 SETTLE_TIMEOUT = 30.0  # after the clients stop, how long the workers may take to become free
 JOB_LINE = re.compile(r" job (\d+) .*outcome=(.*)$")
 
@@ -361,6 +363,7 @@ def client_loop(
     behaviours, weights = zip(*args.mix.items(), strict=True)
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.StyleTransferStub(channel)
+        refusals = 0  # in a row
         while time.monotonic() < stop_at:
             behaviour = rng.choices(behaviours, weights)[0]
             if behaviour == "kill":
@@ -369,8 +372,9 @@ def client_loop(
                 call = run_call(stub, behaviour, rng, images)
             with lock:
                 calls.append(call)
-            if call.outcome == "refused":
-                time.sleep(rng.uniform(0.05, 0.3))  # back off
+            refusals = refusals + 1 if call.outcome == "refused" else 0
+            if refusals:  # back off exponentially, with jitter, as a well-behaved client does
+                time.sleep(rng.uniform(0, min(MAX_BACKOFF, 0.1 * 2**refusals)))
 
 
 def wait_workers_free(address: str, timeout: float) -> bool:
