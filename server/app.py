@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.config import ServerConfig
+from stylize_service.server.metrics import MetricsEndpoint, ServerMetrics
 from stylize_service.server.scheduler import Scheduler
 from stylize_service.server.servicer import EngineLike, ServiceLimits, StyleTransferServicer
 
@@ -41,10 +42,13 @@ class StylizeServer:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.scheduler = Scheduler(config.concurrency, config.queue_size)
+        self.metrics = ServerMetrics()
+        self.metrics.track_scheduler(lambda: self.scheduler.running, lambda: self.scheduler.waiting)
         self.servicer = StyleTransferServicer(
             self.scheduler,
             ServiceLimits(max_pixels=config.max_pixels, max_message_bytes=config.max_message_bytes),
             version=package_version(),
+            metrics=self.metrics,
         )
         self.health = health.HealthServicer()
         # Every Stylize call holds a handler thread while it runs or waits, so size the pool to the
@@ -58,6 +62,7 @@ class StylizeServer:
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
             ],
+            interceptors=[self.metrics.interceptor()],  # first: it counts what later ones refuse too
         )
         pb_grpc.add_StyleTransferServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -66,12 +71,25 @@ class StylizeServer:
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = 0
+        self._metrics_endpoint: MetricsEndpoint | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound port of /metrics, None when it is off."""
+        return self._metrics_endpoint.port if self._metrics_endpoint is not None else None
 
     def start(self) -> int:
-        """Listen on config.host:config.port; returns the bound port (useful when port 0 was asked)."""
+        """Listen on config.host:config.port, and serve /metrics on config.metrics_port when it is set;
+        returns the bound gRPC port (useful when port 0 was asked)."""
         self.port = self._server.add_insecure_port(self.config.address)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.address} (in use, or not a local address?)")
+        if self.config.metrics_port is not None:
+            try:
+                self._metrics_endpoint = self.metrics.serve(self.config.host, self.config.metrics_port)
+            except OSError as err:
+                raise OSError(f"cannot serve metrics on port {self.config.metrics_port}: {err}") from err
+            logger.info("metrics at http://%s:%d/metrics", self.config.host, self._metrics_endpoint.port)
         self._server.start()
         return self.port
 
@@ -92,6 +110,9 @@ class StylizeServer:
         # server.stop cancelled what was left; give the workers a moment to see it and release.
         if not self.scheduler.wait_idle(timeout=10.0):
             logger.warning("draining: some job did not stop within 10s of being cancelled")
+        if self._metrics_endpoint is not None:  # last, so that the drain itself can be watched
+            self._metrics_endpoint.stop()
+            self._metrics_endpoint = None
 
     def cancel_all(self) -> None:
         """Cut a drain's grace period short: cancel every call now (jobs stop within one evaluation)."""

@@ -44,6 +44,9 @@ class ServerConfig:
     threads: int | None = None  # onnxruntime intra-op threads; None = cores // concurrency
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     log_level: str = "INFO"
+    # Port of the Prometheus /metrics endpoint, on `host`. None = no endpoint (the flag's 0 or unset);
+    # 0 here = any free port (tests).
+    metrics_port: int | None = None
 
     @property
     def address(self) -> str:
@@ -114,6 +117,12 @@ _SETTINGS: tuple[tuple[str, str, type, str], ...] = (
         f"(default: {DEFAULT_GRACE_SECONDS:g})",
     ),
     ("--log-level", "STYLIZE_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR (default: INFO)"),
+    (
+        "--metrics-port",
+        "STYLIZE_METRICS_PORT",
+        int,
+        "serve Prometheus metrics at http://HOST:PORT/metrics; 0 = off (default: 0)",
+    ),
 )
 
 
@@ -155,6 +164,8 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     if "model" in values:
         values["model_path"] = values.pop("model")
     values.setdefault("concurrency", default_concurrency())
+    if values.get("metrics_port") == 0:
+        del values["metrics_port"]  # 0 = off
     config = ServerConfig(**values)
     _validate(config)
     return config
@@ -163,6 +174,10 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
 def _validate(config: ServerConfig) -> None:
     checks = (
         (0 <= config.port <= 65535, f"port must be 0..65535, got {config.port}"),
+        (
+            config.metrics_port is None or 0 <= config.metrics_port <= 65535,
+            f"metrics port must be 0..65535, got {config.metrics_port}",
+        ),
         (config.max_message_mb > 0, f"max message size must be > 0 MiB, got {config.max_message_mb}"),
         (config.max_pixels >= 256, f"max pixels must be >= 256, got {config.max_pixels}"),
         (config.concurrency >= 1, f"concurrency must be >= 1, got {config.concurrency}"),

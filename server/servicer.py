@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -38,6 +38,7 @@ from stylize_service.server.engine.types import (
 )
 from stylize_service.server.engine.validation import MAX_ITERATIONS, MAX_SIZE, MAX_STYLES
 from stylize_service.server.imageio import BadImage, decode_image, encode_image
+from stylize_service.server.metrics import ServerMetrics, call_deadline_passed
 from stylize_service.server.options import (
     InvalidOption,
     JobOptions,
@@ -179,14 +180,18 @@ class _Events:
 class _JobObserver:
     """The engine's view of one call: forwards events and answers should_stop (called per evaluation)."""
 
-    def __init__(self, events: _Events, stop: threading.Event, context: grpc.ServicerContext) -> None:
+    def __init__(
+        self, events: _Events, stop: threading.Event, context: grpc.ServicerContext, metrics: ServerMetrics
+    ) -> None:
         self._events = events
         self._stop = stop
         self._context = context
+        self._metrics = metrics
         self.last_progress: Progress | None = None
 
     def on_progress(self, progress: Progress) -> None:
         self.last_progress = progress
+        self._metrics.evaluations(progress.evaluation_seconds)
         self._events.put(progress)
 
     def on_frame(self, iteration: int, image: np.ndarray) -> None:
@@ -199,9 +204,11 @@ class _JobObserver:
 
 @dataclass
 class _JobLog:
-    """The one log line of a job, written once, by whoever sees its end."""
+    """The one log line of a job, and its metrics, written once, by whoever sees its end."""
 
     id: str
+    metrics: ServerMetrics
+    deadline_passed: Callable[[], bool]  # the call's deadline has passed (gRPC reports it as a cancel)
     queued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     sizes: str = "-"
@@ -216,6 +223,11 @@ class _JobLog:
         now = time.monotonic()
         ran = now - self.started_at if self.started_at is not None else 0.0
         waited = (self.started_at or now) - self.queued_at
+        label = _outcome_label(outcome, self.deadline_passed())
+        if label == "deadline":
+            outcome = "deadline passed" + outcome.removeprefix("cancelled")
+        started = self.started_at is not None
+        self.metrics.job_finished(label, queue_wait=waited if started else None, ran=ran if started else None)
         logger.info(
             "job %s %s iterations=%d evaluations=%d queued=%.2fs ran=%.2fs outcome=%s",
             self.id,
@@ -235,11 +247,13 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         limits: ServiceLimits,
         engine: EngineLike | None = None,
         version: str = "unknown",
+        metrics: ServerMetrics | None = None,
     ) -> None:
         self._scheduler = scheduler
         self._limits = limits
         self._engine = engine
         self._version = version
+        self._metrics = metrics or ServerMetrics()
         self._ids = itertools.count(1)
 
     def set_engine(self, engine: EngineLike) -> None:
@@ -284,7 +298,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
     def Stylize(
         self, request: pb.StylizeRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.StylizeResponse]:
-        log = _JobLog(id=f"{next(self._ids):06d}")
+        log = _JobLog(f"{next(self._ids):06d}", self._metrics, lambda: call_deadline_passed(context))
         try:
             yield from self._stylize(request, context, log)
         except _Abort as abort:
@@ -332,7 +346,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             if stop.is_set():
                 log.finish("cancelled while queued")
                 return
-            observer = _JobObserver(events, stop, context)
+            observer = _JobObserver(events, stop, context, self._metrics)
             log.started_at = time.monotonic()
             worker = threading.Thread(
                 target=self._work,
@@ -487,6 +501,15 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 raise _Abort(event.code, event.message, outcome)
             else:
                 return  # _Stopped: the call was cancelled; nobody is listening
+
+
+def _outcome_label(outcome: str, deadline_passed: bool) -> str:
+    """The stylize_jobs_total label of a job log's outcome ("ok", "cancelled while queued", "invalid: ...",
+    "refused: ...", "internal error: ...")."""
+    word = outcome.split(maxsplit=1)[0].rstrip(":")
+    if word == "cancelled":
+        return "deadline" if deadline_passed else "cancelled"
+    return word if word in ("ok", "invalid", "refused") else "error"
 
 
 def _describe_sizes(job: _Job) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +41,7 @@ class _Run:
     started: float
     iterations_done: int = 0
     evaluations: int = 0
+    evaluation_seconds: list[float] = field(default_factory=list)  # not yet reported in a Progress
 
 
 class Engine:
@@ -200,8 +201,10 @@ class Engine:
                     stages=stage.count,
                     width=stage.width,
                     height=stage.height,
+                    evaluation_seconds=tuple(run.evaluation_seconds),
                 )
             )
+            run.evaluation_seconds.clear()
             if s.frame_every and step.iteration > 0 and run.iterations_done % s.frame_every == 0:
                 rgb = self._network.from_network(step.x)
                 run.observer.on_frame(
@@ -210,7 +213,10 @@ class Engine:
 
         def evaluate(x: np.ndarray) -> Evaluation:
             run.evaluations += 1
-            return run.compiled.evaluate(x, feeds)
+            started = time.perf_counter()
+            evaluation = run.compiled.evaluate(x, feeds)
+            run.evaluation_seconds.append(time.perf_counter() - started)
+            return evaluation
 
         last = run_lbfgs(
             evaluate,

@@ -135,6 +135,9 @@ class Progress:
     stages: int
     width: int  # size of the stage's image
     height: int
+    # How long each loss+gradient evaluation since the previous Progress took, seconds (for metrics).
+    # Evaluations that no accepted step follows (a line search that gave up) join the next Progress.
+    evaluation_seconds: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
