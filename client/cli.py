@@ -21,8 +21,11 @@ import grpc
 
 from stylize_service.client.api import DEFAULT_ADDRESS, Event, StylizeClient, StylizeError
 from stylize_service.client.display import ProgressDisplay
+from stylize_service.client.flags import add_option_flags, option_values, value_text
+from stylize_service.client.formats import extension_for_mime, format_from_suffix
+from stylize_service.client.options import OPTIONS
 from stylize_service.client.outputs import ANIMATION_SUFFIXES, JobOutputs
-from stylize_service.client.request import build_request, enum_choices, enum_name
+from stylize_service.client.request import build_request
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 
 EXIT_OK = 0
@@ -41,15 +44,23 @@ _EXIT_BY_CODE = {
     grpc.StatusCode.CANCELLED: EXIT_INTERRUPTED,
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-DEFAULT_ITERATIONS = 500  # only for the progress bar when the server cannot tell
 FRAMES_PER_JOB = 50  # with --frames-dir or --animation and no --frame-every: about this many frames
 
+# What the CLI adds to the proto's own flags: short forms, and notes on what it does beyond the proto.
+SHORT_FLAGS = {"iterations": "-n"}
+CLI_NOTES = {
+    "frame_every": f"With --frames-dir or --animation and no --frame-every: 1/{FRAMES_PER_JOB} of the "
+    "iterations (--iterations, else the server's default).",
+    "output_format": "Here the default is the format of -o's suffix, if given.",
+}
+
 EPILOG = f"""\
-Options left out take the server's defaults (see `stylize info`).
-Layer lists are comma separated, each LAYER or LAYER:WEIGHT, e.g. relu1_1,relu2_1:0.5.
-With --frames-dir or --animation and no --frame-every, a frame is kept about every 1/{FRAMES_PER_JOB} of
-the iterations. With several inputs (or a folder), results go to --output-dir as NAME-stylized.EXT, frames
-to --frames-dir/NAME/, and --animation must contain {{name}} (e.g. anim/{{name}}.gif).
+The stylization options are the fields of stylize.v1.StylizeOptions, with the proto's comments as their
+help; options left out take the server's defaults (see `stylize info`). Layer lists are comma separated,
+each LAYER or LAYER:WEIGHT, e.g. relu1_1,relu2_1:0.5; an image option takes a file (PATH).
+Results are named NAME-stylized.EXT (EXT: the result's format) unless -o is given. With several inputs
+(or a folder), results go to --output-dir, frames to --frames-dir/NAME/, and --animation must contain
+{{name}} (e.g. anim/{{name}}.gif).
 
 exit status: {EXIT_OK} ok, {EXIT_FAILED} other error, {EXIT_USAGE} invalid arguments (flags, files, or the
 server's INVALID_ARGUMENT), {EXIT_UNAVAILABLE} server unreachable, {EXIT_BUSY} server busy or message too
@@ -64,9 +75,15 @@ class UsageError(Exception):
 @dataclass
 class Job:
     content: Path
-    output: Path
+    output: Path | None  # -o; None = output_dir / NAME-stylized.EXT, EXT from the result's format
+    output_dir: Path
     frames_dir: Path | None
     animation: Path | None
+
+    def output_path(self, result: pb.Result) -> Path:
+        if self.output is not None:
+            return self.output
+        return self.output_dir / f"{self.content.stem}-stylized.{extension_for_mime(result.mime_type)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,33 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     out.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
 
-    opt = parser.add_argument_group("stylization options (default: the server's)")
-    opt.add_argument("--max-size", type=int, metavar="PX", help="longest side of the result")
-    opt.add_argument("--min-size", type=int, metavar="PX", help="longest side of the first multiscale stage")
-    opt.add_argument("-n", "--iterations", type=int, help="L-BFGS iterations")
-    opt.add_argument("--content-weight", type=float, metavar="W")
-    opt.add_argument("--style-weight", type=float, metavar="W")
-    opt.add_argument("--tv-weight", type=float, metavar="W", help="total-variation (smoothness) weight")
-    opt.add_argument("--content-layers", metavar="LAYER[:W],...", help="e.g. relu4_2")
-    opt.add_argument("--style-layers", metavar="LAYER[:W],...", help="e.g. relu1_1,relu2_1,relu3_1")
-    opt.add_argument("--pooling", choices=enum_choices("pooling"))
-    opt.add_argument("--init", choices=enum_choices("init"), help="starting image")
-    opt.add_argument("--init-image", type=Path, metavar="PATH", help="starting image for --init image")
-    opt.add_argument("--seed", type=int, help="noise seed for --init noise")
-    opt.add_argument("--style-scale", type=float, metavar="S", help="style image size relative to the result")
-    opt.add_argument("--color-mode", choices=enum_choices("color_mode"))
-    opt.add_argument(
-        "--preserve-colors", action="store_true", default=None, help="keep the content's colours"
-    )
-    opt.add_argument("--frame-every", type=int, metavar="N", help="a frame every N iterations")
-    opt.add_argument("--frame-format", choices=_format_choices())
-    opt.add_argument("--frame-max-size", type=int, metavar="PX", help="longest side of frames")
-    opt.add_argument("--output-format", choices=_format_choices(), help="default: from -o's suffix, else png")
+    opt = parser.add_argument_group("stylization options (stylize.v1.StylizeOptions; default: the server's)")
+    add_option_flags(opt, short=SHORT_FLAGS, notes=CLI_NOTES)
     return parser
-
-
-def _format_choices() -> list[str]:
-    return [*enum_choices("output_format"), "jpg"]
 
 
 def _usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
@@ -200,66 +193,16 @@ def parse_styles(values: Sequence[str]) -> list[tuple[Path, float]]:
     return styles
 
 
-def parse_layers(value: str | None, flag: str) -> list[tuple[str, float] | str] | None:
-    if value is None:
-        return None
-    layers: list[tuple[str, float] | str] = []
-    for item in filter(None, (part.strip() for part in value.split(","))):
-        name, sep, weight = item.partition(":")
-        if not sep:
-            layers.append(name)
-            continue
-        try:
-            layers.append((name, float(weight)))
-        except ValueError:
-            raise UsageError(f"{flag} {value}: the weight of {name} must be a number") from None
-    if not layers:
-        raise UsageError(f"{flag}: no layer given")
-    return layers
-
-
 def collect_options(args: argparse.Namespace) -> dict[str, Any]:
-    options: dict[str, Any] = {
-        name: getattr(args, name)
-        for name in (
-            "max_size",
-            "min_size",
-            "iterations",
-            "content_weight",
-            "style_weight",
-            "tv_weight",
-            "pooling",
-            "init",
-            "seed",
-            "style_scale",
-            "color_mode",
-            "preserve_colors",
-            "frame_every",
-            "frame_format",
-            "frame_max_size",
-            "output_format",
-        )
-    }
-    options["content_layers"] = parse_layers(args.content_layers, "--content-layers")
-    options["style_layers"] = parse_layers(args.style_layers, "--style-layers")
-    if args.init_image is not None:
-        if not args.init_image.is_file():
-            raise UsageError(f"--init-image: no such file: {args.init_image}")
-        options["init_image"] = args.init_image
-    if options["output_format"] is None and args.output is not None:
-        options["output_format"] = _format_from_suffix(args.output)
-    wants_frames = args.frames_dir is not None or args.animation is not None
-    if wants_frames and options["frame_every"] is None:
-        options["frame_every"] = max(1, (args.iterations or DEFAULT_ITERATIONS) // FRAMES_PER_JOB)
+    """The StylizeOptions fields given on the command line, as build_options takes them."""
+    options = option_values(args)
+    if "output_format" in options and options["output_format"] is None and args.output is not None:
+        options["output_format"] = format_from_suffix(args.output)
+        if options["output_format"] is None:
+            raise UsageError(
+                f"-o {args.output}: cannot tell the format from '{args.output.suffix}'; use --output-format"
+            )
     return options
-
-
-def _format_from_suffix(path: Path) -> str:
-    suffix = path.suffix.lower()
-    formats = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}
-    if suffix not in formats:
-        raise UsageError(f"-o {path}: cannot tell the format from '{suffix}'; use --output-format")
-    return formats[suffix]
 
 
 def plan_jobs(args: argparse.Namespace) -> list[Job]:
@@ -288,14 +231,11 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
         stems = [p.stem for p in contents]
         if len(set(stems)) != len(stems):
             raise UsageError("several inputs have the same name; their outputs would overwrite each other")
-    ext = {"jpeg": "jpg", "jpg": "jpg", "webp": "webp"}.get(args.output_format or "", "png")
-    out_dir = args.output_dir or Path(".")
     jobs = []
     for content in contents:
-        output = args.output if args.output is not None else out_dir / f"{content.stem}-stylized.{ext}"
         frames = args.frames_dir / content.stem if batch and args.frames_dir else args.frames_dir
         animation = Path(str(args.animation).replace("{name}", content.stem)) if args.animation else None
-        jobs.append(Job(content, output, frames, animation))
+        jobs.append(Job(content, args.output, args.output_dir or Path("."), frames, animation))
     return jobs
 
 
@@ -323,21 +263,9 @@ def run_info(server: str, timeout: float | None, as_json: bool) -> int:
         f"mean {' '.join(map(_g, pre.mean))}, std {' '.join(map(_g, pre.std))}"
     )
     print(f"layers           {', '.join(model.layers)}")
-    print("defaults")
-    print(f"  max size       {d.max_size} px, {d.iterations} iterations")
-    print(
-        f"  weights        content {_g(d.content_weight)}, style {_g(d.style_weight)}, tv {_g(d.tv_weight)}"
-    )
-    print(f"  content layers {_layers_text(d.content_layers)}")
-    print(f"  style layers   {_layers_text(d.style_layers)}")
-    print(
-        f"  pooling {enum_name('pooling', d.pooling)}, init {enum_name('init', d.init)}, "
-        f"color {enum_name('color_mode', d.color_mode)}, style scale {_g(d.style_scale)}, seed {d.seed}"
-    )
-    print(
-        f"  output {enum_name('output_format', d.output_format)}, "
-        f"frames {enum_name('frame_format', d.frame_format)}"
-    )
+    print("defaults         (the flags' values when left out; unset: chosen per request, see --help)")
+    for option in OPTIONS.values():
+        print(f"  {option.flag:<18} {value_text(option, d)}")
     print("limits")
     print(f"  max pixels     {limits.max_pixels} per input image")
     print(f"  max message    {limits.max_message_bytes / 2**20:g} MiB")
@@ -352,16 +280,26 @@ def _g(value: float) -> str:
     return f"{value:g}"
 
 
-def _layers_text(layers: Sequence[pb.LayerWeight]) -> str:
-    return ", ".join(f"{lw.layer}:{lw.weight:g}" for lw in layers)
-
-
 def run_jobs(
     args: argparse.Namespace, jobs: list[Job], styles: list[tuple[Path, float]], options: dict[str, Any]
 ) -> int:
     worst = EXIT_OK
     with StylizeClient(args.server, args.timeout) as client:
-        total = args.iterations or _server_iterations(client)
+        total = options.get("iterations")
+        if total is None:  # the server's default sizes the progress bar and the implied --frame-every
+            try:
+                total = client.info().defaults.iterations  # 0 if the server does not say
+            except StylizeError as err:
+                return _report(err, args.server)
+        wants_frames = any(job.frames_dir is not None or job.animation is not None for job in jobs)
+        if wants_frames and options.get("frame_every") is None:
+            if not total:
+                print(
+                    "stylize: error: the server reports no default iterations; give --frame-every",
+                    file=sys.stderr,
+                )
+                return EXIT_USAGE
+            options = options | {"frame_every": max(1, total // FRAMES_PER_JOB)}
         for job in jobs:
             code = run_job(
                 client, job, styles, options, total, quiet=args.quiet, duration=args.frame_duration
@@ -370,14 +308,6 @@ def run_jobs(
                 return code  # nothing more can succeed
             worst = worst or code
     return worst
-
-
-def _server_iterations(client: StylizeClient) -> int:
-    """The server's default iterations, to size the progress bar (unknown = the documented default)."""
-    try:
-        return client.info().defaults.iterations or DEFAULT_ITERATIONS
-    except StylizeError:
-        return DEFAULT_ITERATIONS  # the Stylize call will report the problem properly
 
 
 def run_job(
@@ -397,6 +327,9 @@ def run_job(
     except OSError as err:
         print(f"stylize: error: {label}: cannot read an input: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except ValueError as err:  # argparse checks the values already; this is a last guard
+        print(f"stylize: error: {label}: invalid option: {err}", file=sys.stderr)
+        return EXIT_USAGE
     outputs = JobOutputs(job.frames_dir, job.animation, duration)
 
     def on_event(event: Event) -> None:
@@ -407,20 +340,21 @@ def run_job(
     call = client.stylize_request(request)
     try:
         result = call.wait(on_event)
-        outputs.write_result(result, job.output)
+        output = job.output_path(result)
+        outputs.write_result(result, output)
     except KeyboardInterrupt:
         call.cancel()
-        display.abort("")
+        display.abort()
         print(f"stylize: {label}: interrupted; the job was cancelled", file=sys.stderr)
         return EXIT_INTERRUPTED
     except StylizeError as err:
-        display.abort("")
+        display.abort()
         return _report(err, client.address, label)
     except OSError as err:
-        display.abort("")
+        display.abort()
         print(f"stylize: error: {label}: cannot write the output: {err}", file=sys.stderr)
         return EXIT_FAILED
-    display.finish(result, str(job.output))
+    display.finish(result, str(output))
     return EXIT_OK
 
 

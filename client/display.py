@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from typing import TextIO
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
@@ -21,20 +22,27 @@ def format_duration(seconds: float) -> str:
 
 
 class ProgressDisplay:
-    """Feed it every event of one job; total_iterations sizes the bar (0 = unknown)."""
+    """Feed it every event of one job; total_iterations sizes the bar (0 = unknown). On a terminal every
+    Progress redraws the bar; otherwise a line is written about every 1/PLAIN_LINES of the iterations, and
+    at least every PLAIN_MIN_SECONDS (by `clock`) while iterations arrive."""
 
     def __init__(
-        self, label: str, total_iterations: int, stream: TextIO | None = None, enabled: bool = True
+        self,
+        label: str,
+        total_iterations: int,
+        stream: TextIO | None = None,
+        enabled: bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.label = label
         self.total = total_iterations
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
         self.tty = self.stream.isatty()
+        self._clock = clock
         self._last_plain_iteration = -1
         self._last_plain_time = 0.0
         self._line_open = False
-        self.frames = 0
 
     def on_event(self, event: object) -> None:
         if not self.enabled:
@@ -43,8 +51,6 @@ class ProgressDisplay:
             self._print(f"{self.label}: queued, position {event.position}")
         elif isinstance(event, pb.Progress):
             self._progress(event)
-        elif isinstance(event, pb.Frame):
-            self.frames += 1
 
     def finish(self, result: pb.Result, destination: str) -> None:
         if not self.enabled:
@@ -55,14 +61,12 @@ class ProgressDisplay:
             f"{result.width}x{result.height} -> {destination}"
         )
 
-    def abort(self, message: str) -> None:
+    def abort(self) -> None:
         """End an open bar line before an error message is printed."""
         if self._line_open:
             self.stream.write("\n")
             self.stream.flush()
             self._line_open = False
-        if message and self.enabled:
-            self._print(f"{self.label}: {message}")
 
     def _progress(self, progress: pb.Progress) -> None:
         fraction = min(1.0, progress.iteration / self.total) if self.total else 0.0
@@ -81,7 +85,7 @@ class ProgressDisplay:
             self._line_open = True
             return
         step = max(1, self.total // PLAIN_LINES) if self.total else 10
-        now = time.monotonic()
+        now = self._clock()
         due = progress.iteration - self._last_plain_iteration >= step
         if progress.iteration == 0 or due or now - self._last_plain_time >= PLAIN_MIN_SECONDS:
             self._last_plain_iteration = progress.iteration

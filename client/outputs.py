@@ -7,14 +7,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from stylize_service.client.formats import extension_for_mime
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 
-EXTENSIONS = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp"}
-ANIMATION_SUFFIXES = (".gif", ".webp")
-
-
-def extension(mime_type: str) -> str:
-    return EXTENSIONS.get(mime_type, "bin")
+ANIMATION_SUFFIXES = (".gif", ".webp")  # the animated formats that Pillow writes
 
 
 class JobOutputs:
@@ -26,15 +22,13 @@ class JobOutputs:
         self.animation = animation
         self.frame_duration_ms = frame_duration_ms
         self._frames: list[bytes] = []
-        self.frame_paths: list[Path] = []
         if frames_dir is not None:
             frames_dir.mkdir(parents=True, exist_ok=True)
 
     def on_frame(self, frame: pb.Frame) -> None:
         if self.frames_dir is not None:
-            path = self.frames_dir / f"frame-{frame.iteration:06d}.{extension(frame.mime_type)}"
+            path = self.frames_dir / f"frame-{frame.iteration:06d}.{extension_for_mime(frame.mime_type)}"
             path.write_bytes(frame.image)
-            self.frame_paths.append(path)
         if self.animation is not None:
             self._frames.append(frame.image)
 

@@ -1,7 +1,8 @@
 """Python values -> a stylize.v1.StylizeRequest: image files or bytes, and options as keyword arguments.
 
 Options take plain Python values ("avg", {"relu4_2": 1.0}, "webp", ...) or the proto's own values; None
-means "unset" (the server's default). The names are those of stylize.v1.StylizeOptions.
+means "unset" (the server's default). The names and types are those of stylize.v1.StylizeOptions, read
+from its descriptor (client/options.py).
 """
 
 from __future__ import annotations
@@ -11,25 +12,24 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.descriptor import EnumDescriptor
+
+from stylize_service.client.options import (
+    OPTIONS,
+    Kind,
+    Option,
+    enum_prefix,
+    enum_spellings,
+    enum_values,
+    short_name,
+)
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 
 ImageInput = bytes | str | os.PathLike[str]
 StyleInput = ImageInput | tuple[ImageInput, float]
 LayersInput = Mapping[str, float] | Iterable[str | tuple[str, float]]
 
-# Option name -> (enum type, prefix of its value names), for values given as strings.
-_ENUMS: dict[str, tuple[Any, str]] = {
-    "pooling": (pb.Pooling, "POOLING_"),
-    "init": (pb.Init, "INIT_"),
-    "color_mode": (pb.ColorMode, "COLOR_MODE_"),
-    "frame_format": (pb.ImageFormat, "IMAGE_FORMAT_"),
-    "output_format": (pb.ImageFormat, "IMAGE_FORMAT_"),
-}
-_ALIASES = {"JPG": "JPEG"}
-_INTS = ("max_size", "min_size", "iterations", "seed", "frame_every", "frame_max_size")
-_FLOATS = ("content_weight", "style_weight", "tv_weight", "style_scale")
-_LAYERS = ("content_layers", "style_layers")
-OPTION_NAMES = frozenset((*_ENUMS, *_INTS, *_FLOATS, *_LAYERS, "init_image", "preserve_colors"))
+OPTION_NAMES = frozenset(OPTIONS)
 
 
 def read_image(image: ImageInput) -> bytes:
@@ -41,19 +41,18 @@ def read_image(image: ImageInput) -> bytes:
 
 def enum_choices(name: str) -> list[str]:
     """The lower-case names an enum option accepts, e.g. ["max", "avg"] for pooling."""
-    enum_type, prefix = _ENUMS[name]
-    names: list[str] = list(enum_type.keys())  # an EnumTypeWrapper is not iterable itself
-    return [n.removeprefix(prefix).lower() for n in names if not n.endswith("_UNSPECIFIED")]
+    return list(enum_values(_enum_type(name)))
 
 
 def enum_name(name: str, value: int) -> str:
     """An enum option's value as build_options accepts it, e.g. enum_name("pooling", 1) == "max"."""
-    enum_type, prefix = _ENUMS[name]
-    return str(enum_type.Name(value)).removeprefix(prefix).lower()
+    known = _enum_type(name).values_by_number.get(value)
+    return short_name(known) if known is not None else str(value)
 
 
 def build_options(**options: Any) -> pb.StylizeOptions:
-    """Keyword arguments named as in StylizeOptions -> the message; raises TypeError/ValueError."""
+    """Keyword arguments named as in StylizeOptions -> the message; raises TypeError for an unknown name
+    and ValueError (naming the option) for a value its field cannot take."""
     unknown = set(options) - OPTION_NAMES
     if unknown:
         raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}")
@@ -61,18 +60,16 @@ def build_options(**options: Any) -> pb.StylizeOptions:
     for name, value in options.items():
         if value is None:
             continue
-        if name in _INTS:
-            setattr(message, name, int(value))
-        elif name in _FLOATS:
-            setattr(message, name, float(value))
-        elif name in _ENUMS:
-            setattr(message, name, _enum_value(name, value))
-        elif name in _LAYERS:
-            getattr(message, name).extend(_layer_weights(value))
-        elif name == "init_image":
-            message.init_image = read_image(value)
-        elif name == "preserve_colors":
-            message.preserve_colors = bool(value)
+        option = OPTIONS[name]
+        try:
+            if option.kind is Kind.LAYERS:
+                getattr(message, name).extend(_layer_weights(value))
+            elif option.repeated:
+                getattr(message, name).extend(_scalar(option, item) for item in value)
+            else:
+                setattr(message, name, _scalar(option, value))
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name}: {err}") from None
     return message
 
 
@@ -87,17 +84,38 @@ def build_request(content: ImageInput, styles: Sequence[StyleInput], **options: 
     )
 
 
-def _enum_value(name: str, value: Any) -> int:
+def _enum_type(name: str) -> EnumDescriptor:
+    enum_type = OPTIONS[name].enum
+    if enum_type is None:
+        raise KeyError(f"{name} is not an enum option")
+    return enum_type
+
+
+def _scalar(option: Option, value: Any) -> Any:
+    """One value of an option, as its field's type takes it."""
+    if option.kind is Kind.INT:
+        return int(value)
+    if option.kind is Kind.FLOAT:
+        return float(value)
+    if option.kind is Kind.BOOL:
+        return bool(value)
+    if option.kind is Kind.BYTES:
+        return read_image(value)
+    if option.kind is Kind.ENUM:
+        return _enum_value(option, value)
+    return str(value)
+
+
+def _enum_value(option: Option, value: Any) -> int:
+    assert option.enum is not None
     if isinstance(value, int):
-        return value
-    enum_type, prefix = _ENUMS[name]
-    key = str(value).strip().upper().replace("-", "_")
-    key = _ALIASES.get(key, key)
-    full = key if key.startswith(prefix) else prefix + key
-    names: list[str] = list(enum_type.keys())
-    if full not in names or full.endswith("_UNSPECIFIED"):
-        raise ValueError(f"{name} must be one of {', '.join(enum_choices(name))}, got {value!r}")
-    return int(enum_type.Value(full))
+        return value  # the proto's own constant, e.g. pb.POOLING_AVG
+    spellings = enum_spellings(option.enum)
+    key = str(value).strip().lower().replace("-", "_")
+    key = key.removeprefix(enum_prefix(option.enum).lower())  # a full name: "POOLING_AVG"
+    if key not in spellings:
+        raise ValueError(f"must be one of {', '.join(enum_values(option.enum))}, got {value!r}")
+    return spellings[key]
 
 
 def _layer_weights(layers: LayersInput) -> list[pb.LayerWeight]:

@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Regenerate the Python code of protos/stylize/v1/stylize.proto, or check that the committed code is fresh.
 
-    .venv/bin/python scripts/gen_protos.py           # writes stylize_pb2.py, .pyi and _grpc.py beside the .proto
+    .venv/bin/python scripts/gen_protos.py           # writes the generated files beside the .proto
     .venv/bin/python scripts/gen_protos.py --check   # exit 1 (listing the stale files) if they differ
 
-The generated files are committed. protoc writes `from stylize.v1 import stylize_pb2` into the gRPC module;
-we rewrite it into a relative import because the package lives at stylize_service.protos.stylize.v1, and a
-top-level `stylize` package would be a different (unrelated) package. The output depends only on the .proto
-and the grpcio-tools version (pinned in pyproject.toml), so --check is reliable in CI.
+The generated files are committed: stylize_pb2.py, stylize_pb2.pyi, stylize_pb2_grpc.py and
+stylize_descriptor_set.binpb, the proto's FileDescriptorSet *with* its source info (the comments, which
+protoc strips from the _pb2 module; the client's option help comes from them).
+
+protoc writes `from stylize.v1 import stylize_pb2` into the gRPC module; we rewrite it into a relative import
+because the package lives at stylize_service.protos.stylize.v1, and a top-level `stylize` package would be a
+different (unrelated) package. The output depends only on the .proto and the grpcio-tools version (pinned
+in pyproject.toml), so --check is reliable in CI.
 """
 
 from __future__ import annotations
@@ -31,7 +35,12 @@ RELATIVE_IMPORT = "from . import "
 def generated_names(proto: str) -> list[str]:
     """The files protoc writes for one .proto, relative to the import root."""
     stem = proto.removesuffix(".proto")
-    return [f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py"]
+    return [f"{stem}_pb2.py", f"{stem}_pb2.pyi", f"{stem}_pb2_grpc.py", descriptor_set_name(proto)]
+
+
+def descriptor_set_name(proto: str) -> str:
+    """The FileDescriptorSet with source info (comments) written for one .proto."""
+    return f"{proto.removesuffix('.proto')}_descriptor_set.binpb"
 
 
 def generate(out_dir: Path) -> list[Path]:
@@ -39,6 +48,7 @@ def generate(out_dir: Path) -> list[Path]:
     well_known = importlib.resources.files("grpc_tools") / "_proto"
     written: list[Path] = []
     for proto in PROTO_FILES:
+        (out_dir / descriptor_set_name(proto)).parent.mkdir(parents=True, exist_ok=True)
         args = [
             "grpc_tools.protoc",
             f"--proto_path={PROTO_ROOT}",
@@ -46,13 +56,16 @@ def generate(out_dir: Path) -> list[Path]:
             f"--python_out={out_dir}",
             f"--pyi_out={out_dir}",
             f"--grpc_python_out={out_dir}",
+            "--include_source_info",
+            f"--descriptor_set_out={out_dir / descriptor_set_name(proto)}",
             str(PROTO_ROOT / proto),
         ]
         if protoc.main(args) != 0:
             raise SystemExit(f"gen_protos: protoc failed on {proto}")
         for name in generated_names(proto):
             path = out_dir / name
-            path.write_text(fix_imports(path.read_text(encoding="utf-8")), encoding="utf-8")
+            if path.suffix in (".py", ".pyi"):
+                path.write_text(fix_imports(path.read_text(encoding="utf-8")), encoding="utf-8")
             written.append(Path(name))
     return written
 

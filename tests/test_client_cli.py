@@ -243,3 +243,50 @@ def test_api_events_result_and_options(server: tuple[StylizeServer, str], images
         assert caught.value.code.name == "INVALID_ARGUMENT" and "options.max_size" in caught.value.details
         with pytest.raises(TypeError, match="unknown option"):
             client.stylize(images["content"], [images["style"]], max_sise=3)
+
+
+def test_cli_implied_frame_every_and_bar_follow_the_servers_default_iterations(
+    server: tuple[StylizeServer, str],
+    images: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    real_info = StylizeClient.info
+
+    def info(self: StylizeClient) -> pb.GetInfoResponse:
+        response = real_info(self)
+        response.defaults.iterations = 1000  # what the CLI believes; the server still runs its own 500
+        return response
+
+    monkeypatch.setattr(StylizeClient, "info", info)
+    frames = tmp_path / "frames"
+    argv = [str(images["content"]), "-s", str(images["style"]), "--server", server[1], "--max-size", "32"]
+    assert cli.main([*argv, "-o", str(tmp_path / "out.png"), "--frames-dir", str(frames)]) == cli.EXIT_OK
+    # 1000 // 50 = a frame every 20 iterations of the 500 run: 25 frames (a fixed 500 would give 50).
+    assert len(list(frames.iterdir())) == 25
+    assert "500/1000" in capsys.readouterr().err  # the bar is sized by GetInfo too
+
+    def no_info(self: StylizeClient) -> pb.GetInfoResponse:
+        raise AssertionError("GetInfo is not needed when --iterations is given")
+
+    monkeypatch.setattr(StylizeClient, "info", no_info)
+    out = tmp_path / "given.png"
+    assert cli.main([*argv, "-n", "100", "-q", "-o", str(out), "--frames-dir", str(tmp_path / "f2")]) == 0
+    assert len(list((tmp_path / "f2").iterdir())) == 50  # every 100 // 50 = 2 iterations
+
+
+def test_cli_names_results_by_their_format(
+    server: tuple[StylizeServer, str], images: dict[str, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    argv = [str(images["content"]), "-s", str(images["style"]), "--server", server[1], "-q", *SMALL]
+    for output_format in ("jpeg", "webp", "png"):
+        assert cli.main([*argv, "--output-dir", str(out), "--output-format", output_format]) == cli.EXIT_OK
+    assert sorted(p.name for p in out.iterdir()) == [
+        "photo-stylized.jpg",
+        "photo-stylized.png",
+        "photo-stylized.webp",
+    ]
+    with Image.open(out / "photo-stylized.jpg") as result:
+        assert result.format == "JPEG"
