@@ -532,6 +532,8 @@ def _report(err: StylizeError, server: str, label: str = "") -> int:
             f"cannot reach the stylize server at {server}, or it is shutting down ({err.details}); "
             "is it running? (--server, $STYLIZE_SERVER)"
         )
+        if "unhealthy" in err.details:  # the channel's health checking found no SERVING replica
+            message += "; it is up but not SERVING: still loading its model, or draining"
     elif err.code is grpc.StatusCode.INVALID_ARGUMENT:
         message = f"the server refused the request: {err.details}"
     elif err.code is grpc.StatusCode.RESOURCE_EXHAUSTED:

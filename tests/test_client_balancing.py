@@ -195,6 +195,18 @@ def test_the_cli_gives_up_after_its_retries_with_the_busy_exit_status(
     assert not (tmp_path / "x.png").exists()
 
 
+def test_a_replica_that_is_not_serving_gets_a_clear_message(
+    images: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with running_server(None) as (_, loading):
+        content = str(images["folder"] / "photo0.png")
+        code = cli.main(
+            [content, "-s", str(images["style"]), "-o", str(tmp_path / "x.png"), "--server", loading]
+        )
+    assert code == cli.EXIT_UNAVAILABLE
+    assert "not SERVING: still loading its model, or draining" in capsys.readouterr().err
+
+
 def test_a_healthy_replica_takes_the_calls_while_the_other_still_loads() -> None:
     free = FakeEngine()
     with (
