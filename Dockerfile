@@ -37,6 +37,10 @@ ENV PATH=/app/.venv/bin:$PATH \
 # Numeric, so that runtimes (e.g. Kubernetes runAsNonRoot) can tell it is not root.
 USER 10001:10001
 EXPOSE 50051
+# The health check reads the server's own variables: with STYLIZE_TLS_CERT/STYLIZE_TLS_KEY set (PEM files
+# mounted into the container) it speaks TLS and trusts that certificate; with STYLIZE_TLS_CLIENT_CA it
+# presents it as its client certificate too, unless STYLIZE_HEALTHCHECK_TLS_CERT/_KEY name another. The
+# health service needs no bearer token (see the README's Security section).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "/app/scripts/healthcheck.py", "--quiet"]
 CMD ["stylize-server"]

@@ -10,13 +10,19 @@
         png = call.result.image            # the Result, also the last event
         # or, in one go:  result = client.run("photo.jpg", ["starry.jpg"], on_event=print, iterations=200)
 
+A server that keeps strangers out (see client/security.py):
+
+    StylizeClient("stylize.example.com:50051", tls_ca="ca.pem", token=os.environ["STYLIZE_TOKEN"])
+    StylizeClient(address, tls_ca="ca.pem", tls_cert="client.pem", tls_key="client.key")   # mutual TLS
+
 The address is any gRPC target: "host:port", "dns:///name:port" (every address the name resolves to,
 e.g. a Kubernetes headless Service) or "ipv4:10.0.0.1:50051,10.0.0.2:50051". Calls are spread over the
 replicas round robin, skipping those whose health service says NOT_SERVING (loading or draining); see
 SERVICE_CONFIG. With retries=N a call that every replica refuses as busy is tried again, up to N times.
 
 Errors are raised as StylizeError, whose `code` is the grpc.StatusCode (INVALID_ARGUMENT for a bad
-request, UNAVAILABLE when the server cannot be reached, CANCELLED after cancel(), ...).
+request, UNAVAILABLE when the server cannot be reached, UNAUTHENTICATED for a missing or wrong token,
+CANCELLED after cancel(), ...). Unusable TLS files or tokens raise ClientSecurityError (a ValueError).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any
 import grpc
 
 from stylize_service.client.request import ImageInput, StyleInput, build_request
+from stylize_service.client.security import PemInput, open_channel, token_metadata
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 
@@ -184,7 +191,12 @@ class StylizeClient:
     it as a context manager (or call close()); it is thread-safe and several calls may run over it at
     once, each on the next replica. timeout: seconds allowed per call, retries included (None = no
     deadline). retries: how often a Stylize call refused as busy is tried again (see StylizeCall);
-    retry_backoff: seconds before the first retry."""
+    retry_backoff: seconds before the first retry.
+
+    TLS: tls=True checks the server's certificate against gRPC's default roots, tls_ca (a PEM path or
+    bytes) against that CA instead; tls_cert and tls_key add a client certificate (mutual TLS);
+    tls_server_name checks the certificate for that name instead of the address's host. token: a bearer
+    token, sent as `authorization: Bearer TOKEN` with every call."""
 
     def __init__(
         self,
@@ -195,6 +207,12 @@ class StylizeClient:
         wait_for_ready: bool = False,
         retries: int = 0,
         retry_backoff: float = DEFAULT_RETRY_BACKOFF,
+        tls: bool = False,
+        tls_ca: PemInput | None = None,
+        tls_cert: PemInput | None = None,
+        tls_key: PemInput | None = None,
+        tls_server_name: str | None = None,
+        token: str | None = None,
     ) -> None:
         if retries < 0 or retry_backoff < 0:
             raise ValueError(f"retries and retry_backoff must be >= 0, got {retries} and {retry_backoff}")
@@ -203,7 +221,16 @@ class StylizeClient:
         self.retries = retries
         self.retry_backoff = retry_backoff
         self._wait_for_ready = wait_for_ready
-        self._channel = grpc.insecure_channel(address, options=channel_options(max_message_mb))
+        self._metadata = token_metadata(token)
+        self._channel = open_channel(
+            address,
+            channel_options(max_message_mb),
+            tls=tls,
+            tls_ca=tls_ca,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_server_name=tls_server_name,
+        )
         self._stub = pb_grpc.StyleTransferStub(self._channel)
 
     def __enter__(self) -> StylizeClient:
@@ -215,11 +242,26 @@ class StylizeClient:
     def close(self) -> None:
         self._channel.close()
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until a replica is connected and SERVING; False if `timeout` seconds passed first. Calls
+        made before that all go to the first replica to connect, so a client that starts several calls at
+        once should wait first: then round robin spreads them over the replicas that are up."""
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            ready.cancel()
+            return False
+        return True
+
     def info(self) -> pb.GetInfoResponse:
         """The model, the defaults of every option and the server's limits."""
         try:
             return self._stub.GetInfo(
-                pb.GetInfoRequest(), timeout=self.timeout, wait_for_ready=self._wait_for_ready
+                pb.GetInfoRequest(),
+                timeout=self.timeout,
+                metadata=self._metadata,
+                wait_for_ready=self._wait_for_ready,
             )
         except grpc.RpcError as err:
             raise StylizeError.from_rpc(err) from None
@@ -236,7 +278,9 @@ class StylizeClient:
         """Start a stylization from a ready-made request. on_retry(error, retry, delay) hears of each
         retry before its backoff (e.g. to tell the user)."""
         return StylizeCall(
-            lambda timeout: self._stub.Stylize(request, timeout=timeout, wait_for_ready=self._wait_for_ready),
+            lambda timeout: self._stub.Stylize(
+                request, timeout=timeout, metadata=self._metadata, wait_for_ready=self._wait_for_ready
+            ),
             timeout=self.timeout,
             retries=self.retries,
             backoff=self.retry_backoff,

@@ -5,6 +5,7 @@ stylize photo.jpg --style a.jpg:2 --style b.jpg:1 --max-size 384    # a blend of
 stylize photos/ --style starry.jpg --output-dir out/                # every image of a folder
 stylize photo.jpg --style s.jpg --frames-dir frames/ --animation progress.gif
 stylize info                                                        # the server's model, defaults, limits
+stylize info --server host:50051 --tls-ca ca.pem --token TOKEN      # a server with TLS and tokens
 stylize photos/ -s s.jpg --server ipv4:10.0.0.1:50051,10.0.0.2:50051 --parallel 2   # over two replicas
 """
 
@@ -30,6 +31,7 @@ from stylize_service.client.formats import extension_for_mime, format_from_suffi
 from stylize_service.client.options import OPTIONS
 from stylize_service.client.outputs import ANIMATION_SUFFIXES, JobOutputs
 from stylize_service.client.request import build_request
+from stylize_service.client.security import ClientSecurityError
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 
 EXIT_OK = 0
@@ -38,6 +40,7 @@ EXIT_USAGE = 2  # bad flags, missing input files, or the server said INVALID_ARG
 EXIT_UNAVAILABLE = 3  # the server cannot be reached (or is shutting down)
 EXIT_BUSY = 4  # the server's queue is full (RESOURCE_EXHAUSTED), or a message was too large
 EXIT_DEADLINE = 5  # --timeout passed
+EXIT_AUTH = 6  # the server refused the credentials: UNAUTHENTICATED or PERMISSION_DENIED
 EXIT_INTERRUPTED = 130  # Ctrl-C: the call was cancelled
 
 _EXIT_BY_CODE = {
@@ -45,11 +48,16 @@ _EXIT_BY_CODE = {
     grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
     grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_BUSY,
     grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_DEADLINE,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_AUTH,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_AUTH,
     grpc.StatusCode.CANCELLED: EXIT_INTERRUPTED,
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FRAMES_PER_JOB = 50  # with --frames-dir or --animation and no --frame-every: about this many frames
 DEFAULT_RETRIES = 3  # busy refusals retried per job: about 1, 2 and 4 s apart, each on the next replica
+# Before a parallel batch, wait up to this long for the channel's connections, so that the first jobs are
+# spread over the replicas rather than all sent to the first one to connect.
+CONNECT_WAIT_SECONDS = 10.0
 
 # What the CLI adds to the proto's own flags: short forms, and notes on what it does beyond the proto.
 SHORT_FLAGS = {"iterations": "-n"}
@@ -68,9 +76,12 @@ Results are named NAME-stylized.EXT (EXT: the result's format) unless -o is give
 {{name}} (e.g. anim/{{name}}.gif).
 
 exit status: {EXIT_OK} ok, {EXIT_FAILED} other error, {EXIT_USAGE} invalid arguments (flags, files, or the
-server's INVALID_ARGUMENT), {EXIT_UNAVAILABLE} server unreachable, {EXIT_BUSY} server busy or message too
-large, {EXIT_DEADLINE} --timeout passed, {EXIT_INTERRUPTED} interrupted (Ctrl-C cancels the job).
-environment: STYLIZE_SERVER is the default of --server."""
+server's INVALID_ARGUMENT), {EXIT_UNAVAILABLE} server unreachable (or the TLS handshake failed), {EXIT_BUSY}
+server busy or message too large, {EXIT_DEADLINE} --timeout passed, {EXIT_AUTH} the server refused the
+credentials (no or a wrong --token), {EXIT_INTERRUPTED} interrupted (Ctrl-C cancels the job).
+environment: the defaults of --server, --tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name and --token
+are STYLIZE_SERVER, STYLIZE_TLS (1 = on), STYLIZE_TLS_CA, STYLIZE_CLIENT_TLS_CERT, STYLIZE_CLIENT_TLS_KEY,
+STYLIZE_TLS_SERVER_NAME and STYLIZE_TOKEN."""
 
 
 class UsageError(Exception):
@@ -95,11 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["info"]:
         args = build_info_parser().parse_args(argv[1:])
-        return run_info(args.server, args.timeout, args.json)
+        return run_info(args, args.json)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.info:
-        return run_info(args.server, args.timeout, False)
+        return run_info(args, False)
     try:
         jobs = plan_jobs(args)
         options = collect_options(args)
@@ -108,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _usage_error(parser, str(err))
     try:
         return run_jobs(args, jobs, styles, options)
+    except ClientSecurityError as err:
+        return _security_error(err)
     except KeyboardInterrupt:  # outside a call (a running call is cancelled in run_job)
         print("stylize: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -128,6 +141,72 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--timeout", type=float, metavar="SECONDS", help="deadline of each call (default: none)"
     )
+    sec = parser.add_argument_group("security (see the README's Security section)")
+    sec.add_argument(
+        "--tls",
+        action="store_true",
+        default=os.environ.get("STYLIZE_TLS", "").lower() in ("1", "true", "yes", "on"),
+        help="use TLS, checking the server's certificate against gRPC's default roots "
+        "(implied by --tls-ca and --tls-cert; default: $STYLIZE_TLS=1)",
+    )
+    sec.add_argument(
+        "--tls-ca",
+        default=_env("STYLIZE_TLS_CA"),
+        metavar="PEM",
+        help="use TLS, trusting the CA certificate(s) in this file (default: $STYLIZE_TLS_CA)",
+    )
+    sec.add_argument(
+        "--tls-cert",
+        default=_env("STYLIZE_CLIENT_TLS_CERT"),
+        metavar="PEM",
+        help="client certificate, for a server that requires one (mutual TLS); with --tls-key "
+        "(default: $STYLIZE_CLIENT_TLS_CERT)",
+    )
+    sec.add_argument(
+        "--tls-key",
+        default=_env("STYLIZE_CLIENT_TLS_KEY"),
+        metavar="PEM",
+        help="private key of --tls-cert (default: $STYLIZE_CLIENT_TLS_KEY)",
+    )
+    sec.add_argument(
+        "--tls-server-name",
+        default=_env("STYLIZE_TLS_SERVER_NAME"),
+        metavar="NAME",
+        help="check the server's certificate for this name instead of --server's host "
+        "(default: $STYLIZE_TLS_SERVER_NAME)",
+    )
+    sec.add_argument(
+        "--token",
+        default=_env("STYLIZE_TOKEN"),
+        help="bearer token for a server with --auth-tokens-file (default: $STYLIZE_TOKEN, which other "
+        "users cannot see, unlike a command line)",
+    )
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def connect(args: argparse.Namespace, retries: int = 0) -> StylizeClient:
+    """A client for --server with the security flags; raises ClientSecurityError for unusable ones.
+    retries: how often a job refused as busy is tried again (--retries)."""
+    return StylizeClient(
+        args.server,
+        args.timeout,
+        retries=retries,
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_server_name=args.tls_server_name,
+        token=args.token,
+    )
+
+
+def _security_error(err: ClientSecurityError) -> int:
+    flag = "--" + err.argument.replace("_", "-")
+    print(f"stylize: error: {flag}: {err.problem}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 def build_info_parser() -> argparse.ArgumentParser:
@@ -279,10 +358,13 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
 # --- running ---------------------------------------------------------------------------------------
 
 
-def run_info(server: str, timeout: float | None, as_json: bool) -> int:
+def run_info(args: argparse.Namespace, as_json: bool) -> int:
+    server = args.server
     try:
-        with StylizeClient(server, timeout) as client:
+        with connect(args) as client:
             info = client.info()
+    except ClientSecurityError as err:
+        return _security_error(err)
     except StylizeError as err:
         return _report(err, server)
     if as_json:
@@ -320,7 +402,7 @@ def _g(value: float) -> str:
 def run_jobs(
     args: argparse.Namespace, jobs: list[Job], styles: list[tuple[Path, float]], options: dict[str, Any]
 ) -> int:
-    with StylizeClient(args.server, args.timeout, retries=args.retries) as client:
+    with connect(args, retries=args.retries) as client:
         total = options.get("iterations")
         if total is None:  # the server's default sizes the progress bar and the implied --frame-every
             try:
@@ -438,6 +520,7 @@ class _JobRunner:
         finds the server unreachable stops the jobs not yet started; Ctrl-C cancels every running one."""
         stop = threading.Event()
         codes: dict[int, int] = {}
+        self.client.wait_ready(CONNECT_WAIT_SECONDS)  # unreachable: the jobs report it
 
         def one(index: int, job: Job) -> None:
             if stop.is_set():
@@ -534,12 +617,21 @@ def _report(err: StylizeError, server: str, label: str = "") -> int:
         )
         if "unhealthy" in err.details:  # the channel's health checking found no SERVING replica
             message += "; it is up but not SERVING: still loading its model, or draining"
+        if any(sign in err.details.lower() for sign in ("handshake", "socket closed")):
+            message += (
+                "; or do TLS settings differ? A TLS server needs --tls-ca CA (or --tls), one that "
+                "requires client certificates also --tls-cert and --tls-key"
+            )
     elif err.code is grpc.StatusCode.INVALID_ARGUMENT:
         message = f"the server refused the request: {err.details}"
     elif err.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         message = f"the server is out of capacity or the message is too large: {err.details}"
     elif err.code is grpc.StatusCode.DEADLINE_EXCEEDED:
         message = f"the deadline (--timeout) passed: {err.details}"
+    elif err.code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        message = f"the server refused the credentials: {err.details}"
+        if "--token" not in err.details:
+            message += " (--token, $STYLIZE_TOKEN)"
     else:
         message = f"{err.code.name}: {err.details}"
     print(f"stylize: error: {prefix}{message}", file=sys.stderr)

@@ -51,6 +51,40 @@ def target_input(term: str, layer: str) -> str:
     return f"target/{term}/{layer}"
 
 
+def mask_input(layer: str) -> str:
+    """Input of the tile graphs: a (1, 1, h, w) 0/1 mask of the owned positions at a layer ("image" for
+    the input's own pixels)."""
+    return f"mask/{layer}"
+
+
+def scale_input(term: str, layer: str) -> str:
+    """Input of the tile loss graph: the factor of a separable term's region sum at a layer."""
+    return f"scale/{term}/{layer}"
+
+
+def coefficient_input(term: str, layer: str) -> str:
+    """Input of the tile loss graph: a non-separable term's coefficient at a layer (from its finish())."""
+    return f"coefficient/{term}/{layer}"
+
+
+def statistic_output(term: str, layer: str) -> str:
+    """Output of the tile statistics graph: a tile's share of a non-separable term's statistic."""
+    return f"statistic/{term}/{layer}"
+
+
+def feature_output(layer: str) -> str:
+    """Output of the tile statistics graph: the tile's raw features at a layer."""
+    return f"feature/{layer}"
+
+
+def region_output(term: str, layer: str) -> str:
+    """Output of the tile loss graph: a separable term's scaled region sum at a layer."""
+    return f"region/{term}/{layer}"
+
+
+IMAGE_LAYER = "image"  # the "layer" of unlayered terms in mask and region names
+
+
 def term_output(term: str) -> str:
     """Output: the term's weighted value."""
     return f"term/{term}"
@@ -181,6 +215,74 @@ def build_loss_model(features: onnx.ModelProto, choice: LayerChoice) -> onnx.Mod
     b.op("Sum", totals, LOSS)
     outputs.insert(0, helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))
     model = _model(b, "stylize_loss", inputs, outputs, features)
+    return add_gradient(model, LOSS, INPUT_NAME, GRAD)
+
+
+def _mask(layer: str) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(mask_input(layer), TensorProto.FLOAT, [1, 1, None, None])
+
+
+def build_tile_statistics_model(features: onnx.ModelProto, choice: LayerChoice) -> onnx.ModelProto:
+    """A tile (with its halo) and the masks of its owned positions -> the tile's share of every
+    non-separable term's statistic (statistic/<term>/<layer>) and the raw features of the separable
+    layered terms' layers (feature/<layer>), from which the caller cuts the owned parts."""
+    b = GraphBuilder()
+    _network(features, choice, b)
+    inputs, outputs, masks = [_image_input()], [], set()
+    for term_name, layers in choice.layers:
+        term = TERMS[term_name]
+        for layer in layers:
+            if term.region_separable:
+                out = b.op("Identity", [layer], feature_output(layer))
+            else:
+                masks.add(layer)
+                out = b.op(
+                    "Identity",
+                    [term.statistic(b, layer, mask_input(layer), layer)],
+                    statistic_output(term_name, layer),
+                )
+            if out not in {o.name for o in outputs}:
+                outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+    inputs.extend(_mask(layer) for layer in sorted(masks, key=RELU_LAYERS.index))
+    return _model(b, "stylize_tile_statistics", inputs, outputs, features)
+
+
+def build_tile_loss_model(features: onnx.ModelProto, choice: LayerChoice) -> onnx.ModelProto:
+    """A tile's share of the loss and its gradient with respect to the tile: every separable term's
+    scaled region sums (region/<term>/<layer>), and `loss`, the sum of those and of the non-separable
+    terms' surrogates, whose gradient `grad` is the tile's exact share of dL/dimage."""
+    b = GraphBuilder()
+    _network(features, choice, b)
+    inputs, outputs, values, masks = [_image_input()], [], [], set()
+    for term_name, term in TERMS.items():
+        layers = choice.layers_of(term_name) if term.layered else (IMAGE_LAYER,)
+        for layer in layers:
+            masks.add(layer)
+            mask = mask_input(layer)
+            if term.region_separable:
+                scale = scale_input(term_name, layer)
+                inputs.append(helper.make_tensor_value_info(scale, TensorProto.FLOAT, []))
+                if term.layered:
+                    target = target_input(term_name, layer)
+                    inputs.append(
+                        helper.make_tensor_value_info(target, TensorProto.FLOAT, term.target_shape(layer))
+                    )
+                    region = term.region_loss(b, layer, mask, target, layer)
+                else:
+                    region = term.region_image_loss(b, INPUT_NAME, mask)
+                out = b.op("Mul", [scale, region], region_output(term_name, layer))
+                outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, []))
+                values.append(out)
+            else:
+                coefficient = coefficient_input(term_name, layer)
+                inputs.append(
+                    helper.make_tensor_value_info(coefficient, TensorProto.FLOAT, term.statistic_shape(layer))
+                )
+                values.append(term.surrogate(b, layer, mask, coefficient, layer))
+    b.op("Sum", values or [b.zero()], LOSS)
+    inputs.extend(_mask(layer) for layer in sorted(masks, key=lambda name: (name != IMAGE_LAYER, name)))
+    outputs.insert(0, helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))
+    model = _model(b, "stylize_tile_loss", inputs, outputs, features)
     return add_gradient(model, LOSS, INPUT_NAME, GRAD)
 
 

@@ -35,15 +35,30 @@ class GraphBuilder:
     def zero(self) -> str:
         return self.const(f"zero_{len(self.initializers)}", 0.0, TensorProto.FLOAT)
 
-    def gram(self, features: str, layer: str, out: str | None = None) -> str:
-        """G = F Fᵀ / (C H W) of a (1, C, H, W) feature map at `layer`."""
+    def gram_sum(self, features: str, layer: str) -> str:
+        """F Fᵀ of a (1, C, H, W) feature map at `layer`, F reshaped to (C, H W)."""
         flat = self.op(
             "Reshape",
-            [features, self.const(f"{layer}/flat_shape", [CHANNELS[layer], -1], TensorProto.INT64)],
+            [
+                features,
+                self.const(self.unique(f"{layer}/flat_shape"), [CHANNELS[layer], -1], TensorProto.INT64),
+            ],
         )
-        product = self.op("MatMul", [flat, self.op("Transpose", [flat], perm=[1, 0])])
+        return self.op("MatMul", [flat, self.op("Transpose", [flat], perm=[1, 0])])
+
+    def gram(self, features: str, layer: str, out: str | None = None) -> str:
+        """G = F Fᵀ / (C H W) of a (1, C, H, W) feature map at `layer`."""
+        product = self.gram_sum(features, layer)
         count = self.op("Cast", [self.op("Size", [features])], to=TensorProto.FLOAT)
         return self.op("Div", [product, count], out)
+
+    def unique(self, name: str) -> str:
+        """`name`, or `name` with a suffix when an initializer of that name exists already."""
+        taken = {t.name for t in self.initializers}
+        candidate, index = name, 1
+        while candidate in taken:
+            candidate, index = f"{name}_{index}", index + 1
+        return candidate
 
     def mean_square(self, a: str, target: str) -> str:
         diff = self.op("Sub", [a, target])

@@ -8,9 +8,14 @@ in TERMS, and its weight (and layers) in the engine's settings.
 Layered terms compare the network's features at chosen layers with targets; a layer's value is
 `weight * layer_weight * layer_loss`. Unlayered terms look at the image itself.
 
-Tiling seam: `region_separable` says whether a layer's loss is a sum over pixels of the feature map
-(content: yes, each region can be evaluated on its own against its part of the target) or needs a
-statistic of the whole image first (style: the Gram matrix sums over every position).
+Tiled evaluation (server.engine.tiling) evaluates the same loss exactly, tile by tile, with every
+position of every feature map owned by one tile (a 0/1 mask marks a tile's owned positions):
+- `region_separable` terms (content, tv) are sums over positions: each tile adds `region_loss` over
+  its owned positions, scaled by a fed factor (the term's weights over the whole map's element count);
+- the others (style) need a statistic of the whole image first: a first pass sums each tile's
+  `statistic` (the Gram matrix of its owned features); `finish` turns the sum into the term's value and a
+  coefficient, and a second pass backpropagates each tile's `surrogate`, a scalar whose gradient with
+  respect to the owned features equals the true loss's given that whole-image statistic.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from abc import ABC
 from typing import ClassVar
 
+import numpy as np
 from onnx import TensorProto
 
 from .onnx_builder import CHANNELS, GraphBuilder
@@ -44,6 +50,43 @@ class LossTerm(ABC):
         """Unlayered terms: the unweighted scalar loss of the network input `image`."""
         raise NotImplementedError(f"{self.name} is layered")
 
+    # --- tiled evaluation ---
+
+    def region_loss(self, b: GraphBuilder, features: str, mask: str, target: str, layer: str) -> str:
+        """Separable layered terms: the unscaled sum of the layer's loss over the owned positions."""
+        raise NotImplementedError(f"{self.name} is not separable by region")
+
+    def region_image_loss(self, b: GraphBuilder, image: str, mask: str) -> str:
+        """Separable unlayered terms: the unscaled sum of the loss over the owned pixels."""
+        raise NotImplementedError(f"{self.name} is not an image term separable by region")
+
+    def region_scale(self, weight: float, layer_weight: float, count: int) -> float:
+        """The factor turning a region sum into the term's (weighted) share of the loss; count is the
+        element count of the whole feature map (or image)."""
+        raise NotImplementedError(f"{self.name} is not separable by region")
+
+    def statistic(self, b: GraphBuilder, features: str, mask: str, layer: str) -> str:
+        """Non-separable terms: a tile's share of the whole-image statistic (sums over tiles)."""
+        raise NotImplementedError(f"{self.name} needs no whole-image statistic")
+
+    def statistic_shape(self, layer: str) -> list[int]:
+        raise NotImplementedError(f"{self.name} needs no whole-image statistic")
+
+    def finish(
+        self, statistic: np.ndarray, target: np.ndarray, count: int, weight: float
+    ) -> tuple[float, np.ndarray]:
+        """Non-separable terms: the whole-image statistic (summed over tiles, count elements) -> the layer's
+        weighted value and the coefficient that its surrogate takes."""
+        raise NotImplementedError(f"{self.name} needs no whole-image statistic")
+
+    def target_from_statistic(self, statistic: np.ndarray, count: int) -> np.ndarray:
+        """Non-separable terms: the target of a reference image from its summed statistic."""
+        raise NotImplementedError(f"{self.name} needs no whole-image statistic")
+
+    def surrogate(self, b: GraphBuilder, features: str, mask: str, coefficient: str, layer: str) -> str:
+        """Non-separable terms: a scalar whose gradient with respect to the owned features is the loss's."""
+        raise NotImplementedError(f"{self.name} needs no whole-image statistic")
+
 
 class ContentTerm(LossTerm):
     """mean((F_l - P_l)^2): the features of the image against the content image's."""
@@ -61,6 +104,13 @@ class ContentTerm(LossTerm):
     def layer_loss(self, b: GraphBuilder, features: str, target: str, layer: str) -> str:
         return b.mean_square(features, target)
 
+    def region_loss(self, b: GraphBuilder, features: str, mask: str, target: str, layer: str) -> str:
+        diff = b.op("Sub", [features, target])
+        return b.op("ReduceSum", [b.op("Mul", [b.op("Mul", [diff, diff]), mask])], keepdims=0)
+
+    def region_scale(self, weight: float, layer_weight: float, count: int) -> float:
+        return weight * layer_weight / count  # mean = sum / count
+
 
 class StyleTerm(LossTerm):
     """mean((G_l - A_l)^2), G = F Fᵀ / (C H W): the image's Gram matrices against the style images'."""
@@ -77,6 +127,32 @@ class StyleTerm(LossTerm):
 
     def layer_loss(self, b: GraphBuilder, features: str, target: str, layer: str) -> str:
         return b.mean_square(b.gram(features, layer), target)
+
+    def statistic(self, b: GraphBuilder, features: str, mask: str, layer: str) -> str:
+        """F_own F_ownᵀ, unnormalised: the tiles' sum divided by the whole map's C H W is G."""
+        return b.gram_sum(b.op("Mul", [features, mask]), layer)
+
+    def statistic_shape(self, layer: str) -> list[int]:
+        return [CHANNELS[layer], CHANNELS[layer]]
+
+    def target_from_statistic(self, statistic: np.ndarray, count: int) -> np.ndarray:
+        return (statistic / np.float32(count)).astype(np.float32)
+
+    def finish(
+        self, statistic: np.ndarray, target: np.ndarray, count: int, weight: float
+    ) -> tuple[float, np.ndarray]:
+        # L = w mean((G - A)^2) with G = S / N over C x C entries; dL/dS = 2 w (G - A) / (C^2 N).
+        channels = statistic.shape[0]
+        difference = statistic.astype(np.float64) / count - target
+        value = weight * float(np.mean(difference**2))
+        coefficient = (2.0 * weight / (channels * channels * count)) * difference
+        return value, coefficient.astype(np.float32)
+
+    def surrogate(self, b: GraphBuilder, features: str, mask: str, coefficient: str, layer: str) -> str:
+        # sum(K * F_own F_ownᵀ) has gradient (K + Kᵀ) F_own = 2 K F_own = dL/dF_own for the symmetric K.
+        return b.op(
+            "ReduceSum", [b.op("Mul", [coefficient, self.statistic(b, features, mask, layer)])], keepdims=0
+        )
 
 
 class TotalVariationTerm(LossTerm):
@@ -108,6 +184,33 @@ class TotalVariationTerm(LossTerm):
         squares = b.op("Add", [b.op("Mul", [dx, dx]), b.op("Mul", [dy, dy])])
         half = b.const("tv/half", 0.5, TensorProto.FLOAT)
         return b.op("Mul", [half, b.op("ReduceSum", [squares], keepdims=0)])
+
+    def region_image_loss(self, b: GraphBuilder, image: str, mask: str) -> str:
+        # The pairs whose top-left pixel is owned; their right and lower neighbours may lie in the halo.
+        axes = b.const("tv_region/axes", [2, 3], TensorProto.INT64)
+
+        def window(source: str, start: list[int], end: list[int], tag: str) -> str:
+            return b.op(
+                "Slice",
+                [
+                    source,
+                    b.const(f"tv_region/{tag}_start", start, TensorProto.INT64),
+                    b.const(f"tv_region/{tag}_end", end, TensorProto.INT64),
+                    axes,
+                ],
+            )
+
+        corner = window(image, [0, 0], [-1, -1], "corner")
+        right = window(image, [0, 1], [-1, 2**62], "right")
+        below = window(image, [1, 0], [2**62, -1], "below")
+        owned = window(mask, [0, 0], [-1, -1], "mask")
+        dx = b.op("Sub", [corner, right])
+        dy = b.op("Sub", [corner, below])
+        squares = b.op("Add", [b.op("Mul", [dx, dx]), b.op("Mul", [dy, dy])])
+        return b.op("ReduceSum", [b.op("Mul", [squares, owned])], keepdims=0)
+
+    def region_scale(self, weight: float, layer_weight: float, count: int) -> float:
+        return 0.5 * weight
 
 
 # The registry, in the order the terms are summed (and reported).

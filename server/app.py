@@ -17,8 +17,10 @@ from grpc_reflection.v1alpha import reflection
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.config import ServerConfig
+from stylize_service.server.engine.memory import current_rss_bytes, megabytes
 from stylize_service.server.metrics import MetricsEndpoint, ServerMetrics
 from stylize_service.server.scheduler import Scheduler
+from stylize_service.server.security import ServerSecurity
 from stylize_service.server.servicer import EngineLike, ServiceLimits, StyleTransferServicer
 
 logger = logging.getLogger("stylize.server")
@@ -39,14 +41,26 @@ class StylizeServer:
     """The server of one process. start() listens (health NOT_SERVING), set_engine() makes it SERVING,
     drain() stops it gracefully."""
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, security: ServerSecurity | None = None) -> None:
+        """security: what from_config(config) gives (read here when None; raises ConfigError)."""
         self.config = config
-        self.scheduler = Scheduler(config.concurrency, config.queue_size)
+        self.security = security if security is not None else ServerSecurity.from_config(config)
+        # Memory for jobs is the budget less the idle server, known once the model is loaded (set_engine).
+        self.scheduler = Scheduler(config.concurrency, config.queue_size, memory_capacity=None)
         self.metrics = ServerMetrics()
-        self.metrics.track_scheduler(lambda: self.scheduler.running, lambda: self.scheduler.waiting)
+        self.metrics.track_scheduler(
+            running=lambda: self.scheduler.running,
+            waiting=lambda: self.scheduler.waiting,
+            reserved_memory=lambda: self.scheduler.reserved_memory,
+        )
+        self.metrics.set_memory_budget(config.memory_budget_bytes)
         self.servicer = StyleTransferServicer(
             self.scheduler,
-            ServiceLimits(max_pixels=config.max_pixels, max_message_bytes=config.max_message_bytes),
+            ServiceLimits(
+                max_pixels=config.max_pixels,
+                max_message_bytes=config.max_message_bytes,
+                memory_budget_bytes=config.memory_budget_bytes,
+            ),
             version=package_version(),
             metrics=self.metrics,
         )
@@ -62,7 +76,8 @@ class StylizeServer:
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
             ],
-            interceptors=[self.metrics.interceptor()],  # first: it counts what later ones refuse too
+            # The metrics first: they count the calls that the security interceptors refuse too.
+            interceptors=[self.metrics.interceptor(), *self.security.interceptors()],
         )
         pb_grpc.add_StyleTransferServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -81,7 +96,11 @@ class StylizeServer:
     def start(self) -> int:
         """Listen on config.host:config.port, and serve /metrics on config.metrics_port when it is set;
         returns the bound gRPC port (useful when port 0 was asked)."""
-        self.port = self._server.add_insecure_port(self.config.address)
+        credentials = self.security.credentials
+        if credentials is None:
+            self.port = self._server.add_insecure_port(self.config.address)
+        else:
+            self.port = self._server.add_secure_port(self.config.address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.address} (in use, or not a local address?)")
         if self.config.metrics_port is not None:
@@ -91,9 +110,20 @@ class StylizeServer:
                 raise OSError(f"cannot serve metrics on port {self.config.metrics_port}: {err}") from err
             logger.info("metrics at http://%s:%d/metrics", self.config.host, self._metrics_endpoint.port)
         self._server.start()
+        warning = self.security.exposure_warning(self.config.host)
+        if warning is not None:
+            logger.warning(warning)
         return self.port
 
     def set_engine(self, engine: EngineLike) -> None:
+        idle = current_rss_bytes()
+        self.scheduler.memory_capacity = max(0, self.config.memory_budget_bytes - idle)
+        logger.info(
+            "memory: budget %d MB, idle server %d MB, %d MB for jobs",
+            megabytes(self.config.memory_budget_bytes),
+            megabytes(idle),
+            megabytes(self.scheduler.memory_capacity),
+        )
         self.servicer.set_engine(engine)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from stylize_service.models.paths import default_model_path
+from stylize_service.server.engine.memory import default_budget_bytes
 
 DEFAULT_PORT = 50051
 DEFAULT_MAX_MESSAGE_MB = 64
@@ -44,9 +45,24 @@ class ServerConfig:
     threads: int | None = None  # onnxruntime intra-op threads; None = cores // concurrency
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     log_level: str = "INFO"
+    # Who may call (server/security.py reads and checks the files): TLS when tls_cert/tls_key are set,
+    # mutual TLS with tls_client_ca, bearer tokens with auth_tokens_file.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_tokens_file: Path | None = None
+    # Memory (server/engine/memory.py): None = the container's or machine's memory less a margin.
+    memory_limit_mb: int | None = None
+    tile_size: int = 0  # px; 0 = tiles only where the memory budget needs them
     # Port of the Prometheus /metrics endpoint, on `host`. None = no endpoint (the flag's 0 or unset);
     # 0 here = any free port (tests).
     metrics_port: int | None = None
+
+    @property
+    def memory_budget_bytes(self) -> int:
+        if self.memory_limit_mb is not None:
+            return self.memory_limit_mb * 1024 * 1024
+        return default_budget_bytes()
 
     @property
     def address(self) -> str:
@@ -118,6 +134,41 @@ _SETTINGS: tuple[tuple[str, str, type, str], ...] = (
     ),
     ("--log-level", "STYLIZE_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR (default: INFO)"),
     (
+        "--tls-cert",
+        "STYLIZE_TLS_CERT",
+        Path,
+        "PEM certificate (chain) of the server; with --tls-key, serve TLS only (default: plaintext)",
+    ),
+    ("--tls-key", "STYLIZE_TLS_KEY", Path, "PEM private key of --tls-cert, unencrypted"),
+    (
+        "--tls-client-ca",
+        "STYLIZE_TLS_CLIENT_CA",
+        Path,
+        "PEM CA certificate(s); require client certificates signed by them (mutual TLS)",
+    ),
+    (
+        "--auth-tokens-file",
+        "STYLIZE_AUTH_TOKENS_FILE",
+        Path,
+        "file of bearer tokens, one a line (# comments); every call but health must send "
+        "'authorization: Bearer TOKEN'; re-read when it changes",
+    ),
+    (
+        "--memory-limit-mb",
+        "STYLIZE_MEMORY_LIMIT_MB",
+        int,
+        "memory the server may use, MiB: jobs are admitted, and tiled, so that the idle server and the "
+        "running jobs' predicted peaks fit it (default: the container's memory.max, else physical memory, "
+        "less 10%% and at least 512 MiB)",
+    ),
+    (
+        "--tile-size",
+        "STYLIZE_TILE_SIZE",
+        int,
+        "evaluate every stage larger than this many px in exact tiles of this size; 0 = automatic, "
+        "only where the memory budget needs it (default: 0)",
+    ),
+    (
         "--metrics-port",
         "STYLIZE_METRICS_PORT",
         int,
@@ -130,11 +181,21 @@ class ConfigError(ValueError):
     pass
 
 
+def setting_name(field: str) -> str:
+    """How errors name a setting: "--tls-cert (STYLIZE_TLS_CERT)" for the field tls_cert."""
+    for flag, env, _, _ in _SETTINGS:
+        if flag.removeprefix("--").replace("-", "_") == field:
+            return f"{flag} ({env})"
+    raise KeyError(field)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stylize-server",
         description="Serve neural style transfer (stylize.v1.StyleTransfer) over gRPC.",
-        epilog="Every flag can also be set by the environment variable shown; a flag wins over its variable.",
+        epilog="Every flag can also be set by the environment variable shown; a flag wins over its variable. "
+        "Without TLS or tokens, anyone who can reach the port can use the server: outside loopback, set "
+        "--tls-cert/--tls-key and --auth-tokens-file or --tls-client-ca (see the README's Security section).",
     )
     for flag, env, kind, help_text in _SETTINGS:
         # type=str: conversion happens in load_config so that flags and env vars share one error path.
@@ -176,7 +237,7 @@ def _validate(config: ServerConfig) -> None:
         (0 <= config.port <= 65535, f"port must be 0..65535, got {config.port}"),
         (
             config.metrics_port is None or 0 <= config.metrics_port <= 65535,
-            f"metrics port must be 0..65535, got {config.metrics_port}",
+            f"{setting_name('metrics_port')} must be 0..65535, got {config.metrics_port}",
         ),
         (config.max_message_mb > 0, f"max message size must be > 0 MiB, got {config.max_message_mb}"),
         (config.max_pixels >= 256, f"max pixels must be >= 256, got {config.max_pixels}"),
@@ -185,8 +246,25 @@ def _validate(config: ServerConfig) -> None:
         (config.threads is None or config.threads >= 1, f"threads must be >= 1, got {config.threads}"),
         (config.grace_seconds >= 0, f"grace seconds must be >= 0, got {config.grace_seconds}"),
         (
+            config.memory_limit_mb is None or config.memory_limit_mb >= 256,
+            f"{setting_name('memory_limit_mb')} must be >= 256, got {config.memory_limit_mb}",
+        ),
+        (
+            config.tile_size == 0 or config.tile_size >= 32,
+            f"{setting_name('tile_size')} must be 0 or >= 32, got {config.tile_size}",
+        ),
+        (
             config.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"),
             f"log level must be DEBUG, INFO, WARNING or ERROR, got {config.log_level!r}",
+        ),
+        (
+            (config.tls_cert is None) == (config.tls_key is None),
+            f"{setting_name('tls_cert')} and {setting_name('tls_key')} go together: give both or neither",
+        ),
+        (
+            config.tls_client_ca is None or config.tls_cert is not None,
+            f"{setting_name('tls_client_ca')} needs {setting_name('tls_cert')} and "
+            f"{setting_name('tls_key')}: mutual TLS is TLS",
         ),
     )
     for ok, message in checks:

@@ -16,13 +16,14 @@ from PIL import Image
 
 from stylize_service.server.app import SERVICE_NAME, StylizeServer
 from stylize_service.server.config import ConfigError, ServerConfig, load_config
+from stylize_service.server.security import ServerSecurity
 
 if TYPE_CHECKING:
     from stylize_service.server.engine.engine import Engine
 
 logger = logging.getLogger("stylize.server")
 
-EXIT_CONFIG = 2  # bad flags or environment, missing model
+EXIT_CONFIG = 2  # bad flags or environment, missing model, unusable TLS or tokens file
 EXIT_START = 3  # cannot listen, or the model failed to load
 
 
@@ -37,6 +38,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    try:  # after logging is set up: reading the tokens file may warn about its lines
+        security = ServerSecurity.from_config(config)
+    except ConfigError as err:
+        print(f"stylize-server: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     # Pillow only warns about images over its global pixel limit; make that an error that the image
     # decoder turns into INVALID_ARGUMENT (our own, stricter per-call limit is checked first anyway).
     warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -50,21 +56,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_CONFIG
-    return serve(config)
+    return serve(config, security)
 
 
-def serve(config: ServerConfig) -> int:
-    server = StylizeServer(config)
+def serve(config: ServerConfig, security: ServerSecurity | None = None) -> int:
+    try:
+        server = StylizeServer(config, security)
+    except ConfigError as err:  # only when security was not read yet
+        print(f"stylize-server: error: {err}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         port = server.start()
     except (OSError, RuntimeError) as err:
         logger.error("cannot start: %s", err)
         return EXIT_START
     logger.info(
-        "listening on %s:%d (health NOT_SERVING until the model is loaded); concurrency=%d queue=%d "
+        "listening on %s:%d (%s; health NOT_SERVING until the model is loaded); concurrency=%d queue=%d "
         "threads/job=%d max_pixels=%d max_message=%dB",
         config.host,
         port,
+        server.security.describe(),
         config.concurrency,
         config.queue_size,
         config.intra_op_threads,
@@ -118,7 +129,9 @@ def _load_engine(config: ServerConfig) -> Engine:
     from stylize_service.server.engine.engine import Engine
 
     started = time.perf_counter()
-    engine = Engine(config.resolved_model_path, intra_op_threads=config.intra_op_threads)
+    engine = Engine(
+        config.resolved_model_path, intra_op_threads=config.intra_op_threads, tile_size=config.tile_size
+    )
     engine.warm_up()  # compile the default layer choice's graphs now, not on the first request
     info = engine.info
     logger.info(

@@ -46,7 +46,7 @@ def call_deadline_passed(context: grpc.ServicerContext) -> bool:
 
 class ServerMetrics:
     """Every metric of one server. The servicer reports jobs and evaluations; the scheduler's gauges are
-    read when scraped; the memory budget (issue 10) sets its two gauges through set_memory_*()."""
+    read from it when scraped; the server sets the memory budget once it is known."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -81,11 +81,13 @@ class ServerMetrics:
         )
         self.memory_budget_bytes = Gauge(
             "stylize_memory_budget_bytes",
-            "Memory the server may reserve for jobs (0: no budget).",
+            "Memory the server may use: the idle server plus the jobs' reservations.",
             registry=r,
         )
         self.memory_reserved_bytes = Gauge(
-            "stylize_memory_reserved_bytes", "Memory reserved by running and queued jobs.", registry=r
+            "stylize_memory_reserved_bytes",
+            "Memory reserved by the running jobs (their predicted peaks).",
+            registry=r,
         )
         self.grpc_requests = Counter(
             "stylize_grpc_requests",
@@ -96,10 +98,17 @@ class ServerMetrics:
 
     # --- what the server reports -------------------------------------------------------------------
 
-    def track_scheduler(self, running: Callable[[], float], waiting: Callable[[], float]) -> None:
-        """Read the running and waiting job counts when scraped (no bookkeeping to drift)."""
+    def track_scheduler(
+        self,
+        *,
+        running: Callable[[], float],
+        waiting: Callable[[], float],
+        reserved_memory: Callable[[], float],
+    ) -> None:
+        """Read the running and waiting jobs and their reserved memory when scraped (nothing to drift)."""
         self.jobs_running.set_function(running)
         self.queue_depth.set_function(waiting)
+        self.memory_reserved_bytes.set_function(reserved_memory)
 
     def job_finished(self, outcome: str, *, queue_wait: float | None, ran: float | None) -> None:
         """One call's end: outcome is one of OUTCOMES; the times are None for a job that never started."""
@@ -118,9 +127,6 @@ class ServerMetrics:
 
     def set_memory_budget(self, nbytes: int) -> None:
         self.memory_budget_bytes.set(nbytes)
-
-    def set_memory_reserved(self, nbytes: int) -> None:
-        self.memory_reserved_bytes.set(nbytes)
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus' text format, as /metrics serves them."""

@@ -1,4 +1,5 @@
-"""Admission of jobs: at most `concurrency` run at once, at most `queue_size` wait in FIFO order.
+"""Admission of jobs: at most `concurrency` run at once, their predicted memory fits the budget's
+`memory_capacity` together, and at most `queue_size` wait in FIFO order.
 
 The scheduler only counts slots; it runs nothing. A caller enqueues a Ticket, waits on it (learning its
 position as the queue moves) until it is admitted, runs its job, and releases it. A ticket that is
@@ -22,8 +23,9 @@ class SchedulerClosed(Exception):
 class Ticket:
     """One job's place in the scheduler. position: 0 = admitted (running), n >= 1 = n-th in the queue."""
 
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, memory: int = 0) -> None:
         self._scheduler = scheduler
+        self.memory = memory  # bytes reserved while it runs
         self.position = 0
         self.cancelled = threading.Event()
         self.released = False
@@ -48,13 +50,16 @@ class Ticket:
 
 
 class Scheduler:
-    def __init__(self, concurrency: int, queue_size: int) -> None:
+    def __init__(self, concurrency: int, queue_size: int, memory_capacity: int | None = None) -> None:
+        """memory_capacity: bytes the running jobs' reservations may add up to (None = not counted)."""
         if concurrency < 1 or queue_size < 0:
             raise ValueError(f"need concurrency >= 1 and queue_size >= 0, got {concurrency}, {queue_size}")
         self.concurrency = concurrency
         self.queue_size = queue_size
+        self.memory_capacity = memory_capacity
         self._cond = threading.Condition()
         self._running = 0
+        self._reserved = 0
         self._waiting: deque[Ticket] = deque()
         self._closed = False
 
@@ -64,19 +69,26 @@ class Scheduler:
             return self._running
 
     @property
+    def reserved_memory(self) -> int:
+        """Bytes reserved by the running jobs."""
+        with self._cond:
+            return self._reserved
+
+    @property
     def waiting(self) -> int:
         with self._cond:
             return len(self._waiting)
 
-    def enqueue(self) -> Ticket:
-        """A ticket that is admitted at once if a slot is free, else queued; raises QueueFull or
-        SchedulerClosed."""
+    def enqueue(self, memory: int = 0) -> Ticket:
+        """A ticket that is admitted at once if a slot and its memory are free, else queued; raises
+        QueueFull or SchedulerClosed. A job reserving more than memory_capacity must be refused by the
+        caller beforehand (it could never start); it is admitted alone rather than left waiting."""
         with self._cond:
             if self._closed:
                 raise SchedulerClosed()
-            ticket = Ticket(self)
-            if self._running < self.concurrency and not self._waiting:
-                self._running += 1
+            ticket = Ticket(self, memory)
+            if not self._waiting and self._fits(ticket):
+                self._admit(ticket)
                 return ticket
             if len(self._waiting) >= self.queue_size:
                 raise QueueFull()
@@ -123,6 +135,7 @@ class Scheduler:
             else:
                 ticket.released = True
                 self._running -= 1
+                self._reserved -= ticket.memory
                 self._promote()
 
     def _remove(self, ticket: Ticket) -> None:
@@ -132,11 +145,23 @@ class Scheduler:
         ticket.released = True
         self._promote()
 
+    def _fits(self, ticket: Ticket) -> bool:
+        """A free slot, and the memory beside the running jobs' (or an idle server); lock held."""
+        if self._running >= self.concurrency:
+            return False
+        capacity = self.memory_capacity
+        return capacity is None or self._running == 0 or self._reserved + ticket.memory <= capacity
+
+    def _admit(self, ticket: Ticket) -> None:
+        ticket.position = 0
+        self._running += 1
+        self._reserved += ticket.memory
+
     def _promote(self) -> None:
-        """Admit the head of the queue while slots are free and renumber the rest; lock held."""
-        while self._running < self.concurrency and self._waiting and not self._closed:
-            self._waiting.popleft().position = 0
-            self._running += 1
+        """Admit the head of the queue (FIFO: a large job is not overtaken) while it fits, and renumber
+        the rest; lock held."""
+        while self._waiting and not self._closed and self._fits(self._waiting[0]):
+            self._admit(self._waiting.popleft())
         for index, waiting in enumerate(self._waiting, start=1):
             waiting.position = index
         self._cond.notify_all()

@@ -23,6 +23,7 @@ import numpy as np
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.server.engine.memory import JobMemory, MemoryExceeded, megabytes
 from stylize_service.server.engine.pyramid import style_longest
 from stylize_service.server.engine.resample import scaled_size
 from stylize_service.server.engine.types import (
@@ -47,6 +48,7 @@ from stylize_service.server.options import (
     to_job_options,
 )
 from stylize_service.server.scheduler import QueueFull, Scheduler, SchedulerClosed, Ticket
+from stylize_service.server.security import client_label
 
 logger = logging.getLogger("stylize.server")
 
@@ -71,6 +73,10 @@ class EngineLike(Protocol):
         content_size: tuple[int, int] | None = None,
     ) -> None: ...
 
+    def plan_memory(
+        self, content_size: tuple[int, int], settings: StylizeSettings, styles: int, budget: int | None
+    ) -> JobMemory: ...
+
     def stylize(
         self,
         content: np.ndarray,
@@ -79,6 +85,7 @@ class EngineLike(Protocol):
         observer: StylizeObserver,
         *,
         init_image: np.ndarray | None = None,
+        tiles: Sequence[int] | None = None,
     ) -> StylizeResult: ...
 
 
@@ -86,6 +93,7 @@ class EngineLike(Protocol):
 class ServiceLimits:
     max_pixels: int
     max_message_bytes: int
+    memory_budget_bytes: int = 0  # 0 = not budgeted
 
 
 class _Abort(Exception):
@@ -105,6 +113,7 @@ class _Job:
     styles: list[StyleSource]
     init_image: np.ndarray | None
     options: JobOptions
+    memory: JobMemory
 
 
 # What the worker thread hands to the handler thread.
@@ -209,6 +218,7 @@ class _JobLog:
     id: str
     metrics: ServerMetrics
     deadline_passed: Callable[[], bool]  # the call's deadline has passed (gRPC reports it as a cancel)
+    client: str = "-"  # security.client_label: the token's short hash, else the peer address
     queued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     sizes: str = "-"
@@ -229,8 +239,9 @@ class _JobLog:
         started = self.started_at is not None
         self.metrics.job_finished(label, queue_wait=waited if started else None, ran=ran if started else None)
         logger.info(
-            "job %s %s iterations=%d evaluations=%d queued=%.2fs ran=%.2fs outcome=%s",
+            "job %s client=%s %s iterations=%d evaluations=%d queued=%.2fs ran=%.2fs outcome=%s",
             self.id,
+            self.client,
             self.sizes,
             iterations,
             evaluations,
@@ -289,6 +300,8 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 max_size=MAX_SIZE,
                 max_iterations=MAX_ITERATIONS,
                 max_styles=MAX_STYLES,
+                memory_budget_bytes=self._limits.memory_budget_bytes,
+                memory_for_jobs_bytes=self._scheduler.memory_capacity or 0,
             ),
             server_version=self._version,
         )
@@ -298,7 +311,12 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
     def Stylize(
         self, request: pb.StylizeRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.StylizeResponse]:
-        log = _JobLog(f"{next(self._ids):06d}", self._metrics, lambda: call_deadline_passed(context))
+        log = _JobLog(
+            id=f"{next(self._ids):06d}",
+            metrics=self._metrics,
+            deadline_passed=lambda: call_deadline_passed(context),
+            client=client_label(context),
+        )
         try:
             yield from self._stylize(request, context, log)
         except _Abort as abort:
@@ -319,7 +337,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         job = self._prepare(request, engine, log.id)
         log.sizes = _describe_sizes(job)
         try:
-            ticket = self._scheduler.enqueue()
+            ticket = self._scheduler.enqueue(job.memory.peak_bytes)
         except QueueFull:
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -397,11 +415,16 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 has_init_image=has_init_image,
                 content_size=(content.shape[1], content.shape[0]),
             )
+            job_memory = engine.plan_memory(
+                (content.shape[1], content.shape[0]), settings, len(styles), self._scheduler.memory_capacity
+            )
         except InvalidSettings as err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(invalid_option(err)), "invalid") from None
         except InvalidOption as err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(err), "invalid") from None
-        return _Job(job_id, content, styles, init_image, job_options)
+        except MemoryExceeded as err:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"memory: {err}", "refused") from None
+        return _Job(job_id, content, styles, init_image, job_options, job_memory)
 
     def _decode(self, data: bytes, field_name: str, max_side: int) -> np.ndarray:
         try:
@@ -444,7 +467,12 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         iterations = evaluations = 0
         try:
             result = engine.stylize(
-                job.content, job.styles, job.options.settings, observer, init_image=job.init_image
+                job.content,
+                job.styles,
+                job.options.settings,
+                observer,
+                init_image=job.init_image,
+                tiles=job.memory.tiles,
             )
             iterations, evaluations = result.iterations, result.evaluations
             events.put(_Done(result))
@@ -516,7 +544,11 @@ def _describe_sizes(job: _Job) -> str:
     height, width = job.content.shape[:2]
     out_w, out_h = scaled_size(width, height, job.options.settings.max_size)
     styles = ",".join(f"{s.image.shape[1]}x{s.image.shape[0]}" for s in job.styles) or "none"
-    return f"content={width}x{height} styles={styles} output={out_w}x{out_h}"
+    tiles = ",".join(str(t) for t in job.memory.tiles)
+    return (
+        f"content={width}x{height} styles={styles} output={out_w}x{out_h} "
+        f"memory={megabytes(job.memory.peak_bytes)}MB tiles={tiles}"
+    )
 
 
 def _losses_pb(losses: Losses) -> pb.Losses:
@@ -544,6 +576,8 @@ def _progress_pb(progress: Progress) -> pb.Progress:
         stages=progress.stages,
         width=progress.width,
         height=progress.height,
+        tile_size=progress.tile_size,
+        tiles=progress.tiles,
     )
 
 

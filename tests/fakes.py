@@ -22,7 +22,8 @@ from PIL import Image
 
 from stylize_service.server.app import StylizeServer
 from stylize_service.server.config import ServerConfig
-from stylize_service.server.engine.engine import check_request
+from stylize_service.server.engine.engine import check_request, layer_choice, plan_stages
+from stylize_service.server.engine.memory import JobMemory, plan_job
 from stylize_service.server.engine.resample import scaled_size
 from stylize_service.server.engine.types import (
     Losses,
@@ -91,6 +92,13 @@ class FakeEngine:
             content_size=content_size,
         )
 
+    def plan_memory(
+        self, content_size: tuple[int, int], settings: StylizeSettings, styles: int, budget: int | None
+    ) -> JobMemory:
+        # The real model's plan (it needs no ONNX), so that admission sees real figures.
+        choice = layer_choice(settings, styles)
+        return plan_job(plan_stages(content_size, settings, choice), choice, budget)
+
     def stylize(
         self,
         content: np.ndarray,
@@ -99,6 +107,7 @@ class FakeEngine:
         observer: StylizeObserver,
         *,
         init_image: np.ndarray | None = None,
+        tiles: Sequence[int] | None = None,
     ) -> StylizeResult:
         with self._lock:
             self.stylize_calls += 1  # before any check: tests can tell that a request never got here

@@ -42,6 +42,29 @@ def two_replicas(
         yield one, two
 
 
+@contextlib.contextmanager
+def held_until_both_start(first: FakeEngine, second: FakeEngine) -> Iterator[None]:
+    """Both engines hold their jobs until each has started one. On replicas that run one job and queue
+    none, a burst of calls then cannot all land on one replica (the first to connect), whatever the
+    timing: the others are refused there and retried until the second replica has one too."""
+    both_started = threading.Event()
+    for engine in (first, second):
+        engine.gate = both_started
+        engine.started = [threading.Event() for _ in range(8)]
+
+    def release() -> None:
+        if first.started[0].wait(LIVENESS) and second.started[0].wait(LIVENESS):
+            both_started.set()
+
+    releaser = threading.Thread(target=release, daemon=True)
+    releaser.start()
+    try:
+        yield
+    finally:
+        both_started.set()
+        releaser.join(LIVENESS)
+
+
 def target(*addresses: str) -> str:
     return "ipv4:" + ",".join(addresses)
 
@@ -54,7 +77,9 @@ def refused_count(server: StylizeServer) -> float:
 
 
 def test_a_four_image_batch_spreads_over_both_replicas(images: dict[str, Any], tmp_path: Path) -> None:
-    first, second = FakeEngine(), FakeEngine()
+    # Jobs of a tenth of a second: long enough for the second replica's connection to be up for the
+    # second job (the first goes to whichever replica connects first).
+    first, second = FakeEngine(seconds_per_iteration=0.02), FakeEngine(seconds_per_iteration=0.02)
     with two_replicas(first, second) as ((_, one), (_, two)):
         out = tmp_path / "out"
         code = cli.main(
@@ -73,29 +98,17 @@ def test_parallel_runs_jobs_on_both_replicas_at_once(images: dict[str, Any], tmp
     # Each replica runs one job and queues none; both jobs are held until both have started, which can
     # only happen if the batch really runs two jobs at the same time, one on each replica.
     first, second = FakeEngine(), FakeEngine()
-    both_started = threading.Event()
-    for engine in (first, second):
-        engine.gate = both_started
-        engine.started = [threading.Event() for _ in range(4)]
-
-    def release() -> None:
-        if first.started[0].wait(LIVENESS) and second.started[0].wait(LIVENESS):
-            both_started.set()
-
-    releaser = threading.Thread(target=release, daemon=True)
-    releaser.start()
-    try:
-        with two_replicas(first, second, queue_size=0) as ((_, one), (_, two)):
-            code = cli.main(
-                [
-                    *(str(images["folder"]), "-s", str(images["style"]), "-q"),
-                    *("--output-dir", str(tmp_path / "out"), "--server", target(one, two), *SMALL),
-                    *("--parallel", "2", "--retries", "4"),
-                ]
-            )
-    finally:
-        both_started.set()
-        releaser.join(LIVENESS)
+    with (
+        held_until_both_start(first, second),
+        two_replicas(first, second, queue_size=0) as ((_, one), (_, two)),
+    ):
+        code = cli.main(
+            [
+                *(str(images["folder"]), "-s", str(images["style"]), "-q"),
+                *("--output-dir", str(tmp_path / "out"), "--server", target(one, two), *SMALL),
+                *("--parallel", "2", "--retries", "4"),
+            ]
+        )
     assert code == cli.EXIT_OK
     assert first.completed + second.completed == 4
     assert first.max_running == 1 and second.max_running == 1
@@ -362,7 +375,17 @@ def test_the_readmes_replicas_example_runs_over_two_replicas(tmp_path: Path, mon
         (tmp_path / photo).write_bytes(image_bytes(48, 32, fmt="JPEG", seed=len(photo)))
     monkeypatch.chdir(tmp_path)
     first, second = FakeEngine(), FakeEngine()
-    with two_replicas(first, second) as ((_, one), (_, two)):
+    with (
+        held_until_both_start(first, second),
+        two_replicas(first, second, queue_size=0) as ((_, one), (_, two)),
+    ):
         exec(compile(code.replace(name, target(one, two)), "README.md", "exec"), {})
     assert sorted(p.name for p in tmp_path.glob("*.stylized.png")) == [f"{c}.stylized.png" for c in "abcd"]
     assert first.completed >= 1 and second.completed >= 1 and first.completed + second.completed == 4
+
+
+def test_wait_ready_is_true_once_a_replica_serves_and_false_when_none_can() -> None:
+    with running_server(FakeEngine()) as (_, address), StylizeClient(target(address)) as client:
+        assert client.wait_ready(LIVENESS)
+    with running_server(None) as (_, loading), StylizeClient(loading) as client:
+        assert not client.wait_ready(0.5)  # up, but its health says NOT_SERVING

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from stylize_service.server.config import load_config
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
@@ -249,6 +251,32 @@ def test_healthcheck_uses_grpc_health(stages: list[Stage]) -> None:
     assert "healthcheck.py" in args or "grpc_health" in args
     if "healthcheck.py" in args:
         assert (ROOT / "scripts" / "healthcheck.py").is_file()
+
+
+def test_healthcheck_follows_the_servers_tls_settings(stages: list[Stage]) -> None:
+    """The HEALTHCHECK pins neither plaintext nor an address, so that scripts/healthcheck.py goes by the
+    server's own variables (tests/test_security.py runs it against TLS and mutual TLS servers)."""
+    args = stages[-1].all("HEALTHCHECK")[-1].args
+    assert "healthcheck.py" in args
+    for pinned in ("--plaintext", "--address", "--tls-ca", "--tls-cert", "--tls-key", "--tls-server-name"):
+        assert pinned not in args, f"the HEALTHCHECK's {pinned} overrides the server's settings"
+    source = (ROOT / "scripts" / "healthcheck.py").read_text()
+    server_variables = {
+        "STYLIZE_PORT": "port",
+        "STYLIZE_TLS_CERT": "tls_cert",
+        "STYLIZE_TLS_KEY": "tls_key",
+        "STYLIZE_TLS_CLIENT_CA": "tls_client_ca",
+    }
+    environ = {
+        "STYLIZE_PORT": "6000",
+        "STYLIZE_TLS_CERT": "c",
+        "STYLIZE_TLS_KEY": "k",
+        "STYLIZE_TLS_CLIENT_CA": "a",
+    }
+    config = load_config([], environ=environ)
+    for variable, field_name in server_variables.items():
+        assert str(getattr(config, field_name)) == environ[variable], f"the server does not read {variable}"
+        assert f"{variable}" in source, f"scripts/healthcheck.py ignores the server's {variable}"
 
 
 def test_runs_the_server(stages: list[Stage]) -> None:

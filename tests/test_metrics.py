@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import urllib.error
@@ -102,7 +103,8 @@ def test_metrics_endpoint_after_one_real_job(real_engine: EngineLike) -> None:
     assert value(samples, "stylize_grpc_requests_total", method=GET_INFO, code="OK") == 1
     assert value(samples, "stylize_jobs_running") == 0 and value(samples, "stylize_queue_depth") == 0
     assert value(samples, "process_resident_memory_bytes") > 0  # the process collector
-    assert value(samples, "stylize_memory_budget_bytes") == 0  # until the memory budget sets it
+    assert value(samples, "stylize_memory_budget_bytes") == server.config.memory_budget_bytes > 0
+    assert value(samples, "stylize_memory_reserved_bytes") == 0  # nothing runs now
 
 
 # --- every outcome, with the fake engine ------------------------------------------------------------
@@ -236,13 +238,26 @@ def test_a_call_before_the_model_loads_is_refused_and_counted_unavailable() -> N
 # --- the module's own API and the flag -----------------------------------------------------------------
 
 
-def test_memory_gauges_are_set_through_the_setters() -> None:
-    with running_server(FakeEngine()) as (server, _):
-        server.metrics.set_memory_budget(8 * 2**30)
-        server.metrics.set_memory_reserved(3 * 2**30)
-        samples = metrics_of(server)()
-    assert value(samples, "stylize_memory_budget_bytes") == 8 * 2**30
-    assert value(samples, "stylize_memory_reserved_bytes") == 3 * 2**30
+def test_memory_gauges_show_the_budget_and_the_running_jobs_reservation() -> None:
+    engine = FakeEngine()
+    engine.gate = threading.Event()
+    engine.started = [threading.Event()]
+    with running_server(engine, memory_limit_mb=4096) as (server, address), channel(address) as ch:
+        read = metrics_of(server)
+        assert value(read(), "stylize_memory_budget_bytes") == 4096 * 2**20
+        assert value(read(), "stylize_memory_reserved_bytes") == 0
+        call = pb_grpc.StyleTransferStub(ch).Stylize(request(), timeout=LIVENESS)
+        reader = read_in_background(call)
+        try:
+            assert engine.started[0].wait(LIVENESS)
+            reserved = server.scheduler.reserved_memory
+            assert reserved > 0  # the job's predicted peak, as the scheduler admitted it
+            assert value(read(), "stylize_memory_reserved_bytes") == reserved
+        finally:
+            engine.gate.set()
+            reader.join(LIVENESS)
+        samples = eventually(read, lambda s: value(s, "stylize_memory_reserved_bytes") == 0)
+    assert value(samples, "stylize_memory_reserved_bytes") == 0
 
 
 def test_an_unknown_outcome_is_a_programming_error() -> None:
@@ -265,7 +280,9 @@ def test_the_endpoint_is_off_unless_a_port_is_given_and_stops_with_the_server() 
     assert load_config([], environ={"STYLIZE_METRICS_PORT": "0"}).metrics_port is None
     assert load_config(["--metrics-port", "9464"], environ={}).metrics_port == 9464
     assert load_config([], environ={"STYLIZE_METRICS_PORT": "9464"}).metrics_port == 9464
-    with pytest.raises(ConfigError, match=r"metrics port must be 0\.\.65535, got 70000"):
+    with pytest.raises(
+        ConfigError, match=re.escape("--metrics-port (STYLIZE_METRICS_PORT) must be 0..65535, got 70000")
+    ):
         load_config(["--metrics-port", "70000"], environ={})
     with running_server(FakeEngine()) as (server, _):
         assert server.metrics_port is None
@@ -285,3 +302,18 @@ def test_every_metric_is_documented_in_the_readme() -> None:
     assert len(names) == 9
     undocumented = {name for name in names if f"`{name}`" not in section and f"`{name}_total`" not in section}
     assert not undocumented, f"README's Metrics section lacks {sorted(undocumented)}"
+
+
+def test_calls_refused_for_want_of_a_token_are_counted(tmp_path: Path) -> None:
+    # The metrics interceptor comes before the token interceptor, so it sees its refusals too.
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a-valid-token-of-some-length\n")
+    with running_server(FakeEngine(), auth_tokens_file=tokens) as (server, address), channel(address) as ch:
+        with pytest.raises(grpc.RpcError) as caught:
+            pb_grpc.StyleTransferStub(ch).GetInfo(pb.GetInfoRequest(), timeout=LIVENESS)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        samples = eventually(
+            metrics_of(server),
+            lambda s: value(s, "stylize_grpc_requests_total", method=GET_INFO, code="UNAUTHENTICATED") == 1,
+        )
+    assert value(samples, "stylize_grpc_requests_total", method=GET_INFO, code="UNAUTHENTICATED") == 1

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,11 +12,12 @@ import numpy as np
 
 from stylize_service.models.graphs import POOLS_BEFORE, LayerChoice
 
-from . import color, pyramid, validation
+from . import color, memory, pyramid, validation
 from .network import CompiledChoice, Evaluation, FeatureNetwork, Targets
 from .optimizer import Step, run_lbfgs
 from .pyramid import Stage
 from .resample import resize, resize_longest
+from .tiling import TiledEvaluator, TileLayout
 from .types import (
     Init,
     Losses,
@@ -37,6 +39,7 @@ class _Run:
     settings: StylizeSettings
     compiled: CompiledChoice
     stages: list[Stage]
+    tiles: list[int]  # each stage's tile size, px (0 = untiled)
     content: np.ndarray  # the request's content image (RGB), for the colour mode's finishing
     started: float
     iterations_done: int = 0
@@ -53,8 +56,12 @@ class Engine:
         *,
         providers: list[str] | None = None,
         intra_op_threads: int | None = None,
+        tile_size: int = 0,
     ) -> None:
+        """tile_size: evaluate every stage larger than this in tiles of about this many px (0 = only
+        where the memory budget given to stylize() asks for it)."""
         self._network = FeatureNetwork(model_path, providers=providers, intra_op_threads=intra_op_threads)
+        self.tile_size = tile_size
 
     @property
     def info(self) -> ModelInfo:
@@ -82,6 +89,16 @@ class Engine:
             content_size=content_size,
         )
 
+    def plan_memory(
+        self, content_size: tuple[int, int], settings: StylizeSettings, styles: int, budget: int | None
+    ) -> memory.JobMemory:
+        """Each stage's tile size and the job's predicted peak (bytes above the idle server) for a content
+        image of content_size = (width, height), within `budget` bytes (None = no limit); raises
+        memory.MemoryExceeded when it fits at no tile size. Pass the tiles on to stylize()."""
+        choice = layer_choice(settings, styles)
+        stages = plan_stages(content_size, settings, choice)
+        return memory.plan_job(stages, choice, budget, forced_tile=self.tile_size)
+
     def stylize(
         self,
         content: np.ndarray,
@@ -90,12 +107,14 @@ class Engine:
         observer: StylizeObserver,
         *,
         init_image: np.ndarray | None = None,
+        tiles: Sequence[int] | None = None,
     ) -> StylizeResult:
         """Optimise an image whose content matches `content` and whose style matches the blended `styles`.
 
-        Images are float32 (H, W, 3) RGB in [0, 1]; init_image is the start for Init.IMAGE. Blocks until
-        done; raises StylizeCancelled when the observer asks to stop, InvalidSettings for settings or
-        inputs that cannot be honoured.
+        Images are float32 (H, W, 3) RGB in [0, 1]; init_image is the start for Init.IMAGE. tiles: each
+        stage's tile size (0 = untiled), as memory.plan_job chose it; None = the engine's tile_size.
+        Blocks until done; raises StylizeCancelled when the observer asks to stop, InvalidSettings for
+        settings or inputs that cannot be honoured.
         """
         self.check(
             settings,
@@ -104,19 +123,42 @@ class Engine:
         )
         choice = layer_choice(settings, len(styles))
         stages = plan_stages((content.shape[1], content.shape[0]), settings, choice)
-        run = _Run(observer, settings, self._network.compiled(choice), stages, content, time.perf_counter())
+        if tiles is None:
+            tiles = memory.plan_job(stages, choice, None, forced_tile=self.tile_size).tiles
+        run = _Run(
+            observer,
+            settings,
+            self._network.compiled(choice),
+            stages,
+            list(tiles),
+            content,
+            time.perf_counter(),
+        )
         net_content, net_styles = color.prepare_inputs(
             settings.color_mode, content, [s.image for s in styles]
         )
         blend = _blend_weights([s.blend_weight for s in styles])
         previous: np.ndarray | None = None  # RGB result of the previous stage
         last: Step | None = None
-        for stage in stages:
-            stage_content = resize(net_content, stage.width, stage.height)
-            targets = self._targets(run.compiled, stage_content, net_styles, blend, stage, settings)
-            start_rgb = self._start(settings, stage, stage_content, previous, init_image)
-            last = self._optimise(run, stage, targets, start_rgb)
-            previous = self._network.from_network(last.x)
+        tile_sessions = self._network.tile_sessions(choice) if any(run.tiles) else None
+        try:
+            for stage in stages:
+                stage_content = resize(net_content, stage.width, stage.height)
+                if run.tiles[stage.index]:
+                    assert tile_sessions is not None
+                    tiled = TiledEvaluator(tile_sessions, run.tiles[stage.index], _stopper(observer))
+                    targets = self._tiled_targets(tiled, stage_content, net_styles, blend, stage, settings)
+                    evaluate = tiled.evaluator(targets, *_weights(settings))
+                else:
+                    targets = self._targets(run.compiled, stage_content, net_styles, blend, stage, settings)
+                    feeds = run.compiled.feeds(targets, *_weights(settings))
+                    evaluate = functools.partial(run.compiled.evaluate, feeds=feeds)
+                start_rgb = self._start(settings, stage, stage_content, previous, init_image)
+                last = self._optimise(run, stage, evaluate, start_rgb)
+                previous = self._network.from_network(last.x)
+        finally:
+            del tile_sessions  # built for this job alone: dropping them frees their memory
+            self._network.release_memory(choice)
         assert last is not None
         final = color.finish_output(settings.color_mode, self._network.from_network(last.x), content)
         return StylizeResult(
@@ -148,6 +190,24 @@ class Engine:
         by_term["style"] = grams
         return Targets(by_term)
 
+    def _tiled_targets(
+        self,
+        tiled: TiledEvaluator,
+        stage_content: np.ndarray,
+        styles: list[np.ndarray],
+        blend: np.ndarray,
+        stage: Stage,
+        settings: StylizeSettings,
+    ) -> Targets:
+        style_size = pyramid.style_longest(stage.longest, settings.style_scale)
+        return tiled.targets(
+            self._network.to_network(stage_content),
+            [
+                (float(weight), self._network.to_network(resize_longest(style, style_size)))
+                for weight, style in zip(blend, styles, strict=True)
+            ],
+        )
+
     @staticmethod
     def _start(
         settings: StylizeSettings,
@@ -166,16 +226,17 @@ class Engine:
         rng = np.random.default_rng(settings.seed)
         return rng.uniform(0.0, 1.0, (stage.height, stage.width, 3)).astype(np.float32)
 
-    def _optimise(self, run: _Run, stage: Stage, targets: Targets, start_rgb: np.ndarray) -> Step:
+    def _optimise(
+        self, run: _Run, stage: Stage, loss: Callable[[np.ndarray], Evaluation], start_rgb: np.ndarray
+    ) -> Step:
         s = run.settings
-        feeds = run.compiled.feeds(
-            targets,
-            s.term_weights(),
-            {term: dict(layers) for term, layers in s.term_layers().items()},
-        )
         x0 = self._network.to_network(start_rgb)
         stage_started = time.perf_counter()
         base_iterations = run.iterations_done
+        tile_size = run.tiles[stage.index]
+        tile_count = (
+            len(TileLayout(stage.height, stage.width, tile_size, run.compiled.choice)) if tile_size else 0
+        )
 
         def before_evaluation() -> None:
             if run.observer.should_stop():
@@ -201,6 +262,8 @@ class Engine:
                     stages=stage.count,
                     width=stage.width,
                     height=stage.height,
+                    tile_size=run.tiles[stage.index],
+                    tiles=tile_count,
                     evaluation_seconds=tuple(run.evaluation_seconds),
                 )
             )
@@ -214,7 +277,7 @@ class Engine:
         def evaluate(x: np.ndarray) -> Evaluation:
             run.evaluations += 1
             started = time.perf_counter()
-            evaluation = run.compiled.evaluate(x, feeds)
+            evaluation = loss(x)
             run.evaluation_seconds.append(time.perf_counter() - started)
             return evaluation
 
@@ -264,6 +327,19 @@ def plan_stages(content_size: tuple[int, int], settings: StylizeSettings, choice
         min_short_side=2 ** POOLS_BEFORE[choice.deepest],
         deepest_layer=choice.deepest,
     )
+
+
+def _weights(settings: StylizeSettings) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Each term's weight, and each layered term's weight per layer."""
+    return settings.term_weights(), {term: dict(layers) for term, layers in settings.term_layers().items()}
+
+
+def _stopper(observer: StylizeObserver) -> Callable[[], None]:
+    def check() -> None:
+        if observer.should_stop():
+            raise StylizeCancelled()
+
+    return check
 
 
 def _blend_weights(weights: Sequence[float]) -> np.ndarray:

@@ -3,6 +3,8 @@ for the targets and loss graphs of each layer choice (generated on first use, th
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import threading
 from collections import OrderedDict
@@ -38,6 +40,34 @@ class Evaluation:
     grad: np.ndarray  # float32, shaped like the image
 
 
+SHRINK_IMAGE_SIDE = 32  # px: deep enough for relu5_x (four pools), tiny enough to cost nothing
+_SHRINK = ort.RunOptions()
+_SHRINK.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+
+_ARENA_LOCK = threading.Lock()
+_arena_registered = False
+
+
+def _register_shared_cpu_arena() -> None:
+    """One CPU arena for every session of the process, extended by exactly what is requested
+    (kSameAsRequested), so that arena shrinkage can return whole regions; registered once."""
+    global _arena_registered
+    with _ARENA_LOCK:
+        if _arena_registered:
+            return
+        memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        # max_mem 0 = no cap, extend strategy 1 = kSameAsRequested, the rest default (-1).
+        ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, 1, -1, -1))
+        _arena_registered = True
+
+
+def _trim_heap() -> None:
+    """glibc keeps freed memory in its heap; malloc_trim returns it. Elsewhere this is a no-op."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class CompiledChoice:
     """The two onnxruntime sessions of one LayerChoice."""
 
@@ -50,10 +80,14 @@ class CompiledChoice:
         self._target_outputs = [o.name for o in targets.get_outputs()]
         self._loss_outputs = [o.name for o in loss.get_outputs()]
 
-    def targets(self, image: np.ndarray) -> Targets:
+    def targets(self, image: np.ndarray, run_options: ort.RunOptions | None = None) -> Targets:
         """Every layered term's targets computed from one image (content image or style image)."""
         outputs = dict(
-            zip(self._target_outputs, self._targets.run(None, {export.INPUT_NAME: image}), strict=True)
+            zip(
+                self._target_outputs,
+                self._targets.run(None, {export.INPUT_NAME: image}, run_options),
+                strict=True,
+            )
         )
         return Targets(
             {
@@ -79,6 +113,15 @@ class CompiledChoice:
             grad=out[graphs.GRAD],
         )
 
+    def shrink_arenas(self) -> None:
+        """Run both sessions once on a tiny image with arena shrinkage, so that their memory arenas give
+        back what the last large image made them hold (onnxruntime shrinks only at the end of a run)."""
+        tiny = np.zeros((1, 3, SHRINK_IMAGE_SIDE, SHRINK_IMAGE_SIDE), np.float32)
+        targets = self.targets(tiny, _SHRINK)
+        ones = {term: 1.0 for term in TERMS}
+        layer_ones = {term: dict.fromkeys(layers, 1.0) for term, layers in self.choice.layers}
+        self._loss.run(None, {**self.feeds(targets, ones, layer_ones), export.INPUT_NAME: tiny}, _SHRINK)
+
     def feeds(
         self, targets: Targets, weights: dict[str, float], layer_weights: dict[str, dict[str, float]]
     ) -> dict[str, np.ndarray]:
@@ -94,6 +137,32 @@ class CompiledChoice:
             for layer in layers:
                 feeds[graphs.target_input(term, layer)] = targets.by_term[term][layer]
         return feeds
+
+
+class TileSessions:
+    """The two onnxruntime sessions of one LayerChoice's tiled evaluation (server.engine.tiling)."""
+
+    def __init__(
+        self, choice: LayerChoice, statistics: ort.InferenceSession, loss: ort.InferenceSession
+    ) -> None:
+        self.choice = choice
+        self._statistics = statistics
+        self._loss = loss
+        self._statistics_inputs = {i.name for i in statistics.get_inputs()}
+        self._loss_inputs = {i.name for i in loss.get_inputs()}
+
+    def statistics(
+        self, tile: np.ndarray, masks: dict[str, np.ndarray], outputs: list[str]
+    ) -> dict[str, np.ndarray]:
+        feeds = {name: value for name, value in masks.items() if name in self._statistics_inputs}
+        return dict(
+            zip(outputs, self._statistics.run(outputs, {**feeds, export.INPUT_NAME: tile}), strict=True)
+        )
+
+    def loss(self, tile: np.ndarray, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        used = {name: value for name, value in feeds.items() if name in self._loss_inputs}
+        outputs = self._loss.run(None, {**used, export.INPUT_NAME: tile})
+        return dict(zip((o.name for o in self._loss.get_outputs()), outputs, strict=True))
 
 
 class FeatureNetwork:
@@ -132,6 +201,14 @@ class FeatureNetwork:
             )
         self._options = ort.SessionOptions()
         self._options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Memory (README, Memory; scripts/benchmark_memory.py). onnxruntime's memory patterns pre-plan one
+        # block per input shape for every intermediate: at 768x576 they took a job's peak from 2.1 to
+        # 3.6 GB. Without them, and with one process-wide arena that grows by exactly what is asked
+        # (rather than doubling), a job's memory can be given back in full afterwards (release_memory).
+        self._options.enable_mem_pattern = False
+        if "CPUExecutionProvider" in self._requested_providers:
+            _register_shared_cpu_arena()
+            self._options.add_session_config_entry("session.use_env_allocators", "1")
         if intra_op_threads:
             self._options.intra_op_num_threads = intra_op_threads
         # What onnxruntime really registers (a provider can fail to load and fall back), asked of a
@@ -175,6 +252,24 @@ class FeatureNetwork:
                 while len(self._cache) > self._cache_size:
                     self._cache.popitem(last=False)
             return compiled
+
+    def tile_sessions(self, choice: LayerChoice) -> TileSessions:
+        """Fresh sessions for the tiled evaluation of a choice. Not cached: only large jobs use them, and a
+        job that drops them gives their memory back at once."""
+        return TileSessions(
+            choice,
+            self._session(graphs.build_tile_statistics_model(self._features, choice)),
+            self._session(graphs.build_tile_loss_model(self._features, choice)),
+        )
+
+    def release_memory(self, choice: LayerChoice) -> None:
+        """Give the memory a job's evaluations used back to the operating system: shrink the arenas of
+        the choice's sessions (a tiny run with arena shrinkage) and trim the C heap."""
+        with self._lock:
+            compiled = self._cache.get(choice)
+        if compiled is not None:
+            compiled.shrink_arenas()
+        _trim_heap()
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         return ort.InferenceSession(

@@ -1,14 +1,66 @@
-"""scipy's L-BFGS-B driving a loss+gradient function, one report per iteration."""
+"""scipy's L-BFGS-B driving a loss+gradient function, one report per iteration.
+
+Two drivers run the same routine (scipy's `setulb`, the L-BFGS-B step) on the same inputs, so they give
+the same iterates bit for bit:
+
+- `minimize_public` goes through `scipy.optimize.minimize`. For bounded problems scipy converts the bounds
+  into a Python list of pairs and back and then classifies them in a Python loop over every variable:
+  about 1.5 s per optimisation at 512x384 (590k variables) and 6 s at 1024x768 before the first
+  iteration (scripts/benchmark_overhead.py measures it), plus a handful of full-size copies per
+  evaluation.
+- `minimize_direct` calls `setulb` itself with bounds prepared as arrays in a few milliseconds. `setulb`
+  lives in a private scipy module, so it is used only once a small probe problem has shown that it
+  reproduces `minimize_public` exactly on the installed scipy; otherwise `run_lbfgs` logs why and falls
+  back to the public driver (slower set-up, same results).
+
+`setulb` calls BLAS for vectors of the image's size. With BLAS threads it took 0.13-0.35 s per evaluation
+at 512x384 on two shared cores, against 0.05-0.13 s with one (its calls are too small for threads to pay,
+and the threads contend with onnxruntime's and other processes'), so run_lbfgs holds BLAS at one thread
+while it runs. A side effect: the iterates no longer depend on the machine's core count (a threaded BLAS
+sums in an order that does).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import functools
+import logging
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import Bounds, OptimizeResult, minimize
+from threadpoolctl import ThreadpoolController
 
 from .network import Evaluation
+
+try:  # private: see the module docstring for why, and how its use is guarded
+    from scipy.optimize import _lbfgsb as _scipy_lbfgsb
+except ImportError:  # pragma: no cover - a scipy without it gets the public driver
+    _scipy_lbfgsb = None
+
+log = logging.getLogger(__name__)
+
+# flat float64 x -> (loss, gradient with x's size in any float dtype). x is the optimiser's own array: read
+# it during the call, never keep or modify it.
+Objective = Callable[[np.ndarray], tuple[float, np.ndarray]]
+# Called with each iteration's accepted point (flat float64), on the same terms as Objective's x.
+IterationCallback = Callable[[np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class LbfgsOptions:
+    """Stopping rules. There are no tolerances: ftol and gtol are zero, so a run does `maxiter` iterations
+    unless `maxfun` evaluations are used up or the line search can make no progress."""
+
+    maxiter: int
+    maxfun: int
+    maxcor: int = 10  # correction pairs kept (the "limited memory")
+    maxls: int = 20  # line-search steps per iteration (scipy's default)
+
+
+Driver = Callable[[Objective, np.ndarray, np.ndarray, np.ndarray, LbfgsOptions, IterationCallback], None]
 
 
 @dataclass(frozen=True)
@@ -33,6 +85,7 @@ def run_lbfgs(
     on_step sees the starting point (iteration 0) and every iteration's accepted point. Returns the last step.
     """
     shape = x0.shape
+    lower, upper = _flat_bounds(bounds, x0.size)
     last: list[Step] = []
     count = {"evaluations": 0, "iterations": 0}
 
@@ -45,15 +98,15 @@ def run_lbfgs(
         last[:] = [step]
         if count["evaluations"] == 1:
             on_step(step)
-        return evaluation.loss, evaluation.grad.astype(np.float64).ravel()
+        return evaluation.loss, evaluation.grad
 
-    def callback(intermediate_result: OptimizeResult) -> None:
+    def callback(accepted: np.ndarray) -> None:
         count["iterations"] += 1
         step = last[0]
-        if not np.array_equal(step.x.ravel(), intermediate_result.x.astype(np.float32)):
+        if not np.array_equal(step.x.ravel(), accepted.astype(np.float32)):
             # L-BFGS-B accepts the last point its line search evaluated, so this does not happen in
             # practice; evaluate again rather than report losses of another point.
-            x = intermediate_result.x.reshape(shape).astype(np.float32)
+            x = accepted.reshape(shape).astype(np.float32)
             before_evaluation()
             count["evaluations"] += 1
             step = Step(0, count["evaluations"], x, evaluate(x))
@@ -61,20 +114,225 @@ def run_lbfgs(
         last[:] = [step]
         on_step(step)
 
+    options = LbfgsOptions(maxiter=iterations, maxfun=2 * iterations + 20)
+    with single_threaded_blas():
+        driver()(fun, x0.astype(np.float64).ravel(), lower, upper, options, callback)
+    return last[0]
+
+
+class _BlasHold:
+    """Keeps every BLAS library of the process at one thread while at least one holder is inside
+    `held()`, and restores the libraries' own settings when the last one leaves. Counted, so that
+    concurrent optimisations neither race nor leave the process limited."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._holders = 0
+        self._limit = contextlib.ExitStack()
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self._holders == 0:
+                self._limit.enter_context(_blas_controller().limit(limits=1, user_api="blas"))
+            self._holders += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                if self._holders == 0:
+                    self._limit.close()  # the libraries' settings from before the first holder
+
+
+@functools.cache
+def _blas_controller() -> ThreadpoolController:
+    # Scans the loaded libraries once; scipy's BLAS is loaded by this module's imports.
+    return ThreadpoolController()
+
+
+_blas_hold = _BlasHold()
+
+
+def single_threaded_blas() -> contextlib.AbstractContextManager[None]:
+    """BLAS at one thread for the duration (see the module docstring for why)."""
+    return _blas_hold.held()
+
+
+def _flat_bounds(bounds: tuple[np.ndarray, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Both bounds as flat float64 arrays of `size` (a scalar applies to every element)."""
+    flat = []
+    for name, bound in zip(("lower", "upper"), bounds, strict=True):
+        b = np.asarray(bound, np.float64).ravel()
+        if b.size not in (1, size):
+            raise ValueError(f"L-BFGS-B bounds: {name} bound has {b.size} elements, x0 has {size}")
+        if np.isnan(b).any():
+            raise ValueError(f"L-BFGS-B bounds: {name} bound contains NaN")
+        flat.append(np.broadcast_to(b, (size,)))
+    lower, upper = flat
+    if np.any(lower > upper):
+        raise ValueError("L-BFGS-B bounds: a lower bound is greater than its upper bound")
+    return lower, upper
+
+
+def minimize_public(
+    fun: Objective,
+    x0: np.ndarray,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    options: LbfgsOptions,
+    callback: IterationCallback,
+) -> None:
+    """L-BFGS-B through scipy.optimize.minimize (public API; slow bounds set-up for large problems)."""
+
+    def scipy_callback(intermediate_result: OptimizeResult) -> None:
+        callback(intermediate_result.x)
+
     minimize(
-        fun,
-        x0.astype(np.float64).ravel(),
+        lambda x: _as_float64(fun(x)),
+        x0,
         jac=True,
         method="L-BFGS-B",
-        bounds=Bounds(*bounds),
-        callback=callback,
-        # ftol and gtol of zero: run the iterations asked for unless the line search can make no progress.
+        bounds=Bounds(lower, upper),
+        callback=scipy_callback,
         options={
-            "maxiter": iterations,
-            "maxfun": 2 * iterations + 20,
-            "maxcor": 10,
+            "maxiter": options.maxiter,
+            "maxfun": options.maxfun,
+            "maxcor": options.maxcor,
+            "maxls": options.maxls,
             "ftol": 0.0,
             "gtol": 0.0,
         },
     )
-    return last[0]
+
+
+def _as_float64(result: tuple[float, np.ndarray]) -> tuple[float, np.ndarray]:
+    loss, grad = result
+    return loss, np.asarray(grad, np.float64).ravel()
+
+
+# setulb's task codes (scipy.optimize._lbfgsb_py): what the routine asks for when it returns.
+_TASK_FG = 3  # evaluate f and g at x
+_TASK_NEW_X = 1  # x is the next iterate
+_TASK_STOP = 5
+_STOP_MAXFUN = 502
+_STOP_MAXITER = 504
+
+
+def minimize_direct(
+    fun: Objective,
+    x0: np.ndarray,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    options: LbfgsOptions,
+    callback: IterationCallback,
+) -> None:
+    """L-BFGS-B by calling scipy's setulb routine in the loop that scipy.optimize.minimize runs, with the
+    bounds prepared as arrays. Same inputs to setulb, hence the same iterates, as `minimize_public`."""
+    if _scipy_lbfgsb is None:
+        raise RuntimeError("this scipy has no scipy.optimize._lbfgsb")
+    setulb = _scipy_lbfgsb.setulb
+    n = x0.size
+    m = options.maxcor
+    has_lower, has_upper = np.isfinite(lower), np.isfinite(upper)
+    # setulb's bound kinds: 0 none, 1 lower only, 2 both, 3 upper only.
+    nbd = np.where(has_lower, np.where(has_upper, 2, 1), np.where(has_upper, 3, 0)).astype(np.int32)
+    low = np.where(has_lower, lower, 0.0)
+    high = np.where(has_upper, upper, 0.0)
+
+    # Like scipy: the start is clipped into the bounds and evaluated before the first setulb call, f and g
+    # are handed to setulb only when it asks for them, and a request for the point last evaluated is
+    # answered from memory.
+    x = np.clip(np.asarray(x0, np.float64).ravel(), lower, upper)
+    evaluated_x = x.copy()
+    loss, grad = fun(x)
+    evaluations = 1
+    f = 0.0
+    g = np.zeros(n, np.float64)  # setulb may write into g; `grad` stays the evaluation's gradient
+    wa = np.zeros(2 * m * n + 5 * n + 11 * m * m + 8 * m, np.float64)
+    iwa = np.zeros(3 * n, np.int32)
+    task = np.zeros(2, np.int32)
+    ln_task = np.zeros(2, np.int32)
+    lsave = np.zeros(4, np.int32)
+    isave = np.zeros(44, np.int32)
+    dsave = np.zeros(29, np.float64)
+    factr, pgtol = 0.0, 0.0
+    iterations = 0
+    while True:
+        setulb(
+            m,
+            x,
+            low,
+            high,
+            nbd,
+            f,
+            g,
+            factr,
+            pgtol,
+            wa,
+            iwa,
+            task,
+            lsave,
+            isave,
+            dsave,
+            options.maxls,
+            ln_task,
+        )
+        if task[0] == _TASK_FG:
+            if not np.array_equal(x, evaluated_x):
+                loss, grad = fun(x)
+                evaluations += 1
+                np.copyto(evaluated_x, x)
+            f = loss
+            np.copyto(g, np.ravel(grad))
+        elif task[0] == _TASK_NEW_X:
+            iterations += 1
+            callback(x)
+            if iterations >= options.maxiter:
+                task[:] = (_TASK_STOP, _STOP_MAXITER)
+            elif evaluations > options.maxfun:
+                task[:] = (_TASK_STOP, _STOP_MAXFUN)
+        else:
+            return
+
+
+@functools.cache
+def driver() -> Driver:
+    """The direct driver where it reproduces the public one on this scipy, else the public one."""
+    try:
+        same = _record(minimize_direct) == _record(minimize_public)
+        reason = "its iterates differ from scipy.optimize.minimize's on a probe problem"
+    except Exception as error:  # a changed private signature surfaces as any kind of error
+        same, reason = False, f"calling it failed ({error!r})"
+    if same:
+        return minimize_direct
+    log.warning(
+        "scipy's L-BFGS-B routine cannot be driven directly: %s; using scipy.optimize.minimize, which adds "
+        "seconds of set-up per optimisation for large images",
+        reason,
+    )
+    return minimize_public
+
+
+def _record(drive: Driver) -> list[tuple[str, bytes, float]]:
+    """Every evaluated and accepted point of a small bounded Rosenbrock problem: a start outside the
+    bounds, infinite bounds, line searches of several evaluations and a bound active at the end."""
+    n = 12
+    lower, upper = np.full(n, -1.0), np.full(n, 0.8)
+    upper[0], lower[1] = np.inf, -np.inf
+    events: list[tuple[str, bytes, float]] = []
+
+    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+        a, b = x[:-1], x[1:]
+        loss = float(np.sum(100.0 * (b - a * a) ** 2 + (1.0 - a) ** 2))
+        grad = np.zeros(n)
+        grad[:-1] += -400.0 * a * (b - a * a) - 2.0 * (1.0 - a)
+        grad[1:] += 200.0 * (b - a * a)
+        events.append(("f", x.tobytes(), loss))
+        return loss, grad.astype(np.float32)  # float32, as the network's gradients are
+
+    def callback(x: np.ndarray) -> None:
+        events.append(("x", x.tobytes(), 0.0))
+
+    drive(fun, np.linspace(-2.0, 2.0, n), lower, upper, LbfgsOptions(maxiter=30, maxfun=80), callback)
+    return events

@@ -197,7 +197,7 @@ class LayerLosses(_message.Message):
     def __init__(self, layers: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("iteration", "evaluations", "losses", "elapsed_seconds", "eta_seconds", "stage", "stages", "width", "height")
+    __slots__ = ("iteration", "evaluations", "losses", "elapsed_seconds", "eta_seconds", "stage", "stages", "width", "height", "tile_size", "tiles")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
@@ -207,6 +207,8 @@ class Progress(_message.Message):
     STAGES_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    TILE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TILES_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     evaluations: int
     losses: Losses
@@ -216,7 +218,9 @@ class Progress(_message.Message):
     stages: int
     width: int
     height: int
-    def __init__(self, iteration: _Optional[int] = ..., evaluations: _Optional[int] = ..., losses: _Optional[_Union[Losses, _Mapping]] = ..., elapsed_seconds: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., stage: _Optional[int] = ..., stages: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ...) -> None: ...
+    tile_size: int
+    tiles: int
+    def __init__(self, iteration: _Optional[int] = ..., evaluations: _Optional[int] = ..., losses: _Optional[_Union[Losses, _Mapping]] = ..., elapsed_seconds: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., stage: _Optional[int] = ..., stages: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., tile_size: _Optional[int] = ..., tiles: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("iteration", "image", "mime_type", "width", "height")
@@ -295,7 +299,7 @@ class Preprocessing(_message.Message):
     def __init__(self, channel_order: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., input_scale: _Optional[float] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_pixels", "max_message_bytes", "concurrency", "queue_size", "max_size", "max_iterations", "max_styles")
+    __slots__ = ("max_pixels", "max_message_bytes", "concurrency", "queue_size", "max_size", "max_iterations", "max_styles", "memory_budget_bytes", "memory_for_jobs_bytes")
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
@@ -303,6 +307,8 @@ class Limits(_message.Message):
     MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_STYLES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_FOR_JOBS_BYTES_FIELD_NUMBER: _ClassVar[int]
     max_pixels: int
     max_message_bytes: int
     concurrency: int
@@ -310,4 +316,6 @@ class Limits(_message.Message):
     max_size: int
     max_iterations: int
     max_styles: int
-    def __init__(self, max_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., concurrency: _Optional[int] = ..., queue_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_styles: _Optional[int] = ...) -> None: ...
+    memory_budget_bytes: int
+    memory_for_jobs_bytes: int
+    def __init__(self, max_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., concurrency: _Optional[int] = ..., queue_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_styles: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., memory_for_jobs_bytes: _Optional[int] = ...) -> None: ...

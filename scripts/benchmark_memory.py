@@ -1,0 +1,190 @@
+"""Peak memory of one stylization: predicted by the memory model against measured, with and without tiles.
+
+Run: .venv/bin/python scripts/benchmark_memory.py [--sizes 512 1024 2048 4096] [--budgets-mb 0 3000]
+
+Each row runs in a fresh process: the engine is loaded and warmed up as the server does, its resident
+memory is the idle baseline, then one single-stage job (min_size = max_size, 1 iteration, init content) of
+the Tübingen photograph in the style of The Starry Night runs with the tiles that server.engine.memory plans
+for the budget (0 = the default budget: the container's or machine's memory less 10%). Measured peak is the
+process's maximum resident set size; predicted is idle + the plan's peak. A job that fits at no tile size
+is refused, as the server refuses it.
+
+With --torch, the same loss and gradient in PyTorch eager (one evaluation, in its own process; `pip install
+torch==2.13.0`) and our one untiled evaluation (also in its own process) are measured side by side; that
+compares the evaluations alone, without L-BFGS-B's state, which the two would share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "images"
+MiB = 2**20
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def load(path: Path, longest: int) -> np.ndarray:
+    from stylize_service.server.engine.resample import resize_longest
+
+    return resize_longest(np.asarray(Image.open(path).convert("RGB"), np.float32) / 255.0, longest)
+
+
+def child_job(size: int, budget_mb: int) -> dict:
+    from stylize_service.models.paths import default_model_path
+    from stylize_service.server.engine.engine import Engine
+    from stylize_service.server.engine.memory import MemoryExceeded, current_rss_bytes, default_budget_bytes
+    from stylize_service.server.engine.types import Init, SilentObserver, StyleSource, StylizeSettings
+
+    engine = Engine(default_model_path())
+    engine.warm_up()
+    content, style = load(SHARED / "tubingen.jpg", size), load(SHARED / "starry_night.jpg", size)
+    idle = current_rss_bytes()
+    budget = budget_mb * MiB if budget_mb else default_budget_bytes()
+    settings = StylizeSettings(max_size=size, min_size=size, iterations=1, init=Init.CONTENT)
+    row: dict = {"size": size, "budget": budget, "idle": idle, "pixels": content.shape[0] * content.shape[1]}
+    try:
+        plan = engine.plan_memory((content.shape[1], content.shape[0]), settings, 1, budget - idle)
+    except MemoryExceeded as err:
+        return {**row, "refused": str(err)}
+    started = time.perf_counter()
+    result = engine.stylize(content, [StyleSource(style)], settings, SilentObserver(), tiles=plan.tiles)
+    seconds = time.perf_counter() - started
+    return {
+        **row,
+        "tiles": plan.tiles[0],
+        "predicted": idle + plan.peak_bytes,
+        "peak": peak_rss(),
+        "seconds_per_evaluation": seconds / result.evaluations,
+        "after": current_rss_bytes(),
+    }
+
+
+def child_evaluation(size: int, kind: str) -> dict:
+    """One untiled loss-and-gradient evaluation, ours or PyTorch's, in this process."""
+    import onnx
+
+    from stylize_service.models.graphs import LayerChoice
+    from stylize_service.models.paths import default_model_path
+    from stylize_service.server.engine.network import FeatureNetwork
+
+    content = load(SHARED / "tubingen.jpg", size)
+    # The pixel values do not change the memory; the shape does.
+    x = np.random.default_rng(0).uniform(-100, 100, (1, 3, *content.shape[:2])).astype(np.float32)
+    layers = {"content": ("relu4_2",), "style": ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")}
+    if kind == "ours":
+        network = FeatureNetwork(default_model_path())
+        compiled = network.compiled(LayerChoice.of(layers))
+        idle = peak_rss()
+        targets = compiled.targets(x)
+        weights = {"content": 5.0, "style": 100.0, "tv": 1e-3}
+        feeds = compiled.feeds(
+            targets, weights, {term: dict.fromkeys(names, 1.0) for term, names in layers.items()}
+        )
+        compiled.evaluate(x, feeds)
+        return {"kind": kind, "size": size, "idle": idle, "peak": peak_rss()}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import torch
+    from benchmark_gradient import torch_evaluation
+
+    from stylize_service.models.onnx_builder import CHANNELS
+    from stylize_service.server.engine.network import Targets
+
+    features = onnx.load(str(default_model_path()))
+    # Targets of the right shapes (their values do not change the memory); no onnxruntime in this process.
+    height, width = x.shape[-2:]
+    targets = Targets(
+        {
+            "content": {"relu4_2": np.zeros((1, 512, height // 8, width // 8), np.float32)},
+            "style": {layer: np.zeros((CHANNELS[layer],) * 2, np.float32) for layer in layers["style"]},
+        }
+    )
+    evaluate = torch_evaluation(features, x, x, targets)
+    del features
+    idle = peak_rss()
+    torch.set_num_threads(2)
+    evaluate()
+    return {"kind": kind, "size": size, "idle": idle, "peak": peak_rss()}
+
+
+def spawn(*args: str) -> dict:
+    done = subprocess.run(
+        [sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False
+    )
+    if done.returncode != 0:
+        return {
+            "error": done.stderr.strip().splitlines()[-1]
+            if done.stderr.strip()
+            else f"exit {done.returncode}"
+        }
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def mb(value: float) -> str:
+    return f"{value / MiB:.0f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096])
+    parser.add_argument("--budgets-mb", type=int, nargs="+", default=[0, 3000], help="0 = the default budget")
+    parser.add_argument("--torch", action="store_true", help="also one evaluation, ours and PyTorch's")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, size, extra = args.child[0], int(args.child[1]), args.child[2]
+        row = child_job(size, int(extra)) if kind == "job" else child_evaluation(size, extra)
+        print(json.dumps(row))
+        return
+
+    print(
+        "| size | budget MB | tiles | idle MB | predicted peak MB | measured peak MB | predicted / measured | s/eval | after MB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for budget in args.budgets_mb:
+        for size in args.sizes:
+            row = spawn("job", str(size), str(budget))
+            label = f"| {size} | {mb(row['budget']) if 'budget' in row else budget} |"
+            if "error" in row:
+                print(f"{label} error: {row['error']} |||||||", flush=True)
+            elif "refused" in row:
+                print(f"{label} refused: {row['refused']} |||||||", flush=True)
+            else:
+                print(
+                    f"{label} {row['tiles'] or 'none'} | {mb(row['idle'])} | {mb(row['predicted'])} | "
+                    f"{mb(row['peak'])} | {row['predicted'] / row['peak']:.2f} | {row['seconds_per_evaluation']:.1f} | "
+                    f"{mb(row['after'])} |",
+                    flush=True,
+                )
+    if args.torch:
+        print()
+        print(
+            "| size | ours: one evaluation, peak MB | PyTorch eager: one evaluation, peak MB | ours / PyTorch |"
+        )
+        print("|---|---|---|---|")
+        for size in args.sizes:
+            ours, theirs = spawn("evaluation", str(size), "ours"), spawn("evaluation", str(size), "torch")
+            if "error" in ours or "error" in theirs:
+                print(
+                    f"| {size} | {ours.get('error', mb(ours.get('peak', 0)))} | {theirs.get('error', '')} | |"
+                )
+                continue
+            print(
+                f"| {size} | {mb(ours['peak'])} | {mb(theirs['peak'])} | {ours['peak'] / theirs['peak']:.2f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

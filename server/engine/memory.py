@@ -1,0 +1,128 @@
+"""A job's memory: predicted from its stages, admitted against a budget, and bounded with tiles.
+
+The model counts what a job holds above the idle server at its peak, the largest of its stages:
+- L-BFGS-B's state: scipy keeps 2 * maxcor correction vectors and a workspace of 5 more, plus the point,
+  gradient and bounds, all float64, and our float32 copies: LBFGS_BYTES_PER_VARIABLE per variable,
+  three variables (colour channels) per pixel;
+- the stage's own arrays (content, start point, gradient, targets at full size);
+- one loss-and-gradient evaluation: EVAL_BYTES_PER_PIXEL of the stage's pixels untiled, or, tiled, the
+  tile sessions and TILE_EVAL_BYTES_PER_PIXEL of the largest tile window.
+The per-pixel figures were measured with the default layers (the deepest, relu5_1, with five style
+layers) by scripts/benchmark_memory.py, which also prints predicted against measured peaks; deeper or
+fewer layers need no more.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from stylize_service.models.graphs import POOLS_BEFORE, LayerChoice
+from stylize_service.models.onnx_builder import CHANNELS
+
+from .pyramid import Stage
+from .tiling import TileLayout
+
+MiB = 2**20
+MAXCOR = 10  # L-BFGS-B correction pairs (server.engine.optimizer)
+LBFGS_BYTES_PER_VARIABLE = 8 * (2 * MAXCOR + 5) + 8 * 4 + 4 + 8  # workspace, x/g/bounds, nbd, our copies
+# Measured (one-iteration single-stage jobs on the Tübingen/Starry Night pair, peak RSS above the warmed-up
+# server; scripts/benchmark_memory.py prints predicted against measured): untiled, 512 and 768 px took
+# 2.95-3.03 KB per pixel in all, 2.2-2.3 KB of it above the L-BFGS state and stage arrays; tiled at
+# 1024 px, tiles of 256 and 512 px took 1.98 KB per pixel of the largest window plus about 690 MB for
+# building and holding the job's tile sessions.
+EVAL_BYTES_PER_PIXEL = 2400
+TILE_EVAL_BYTES_PER_PIXEL = 2100
+TILE_SESSIONS_BYTES = 720 * MiB
+STAGE_ARRAY_BYTES_PER_PIXEL = 64  # float32 RGB content, start, point and gradient copies
+TILE_SIZES = (1024, 768, 512, 384, 256, 128)  # tried largest first when a stage does not fit untiled
+DEFAULT_MARGIN_FRACTION = 0.1  # of the machine's or container's memory, left to the kernel and others
+MIN_MARGIN_BYTES = 512 * MiB
+
+
+class MemoryExceeded(Exception):
+    """A job cannot fit the memory budget at any tile size."""
+
+    def __init__(self, needed: int, budget: int) -> None:
+        super().__init__(
+            f"the job needs about {needed / MiB:.0f} MB of memory even in the smallest tiles, more than "
+            f"the {budget / MiB:.0f} MB this server has for a job; use a smaller max_size"
+        )
+        self.needed = needed
+        self.budget = budget
+
+
+@dataclass(frozen=True)
+class JobMemory:
+    """The plan of one job: each stage's tile size (0 = untiled) and the predicted peak above idle."""
+
+    tiles: tuple[int, ...]
+    peak_bytes: int
+
+
+def stage_bytes(stage: Stage, choice: LayerChoice, tile: int) -> int:
+    """Predicted bytes above idle while `stage` runs, untiled (tile 0) or in tiles of `tile` px."""
+    pixels = stage.width * stage.height
+    held = LBFGS_BYTES_PER_VARIABLE * 3 * pixels + STAGE_ARRAY_BYTES_PER_PIXEL * pixels
+    if not tile:
+        return held + EVAL_BYTES_PER_PIXEL * pixels
+    window_rows, window_cols = TileLayout(stage.height, stage.width, tile, choice).largest_window()
+    # The separable terms' targets are kept whole (float32), at their layers' resolutions.
+    targets = sum(
+        4 * CHANNELS[layer] * pixels // 4 ** POOLS_BEFORE[layer] for layer in choice.layers_of("content")
+    )
+    return held + targets + TILE_SESSIONS_BYTES + TILE_EVAL_BYTES_PER_PIXEL * window_rows * window_cols
+
+
+def plan_job(stages: list[Stage], choice: LayerChoice, budget: int | None, forced_tile: int = 0) -> JobMemory:
+    """Tile sizes per stage so that the job's predicted peak fits `budget` (bytes above idle; None = no
+    limit): untiled where it fits, else the largest tile that fits. forced_tile > 0 tiles every stage
+    larger than it. Raises MemoryExceeded when a stage fits at no tile size."""
+    tiles: list[int] = []
+    peak = 0
+    for stage in stages:
+        if forced_tile and max(stage.width, stage.height) > forced_tile:
+            candidates: tuple[int, ...] = (forced_tile,)
+        else:
+            candidates = (0, *(t for t in TILE_SIZES if t < max(stage.width, stage.height)))
+        needs = [(tile, stage_bytes(stage, choice, tile)) for tile in candidates]
+        fitting = [(tile, need) for tile, need in needs if budget is None or need <= budget]
+        if not fitting:
+            raise MemoryExceeded(min(need for _, need in needs), budget or 0)
+        tile, need = fitting[0]
+        tiles.append(tile)
+        peak = max(peak, need)
+    return JobMemory(tuple(tiles), peak)
+
+
+def default_budget_bytes() -> int:
+    """The memory the server may use: the container's limit (cgroup v2 memory.max, or v1's), else the
+    machine's physical memory, less a margin of 10% (at least 512 MB)."""
+    total = _cgroup_limit() or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return total - max(MIN_MARGIN_BYTES, int(total * DEFAULT_MARGIN_FRACTION))
+
+
+def _cgroup_limit() -> int | None:
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max", or v1's huge "unlimited" value
+            return int(text)
+    return None
+
+
+def current_rss_bytes() -> int:
+    """This process's resident memory now (Linux /proc; 0 where unavailable)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def megabytes(value: int) -> int:
+    return math.ceil(value / MiB)

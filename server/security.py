@@ -1,0 +1,332 @@
+"""Who may call the server: TLS (optionally mutual) and bearer tokens.
+
+- TLS: --tls-cert/--tls-key make the server speak TLS only; --tls-client-ca also requires a client
+  certificate signed by that CA. The PEM files are checked here, at start, so that a bad file is a
+  configuration error naming its flag rather than a failure deep inside gRPC.
+- Tokens: --auth-tokens-file lists the accepted bearer tokens. BearerTokenInterceptor refuses every call
+  but grpc.health.v1's (probes stay open) with UNAUTHENTICATED unless it carries
+  `authorization: Bearer TOKEN` with a listed token, before the request is even read. Tokens are
+  compared as SHA-256 digests with hmac.compare_digest against every listed token, and never logged: logs
+  name a token by client_label(), the first hex digits of its SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import re
+import ssl
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from stylize_service.server.config import ConfigError, ServerConfig, setting_name
+
+logger = logging.getLogger("stylize.server")
+
+OPEN_SERVICE_PREFIX = "/grpc.health.v1.Health/"  # methods that need no token: load balancers probe them
+AUTHORIZATION = "authorization"  # gRPC metadata keys are lower case
+LABEL_HEX_DIGITS = 8
+# RFC 6750's b64token: the characters a bearer token may have.
+TOKEN_PATTERN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_CERTIFICATE_PEM = re.compile(rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----")
+_KEY_PEM = re.compile(rb"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY-----")
+
+
+# --- tokens --------------------------------------------------------------------------------------
+
+
+def token_digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8")).digest()
+
+
+def token_label(token: str) -> str:
+    """A name for a token that logs may show: "token:" and the first hex digits of its SHA-256."""
+    return f"token:{token_digest(token).hex()[:LABEL_HEX_DIGITS]}"
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of the call's `authorization: Bearer TOKEN` metadata; "" if the header is there but is
+    not a bearer token, None if there is no such header."""
+    for key, value in metadata or ():
+        if key.lower() != AUTHORIZATION:
+            continue
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        scheme, _, token = text.strip().partition(" ")
+        return token.strip() if scheme.lower() == "bearer" else ""
+    return None
+
+
+def client_label(context: grpc.ServicerContext) -> str:
+    """Who made a call, for logs: its token's label (see token_label) if it sent one, else its peer
+    address. With --auth-tokens-file, calls that reach the servicer carry a valid token."""
+    token = bearer_token(context.invocation_metadata())
+    return token_label(token) if token else context.peer()
+
+
+class TokenStore:
+    """The accepted tokens, from a file of one token a line (blank lines and `#` comments ignored).
+
+    The file is re-read when its modification time, size or inode changes, checked with one stat() per
+    call. If it cannot be read any more, the last good set stays in force and a warning is logged (once
+    per failure). At construction an unreadable or empty file is a ConfigError.
+    """
+
+    def __init__(self, path: Path, name: str = "the tokens file") -> None:
+        self.path = path
+        self._name = name
+        self._lock = threading.Lock()
+        self._digests: tuple[bytes, ...] = ()
+        self._stamp: tuple[int, ...] | None = None
+        self._failing = False
+        try:
+            stamp = self._stat()
+            digests = self._read()
+        except OSError as err:
+            raise ConfigError(f"{name} {path}: cannot read it: {err.strerror or err}") from None
+        if not digests:
+            raise ConfigError(f"{name} {path}: no tokens in it (one a line; # starts a comment)")
+        self._digests, self._stamp = digests, stamp
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def verify(self, token: str) -> bool:
+        """Whether token is listed. Compares against every listed token so that the time taken does not
+        depend on which one (if any) matches."""
+        self._refresh()
+        presented = token_digest(token)
+        found = False
+        for digest in self._digests:
+            found |= hmac.compare_digest(presented, digest)
+        return found
+
+    def _stat(self) -> tuple[int, ...]:
+        st = os.stat(self.path)
+        return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
+
+    def _refresh(self) -> None:
+        try:
+            stamp = self._stat()
+            if stamp == self._stamp:
+                return
+            with self._lock:
+                if stamp == self._stamp:  # another call re-read it meanwhile
+                    return
+                digests = self._read()
+                self._digests, self._stamp, self._failing = digests, stamp, False
+        except OSError as err:
+            self._fail(err)
+            return
+        if digests:
+            logger.info("re-read %s %s: %d token(s)", self._name, self.path, len(digests))
+        else:
+            logger.warning("re-read %s %s: it has no tokens; every call is refused", self._name, self.path)
+
+    def _fail(self, err: OSError) -> None:
+        with self._lock:
+            if self._failing:
+                return
+            self._failing = True
+            self._stamp = None  # re-read once it is readable again, whatever its time stamp
+        logger.warning(
+            "cannot re-read %s %s (%s); keeping the %d token(s) read before",
+            self._name,
+            self.path,
+            err.strerror or err,
+            len(self._digests),
+        )
+
+    def _read(self) -> tuple[bytes, ...]:
+        digests = []
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            token = line.strip()
+            if not token or token.startswith("#"):
+                continue
+            if not TOKEN_PATTERN.fullmatch(token):
+                # Never echo the line: it may be a token with a typo.
+                logger.warning(
+                    "%s %s, line %d: not a bearer token (letters, digits and -._~+/ then any =); ignored",
+                    self._name,
+                    self.path,
+                    number,
+                )
+                continue
+            digests.append(token_digest(token))
+        return tuple(digests)
+
+
+class BearerTokenInterceptor(grpc.ServerInterceptor):
+    """UNAUTHENTICATED, before the request is read, for every call without a listed bearer token, except
+    the methods under OPEN_SERVICE_PREFIX."""
+
+    def __init__(self, tokens: TokenStore) -> None:
+        self._tokens = tokens
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        if method.startswith(OPEN_SERVICE_PREFIX):
+            return continuation(handler_call_details)
+        token = bearer_token(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+        if token is None:
+            problem = (
+                "this server needs a bearer token: send the metadata 'authorization: Bearer TOKEN' "
+                "(stylize --token or $STYLIZE_TOKEN)"
+            )
+        elif not token:
+            problem = "the authorization metadata must be 'Bearer TOKEN'"
+        elif not self._tokens.verify(token):
+            problem = "the bearer token is not valid"
+        else:
+            return continuation(handler_call_details)
+        return _refusal(method, problem)
+
+
+def _refusal(method: str, message: str) -> grpc.RpcMethodHandler:
+    """A handler that ends the call with UNAUTHENTICATED. Stream-request shaped whatever the method, so that
+    gRPC hands it the call without receiving (let alone decoding) the request message first; on the wire
+    the client cannot tell the difference."""
+
+    def refuse(_requests: Any, context: grpc.ServicerContext) -> None:
+        logger.info("refused %s from %s: %s", method, context.peer(), message)
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return grpc.stream_stream_rpc_method_handler(refuse)
+
+
+# --- TLS -----------------------------------------------------------------------------------------
+
+
+def _read_pem(path: Path, field: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"{setting_name(field)} {path}: cannot read it: {err.strerror or err}") from None
+
+
+def _read_certificates(path: Path, field: str) -> bytes:
+    data = _read_pem(path, field)
+    if not _CERTIFICATE_PEM.search(data):
+        raise ConfigError(
+            f"{setting_name(field)} {path}: no PEM certificate in it "
+            "(expected a '-----BEGIN CERTIFICATE-----' block)"
+        )
+    try:  # the ssl module parses with OpenSSL, as gRPC will: a damaged certificate fails here, clearly
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except (ssl.SSLError, OSError) as err:
+        raise ConfigError(f"{setting_name(field)} {path}: not a valid PEM certificate: {err}") from None
+    return data
+
+
+def _read_key(path: Path, field: str) -> bytes:
+    data = _read_pem(path, field)
+    match = _KEY_PEM.search(data)
+    if match is None:
+        raise ConfigError(
+            f"{setting_name(field)} {path}: no PEM private key in it "
+            "(expected a '-----BEGIN ... PRIVATE KEY-----' block)"
+        )
+    if b"ENCRYPTED" in match.group(1) or b"Proc-Type: 4,ENCRYPTED" in data:
+        raise ConfigError(
+            f"{setting_name(field)} {path}: the key is encrypted; the server needs it unencrypted "
+            "(e.g. `openssl pkey -in KEY -out PLAIN_KEY`, readable only by the server's user)"
+        )
+    return data
+
+
+def _no_password() -> str:
+    # Given to ssl so that an encrypted key fails instead of prompting on a terminal.
+    raise ssl.SSLError("the key needs a password")
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config's PEM files, or None for plaintext; ConfigError names the flag of
+    a missing, unreadable or unusable file."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    certificate = _read_certificates(config.tls_cert, "tls_cert")
+    key = _read_key(config.tls_key, "tls_key")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
+            config.tls_cert, config.tls_key, password=_no_password
+        )
+    except (ssl.SSLError, OSError) as err:
+        reason = getattr(err, "reason", None)
+        problem = "does not belong to the certificate" if reason == "KEY_VALUES_MISMATCH" else str(err)
+        raise ConfigError(
+            f"{setting_name('tls_key')} {config.tls_key}: {problem} of {setting_name('tls_cert')} "
+            f"{config.tls_cert}"
+        ) from None
+    client_ca = None
+    if config.tls_client_ca is not None:
+        client_ca = _read_certificates(config.tls_client_ca, "tls_client_ca")
+    return grpc.ssl_server_credentials(
+        [(key, certificate)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+# --- together ------------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """Whether host (as --host gives it) is reachable only from this machine."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name (or 0.0.0.0 / ::, which are checked above as addresses)
+
+
+@dataclass(frozen=True)
+class ServerSecurity:
+    """Everything of a config that decides who may call: what StylizeServer listens and filters with."""
+
+    credentials: grpc.ServerCredentials | None = None
+    tokens: TokenStore | None = None
+    mutual_tls: bool = False
+
+    @classmethod
+    def from_config(cls, config: ServerConfig) -> ServerSecurity:
+        """Read and check the files the config names; raises ConfigError naming the flag at fault."""
+        tokens = None
+        if config.auth_tokens_file is not None:
+            tokens = TokenStore(config.auth_tokens_file, setting_name("auth_tokens_file"))
+        return cls(
+            credentials=server_credentials(config),
+            tokens=tokens,
+            mutual_tls=config.tls_client_ca is not None,
+        )
+
+    def interceptors(self) -> list[grpc.ServerInterceptor]:
+        return [BearerTokenInterceptor(self.tokens)] if self.tokens is not None else []
+
+    def describe(self) -> str:
+        """For the start-up log line, e.g. "TLS with client certificates, 3 bearer token(s)"."""
+        transport = "plaintext"
+        if self.credentials is not None:
+            transport = "TLS with client certificates" if self.mutual_tls else "TLS"
+        tokens = f"{len(self.tokens)} bearer token(s)" if self.tokens is not None else "no tokens"
+        return f"{transport}, {tokens}"
+
+    def exposure_warning(self, host: str) -> str | None:
+        """The warning to log at start when the server is open to anyone who can reach it, else None."""
+        if self.credentials is not None or self.tokens is not None or is_loopback(host):
+            return None
+        return (
+            f"listening on {host} in plaintext without tokens: anyone who can reach the port can use the "
+            "server; set --tls-cert/--tls-key and --auth-tokens-file (or --tls-client-ca), or --host 127.0.0.1"
+        )

@@ -1,0 +1,123 @@
+"""The memory model, the budget, and admission by predicted peak (server.engine.memory, server.scheduler)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import pytest
+
+from stylize_service.models.graphs import LayerChoice
+from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
+from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.server.engine import memory
+from stylize_service.server.engine.memory import MemoryExceeded, plan_job, stage_bytes
+from stylize_service.server.engine.pyramid import Stage
+from stylize_service.server.scheduler import Scheduler
+from tests.fakes import FakeEngine, channel, image_bytes, running_server
+
+CHOICE = LayerChoice.of(
+    {"content": ("relu4_2",), "style": ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")}
+)
+MB = 2**20
+
+
+def stage(width: int, height: int) -> Stage:
+    return Stage(0, 1, width, height, iterations=10)
+
+
+def test_untiled_where_it_fits_else_the_largest_tile_that_fits():
+    big = stage(2048, 1536)
+    untiled = stage_bytes(big, CHOICE, 0)
+    assert plan_job([big], CHOICE, None).tiles == (0,)
+    assert plan_job([big], CHOICE, untiled).tiles == (0,)
+    tiled = plan_job([big], CHOICE, untiled - 1)
+    assert tiled.tiles[0] in memory.TILE_SIZES and tiled.peak_bytes <= untiled - 1
+    # Smaller budgets, smaller tiles; the L-BFGS state itself is never tiled.
+    smaller = plan_job([big], CHOICE, stage_bytes(big, CHOICE, 256))
+    assert smaller.tiles[0] <= tiled.tiles[0]
+    with pytest.raises(MemoryExceeded, match="MB of memory"):
+        plan_job([big], CHOICE, memory.LBFGS_BYTES_PER_VARIABLE * 3 * 2048 * 1536)
+
+
+def test_the_peak_is_the_largest_stage_and_forced_tiles_apply_above_their_size():
+    stages = [Stage(0, 2, 256, 192, 10), Stage(1, 2, 512, 384, 10)]
+    job = plan_job(stages, CHOICE, None, forced_tile=256)
+    assert job.tiles == (0, 256)
+    assert job.peak_bytes == max(stage_bytes(stages[0], CHOICE, 0), stage_bytes(stages[1], CHOICE, 256))
+
+
+def test_budget_comes_from_the_cgroup_limit_less_a_margin(monkeypatch):
+    real_read = Path.read_text
+
+    def read_text(self: Path, *args: object, **kwargs: object) -> str:
+        if str(self) == "/sys/fs/cgroup/memory.max":
+            return "8589934592\n"
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    assert memory.default_budget_bytes() == 8 * 2**30 - int(0.1 * 8 * 2**30)
+
+
+def test_unlimited_cgroup_falls_back_to_physical_memory(monkeypatch):
+    real_read = Path.read_text
+    monkeypatch.setattr(
+        Path,
+        "read_text",
+        lambda self, *a, **k: "max\n" if "cgroup" in str(self) else real_read(self, *a, **k),
+    )
+    assert (
+        0
+        < memory.default_budget_bytes()
+        < memory.os.sysconf("SC_PAGE_SIZE") * memory.os.sysconf("SC_PHYS_PAGES")
+    )
+
+
+def test_scheduler_admits_by_memory_beside_the_running_jobs():
+    scheduler = Scheduler(concurrency=3, queue_size=4, memory_capacity=100)
+    first = scheduler.enqueue(60)
+    assert first.position == 0
+    second = scheduler.enqueue(50)  # 60 + 50 > 100: waits although a slot is free
+    assert second.position == 1
+    third = scheduler.enqueue(10)  # FIFO: not admitted past the waiting job
+    assert third.position == 2 and scheduler.reserved_memory == 60
+    first.release()
+    assert second.position == 0 and third.position == 0 and scheduler.reserved_memory == 60
+    second.release()
+    third.release()
+    assert scheduler.reserved_memory == 0 and scheduler.running == 0
+
+
+def test_a_job_larger_than_the_capacity_still_runs_alone():
+    # The servicer refuses jobs that can never fit; one that was planned to fit an idle server starts.
+    scheduler = Scheduler(concurrency=2, queue_size=2, memory_capacity=100)
+    alone = scheduler.enqueue(150)
+    assert alone.position == 0
+    assert scheduler.enqueue(1).position == 1
+    alone.release()
+
+
+def test_a_job_that_fits_at_no_tile_size_is_refused_at_once_naming_memory():
+    engine = FakeEngine()
+    engine.gate = threading.Event()  # would hold any job that started
+    with running_server(engine, memory_limit_mb=256) as (server, address):
+        capacity = server.scheduler.memory_capacity
+        assert capacity is not None and capacity < 256 * MB
+        with channel(address) as ch:
+            stub = pb_grpc.StyleTransferStub(ch)
+            info = stub.GetInfo(pb.GetInfoRequest(), timeout=10)
+            assert (
+                info.limits.memory_budget_bytes == 256 * MB and info.limits.memory_for_jobs_bytes == capacity
+            )
+            request = pb.StylizeRequest(
+                content_image=image_bytes(48, 32),
+                styles=[pb.StyleImage(image=image_bytes(32, 32, seed=1))],
+                # 1024x683: L-BFGS-B's state alone is about 500 MB, at any tile size.
+                options=pb.StylizeOptions(max_size=1024, iterations=2),
+            )
+            with pytest.raises(grpc.RpcError) as caught:
+                list(stub.Stylize(request, timeout=10))
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.details().startswith("memory: the job needs about")
+    assert engine.stylize_calls == 0

@@ -1,0 +1,137 @@
+"""Exact tiled evaluation (server.engine.tiling) against the untiled loss graph: same loss and gradient."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from stylize_service.models import export
+from stylize_service.models.graphs import LayerChoice
+from stylize_service.models.paths import default_model_path
+from stylize_service.server.engine.network import FeatureNetwork, Targets
+from stylize_service.server.engine.tiling import TiledEvaluator, TileLayout, halo, receptive_radius, spans
+from tests.test_gradients import random_weights
+
+STYLE = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")
+
+
+@pytest.fixture(scope="module")
+def random_network(tmp_path_factory: pytest.TempPathFactory) -> FeatureNetwork:
+    path = tmp_path_factory.mktemp("tiling") / "random_vgg16.onnx"
+    onnx.save(export.export_features(random_weights(3)), str(path))
+    return FeatureNetwork(path, intra_op_threads=2)
+
+
+@pytest.fixture(scope="module")
+def real_network() -> FeatureNetwork:
+    if not Path(default_model_path()).is_file():
+        pytest.skip("the model is not built; run `bash scripts/setup.sh`")
+    return FeatureNetwork(default_model_path(), intra_op_threads=2)
+
+
+def compare(
+    network: FeatureNetwork,
+    height: int,
+    width: int,
+    tile: int,
+    content: tuple[str, ...] = ("relu4_2",),
+    style: tuple[str, ...] = STYLE,
+    pooling: str = "max",
+    seed: int = 0,
+) -> int:
+    """Untiled and tiled loss and gradient of the same point; returns the number of tiles."""
+    choice = LayerChoice.of({"content": content, "style": style}, pooling)
+    rng = np.random.default_rng(seed)
+
+    def image(h: int, w: int) -> np.ndarray:
+        return rng.uniform(-110, 140, (1, 3, h, w)).astype(np.float32)
+
+    x, content_image, style_image = image(height, width), image(height, width), image(height + 9, width - 5)
+    weights = {"content": 5.0, "style": 100.0, "tv": 1e-3}
+    layer_weights = {"content": dict.fromkeys(content, 1.5), "style": dict.fromkeys(style, 0.7)}
+
+    compiled = network.compiled(choice)
+    untiled_targets = Targets(
+        {
+            "content": compiled.targets(content_image).by_term["content"],
+            "style": compiled.targets(style_image).by_term["style"],
+        }
+    )
+    untiled = compiled.evaluate(x, compiled.feeds(untiled_targets, weights, layer_weights))
+
+    tiled = TiledEvaluator(network.tile_sessions(choice), tile)
+    targets = tiled.targets(content_image, [(1.0, style_image)])
+    for term in ("content", "style"):
+        for layer, expected in untiled_targets.by_term[term].items():
+            np.testing.assert_allclose(
+                targets.by_term[term][layer], expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max()
+            )
+    result = tiled.evaluator(targets, weights, layer_weights)(x)
+
+    assert result.loss == pytest.approx(untiled.loss, rel=1e-5)
+    # Single layers' float32 sums in the untiled graph differ from the tiles' float64 ones by a little more.
+    for term, value in untiled.terms.items():
+        assert result.terms[term] == pytest.approx(value, rel=5e-5, abs=1e-6 * untiled.loss)
+    for term, layers in untiled.per_layer.items():
+        assert result.per_layer[term] == pytest.approx(layers, rel=5e-5, abs=1e-6 * untiled.loss)
+    error = np.linalg.norm(result.grad - untiled.grad) / np.linalg.norm(untiled.grad)
+    assert error < 1e-4
+    return len(tiled.layout(x))
+
+
+def test_receptive_field_and_halo():
+    assert receptive_radius("relu1_1") == 1
+    assert receptive_radius("relu1_2") == 2
+    assert receptive_radius("relu2_1") == 5  # pool1 adds 1, then 2 per conv at half resolution
+    assert halo("relu5_1") % 16 == 0 and halo("relu5_1") >= receptive_radius("relu5_1")
+    assert halo("relu1_1") == 1
+
+
+def test_spans_own_every_position_once_and_align_windows():
+    for length, tile in ((100, 32), (97, 16), (16, 64), (33, 32)):
+        parts = spans(length, tile, 48, 16)
+        owned = np.zeros(length, int)
+        for part in parts:
+            owned[part.own_start : part.own_end] += 1
+            assert part.window_start % 16 == 0 and part.window_start <= part.own_start
+            assert part.window_end >= part.own_end
+        assert (owned == 1).all()
+
+
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_random_net_odd_shape(random_network, pooling):
+    assert compare(random_network, 75, 109, 32, pooling=pooling) > 4
+
+
+def test_random_net_deep_content_layer(random_network):
+    # relu5_3 needs the largest halo; the image is smaller than two halos, so windows overlap heavily.
+    assert compare(random_network, 67, 90, 48, content=("relu5_3",), style=("relu2_1",)) > 1
+
+
+def test_random_net_one_tile(random_network):
+    assert compare(random_network, 40, 56, 64) == 1
+
+
+def test_random_net_tile_edge_on_a_pooling_boundary_and_thin_strips(random_network):
+    # 96 = 3 tiles of 32 exactly (edges on the pooling grid); 97 leaves a last owned strip 1 px thin.
+    assert compare(random_network, 96, 97, 32) == 3 * 4
+    layout = TileLayout(96, 97, 32, LayerChoice.of({"content": ("relu4_2",), "style": STYLE}))
+    assert min(t.cols.own_end - t.cols.own_start for t in layout) == 1
+
+
+def test_random_net_content_only_and_style_only(random_network):
+    compare(random_network, 50, 70, 32, style=())
+    compare(random_network, 50, 70, 32, content=())
+
+
+def test_real_vgg16(real_network):
+    compare(real_network, 81, 117, 32)
+
+
+def test_real_vgg16_avg_pooling_deep_content(real_network):
+    compare(
+        real_network, 70, 95, 48, content=("relu5_3", "relu2_2"), style=("relu1_1", "relu3_1"), pooling="avg"
+    )
