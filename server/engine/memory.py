@@ -29,13 +29,13 @@ MiB = 2**20
 MAXCOR = 10  # L-BFGS-B correction pairs (server.engine.optimizer)
 LBFGS_BYTES_PER_VARIABLE = 8 * (2 * MAXCOR + 5) + 8 * 4 + 4 + 8  # workspace, x/g/bounds, nbd, our copies
 # Measured (one-iteration single-stage jobs on the Tübingen/Starry Night pair, peak RSS above the warmed-up
-# server; scripts/benchmark_memory.py prints predicted against measured): untiled, 512 and 768 px took
-# 2.95-3.03 KB per pixel in all, 2.2-2.3 KB of it above the L-BFGS state and stage arrays; tiled at
-# 1024 px, tiles of 256 and 512 px took 1.98 KB per pixel of the largest window plus about 690 MB for
-# building and holding the job's tile sessions.
-EVAL_BYTES_PER_PIXEL = 2400
-TILE_EVAL_BYTES_PER_PIXEL = 2100
-TILE_SESSIONS_BYTES = 720 * MiB
+# server; scripts/benchmark_memory.py prints predicted against measured): untiled, 512, 768 and 1024 px took
+# 2.63, 2.50 and 2.49 KB per pixel in all, 1.69-1.83 KB of it above the L-BFGS state and the stage's
+# arrays; in tiles of 256 px at 1024 px, 572 MB above those and the whole-size targets, for the tile
+# sessions and a 416 x 416 px window.
+EVAL_BYTES_PER_PIXEL = 1850
+TILE_EVAL_BYTES_PER_PIXEL = 1700
+TILE_SESSIONS_BYTES = 400 * MiB
 STAGE_ARRAY_BYTES_PER_PIXEL = 64  # float32 RGB content, start, point and gradient copies
 TILE_SIZES = (1024, 768, 512, 384, 256, 128)  # tried largest first when a stage does not fit untiled
 DEFAULT_MARGIN_FRACTION = 0.1  # of the machine's or container's memory, left to the kernel and others
