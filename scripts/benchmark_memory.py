@@ -32,6 +32,15 @@ MiB = 2**20
 
 
 def peak_rss() -> int:
+    """This process's peak resident memory. Linux's VmHWM, not getrusage's ru_maxrss: that one carries
+    the parent's peak across fork and exec, so a child of a large process (pytest with the model loaded)
+    would report its parent's peak instead of its own."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
