@@ -617,7 +617,9 @@ def _report(err: StylizeError, server: str, label: str = "") -> int:
         )
         if "unhealthy" in err.details:  # the channel's health checking found no SERVING replica
             message += "; it is up but not SERVING: still loading its model, or draining"
-        if any(sign in err.details.lower() for sign in ("handshake", "socket closed")):
+        else:
+            # A TLS mismatch looks like a failure to connect. The details name only the last address's
+            # failure (round robin tries every address of the name), so a handshake error may not show.
             message += (
                 "; or do TLS settings differ? A TLS server needs --tls-ca CA (or --tls), one that "
                 "requires client certificates also --tls-cert and --tls-key"
