@@ -18,6 +18,7 @@ from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.config import ServerConfig
 from stylize_service.server.engine.memory import current_rss_bytes, megabytes
+from stylize_service.server.imageio import allow_pixels
 from stylize_service.server.metrics import MetricsEndpoint, ServerMetrics
 from stylize_service.server.scheduler import Scheduler
 from stylize_service.server.security import ServerSecurity
@@ -45,8 +46,11 @@ class StylizeServer:
         """security: what from_config(config) gives (read here when None; raises ConfigError)."""
         self.config = config
         self.security = security if security is not None else ServerSecurity.from_config(config)
+        allow_pixels(config.max_pixels)  # the limit GetInfo reports is the one in force
         # Memory for jobs is the budget less the idle server, known once the model is loaded (set_engine).
-        self.scheduler = Scheduler(config.concurrency, config.queue_size, memory_capacity=None)
+        self.scheduler = Scheduler(
+            config.concurrency, config.queue_size, config.jobs_per_client, memory_capacity=None
+        )
         self.metrics = ServerMetrics()
         self.metrics.track_scheduler(
             running=lambda: self.scheduler.running,
@@ -62,6 +66,8 @@ class StylizeServer:
                 memory_budget_bytes=config.memory_budget_bytes,
             ),
             version=package_version(),
+            # With tokens checked, a call's token names its client for the per-client bound.
+            trust_tokens=self.security.tokens is not None,
             metrics=self.metrics,
         )
         self.health = health.HealthServicer()

@@ -33,6 +33,11 @@ def default_concurrency(cores: int | None = None) -> int:
     return 1 if cores <= 4 else cores // 4
 
 
+def default_jobs_per_client(queue_size: int) -> int:
+    """Half the queue, and at least one: one client cannot fill the queue alone."""
+    return max(1, queue_size // 2)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "0.0.0.0"
@@ -42,6 +47,7 @@ class ServerConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     concurrency: int = 1
     queue_size: int = DEFAULT_QUEUE_SIZE
+    max_jobs_per_client: int | None = None  # None = default_jobs_per_client(queue_size)
     threads: int | None = None  # onnxruntime intra-op threads; None = cores // concurrency
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     log_level: str = "INFO"
@@ -76,6 +82,12 @@ class ServerConfig:
     @property
     def resolved_model_path(self) -> Path:
         return self.model_path if self.model_path is not None else default_model_path()
+
+    @property
+    def jobs_per_client(self) -> int:
+        if self.max_jobs_per_client is not None:
+            return self.max_jobs_per_client
+        return default_jobs_per_client(self.queue_size)
 
     @property
     def intra_op_threads(self) -> int:
@@ -118,6 +130,13 @@ _SETTINGS: tuple[tuple[str, str, type, str], ...] = (
         "STYLIZE_QUEUE_SIZE",
         int,
         f"jobs that may wait for a worker; more are refused (default: {DEFAULT_QUEUE_SIZE})",
+    ),
+    (
+        "--max-jobs-per-client",
+        "STYLIZE_MAX_JOBS_PER_CLIENT",
+        int,
+        "jobs one client (its token, else its address) may have running or queued; more are refused "
+        "(default: half the queue size, at least 1)",
     ),
     (
         "--threads",
@@ -243,6 +262,10 @@ def _validate(config: ServerConfig) -> None:
         (config.max_pixels >= 256, f"max pixels must be >= 256, got {config.max_pixels}"),
         (config.concurrency >= 1, f"concurrency must be >= 1, got {config.concurrency}"),
         (config.queue_size >= 0, f"queue size must be >= 0, got {config.queue_size}"),
+        (
+            config.max_jobs_per_client is None or config.max_jobs_per_client >= 1,
+            f"max jobs per client must be >= 1, got {config.max_jobs_per_client}",
+        ),
         (config.threads is None or config.threads >= 1, f"threads must be >= 1, got {config.threads}"),
         (config.grace_seconds >= 0, f"grace seconds must be >= 0, got {config.grace_seconds}"),
         (

@@ -2,12 +2,16 @@
 
 Decoding is where untrusted bytes meet the server, so it refuses an image whose header announces more
 pixels than the limit before any pixel is decoded, and turns every decoder failure into BadImage.
+probe_image reads only the header, so that a request can be judged before it waits for a worker and
+decoded (decode_image) only once it has one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +57,15 @@ WHITE = 1.0  # transparent pixels are composited on white, what most viewers sho
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
+def probe_image(data: bytes, max_pixels: int) -> tuple[int, int]:
+    """The (width, height) an image's header announces, checked against max_pixels, without decoding a
+    pixel: cheap (it reads the header only) and bounded by the encoded bytes. The EXIF orientation is not
+    applied, so width and height may be swapped; anything that depends only on the size up to a swap
+    (the pixel count, the stages' short side) can be judged from it. Raises BadImage like decode_image."""
+    with _reading(data, max_pixels) as image:
+        return image.size
+
+
 def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> np.ndarray:
     """Encoded bytes -> float32 (H, W, 3) RGB in [0, 1], EXIF orientation applied, alpha on white.
 
@@ -60,20 +73,39 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> n
     resampling, so that a job waiting in the queue holds no more pixels than it will use.
     Raises BadImage (never anything else for bad input) for empty, undecodable or too large images.
     """
+    with _reading(data, max_pixels) as image:
+        image.load()
+        _check_pixels(image.size, max_pixels)  # some formats pick their frame only on load
+        rgb = _to_rgb(ImageOps.exif_transpose(image))
+    return rgb if max_side is None else shrink_longest(rgb, max_side)
+
+
+@contextlib.contextmanager
+def _reading(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
+    """The opened image (header read, size checked); every failure inside, decoding included, becomes
+    BadImage."""
     if not data:
         raise BadImage("is empty")
     try:
         with Image.open(io.BytesIO(data)) as image:
             # Image.open reads only the header: refuse decompression bombs before decoding a pixel.
             _check_pixels(image.size, max_pixels)
-            image.load()
-            _check_pixels(image.size, max_pixels)  # some formats pick their frame only on load
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
+            yield image
     except BadImage:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        # Pillow's own global guard (main.py turns its warning into an error too).
-        raise BadImage(f"is too large to decode safely: {err}") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # Pillow's own global guard fires inside Image.open, before our check can see the size: its
+        # header announces more than Pillow's limit (main.py turns the warning into an error too).
+        pillow_limit = pillow_pixel_limit()
+        if max_pixels <= pillow_limit:
+            raise BadImage(
+                f"is larger than the server's limit of {max_pixels} pixels: its header announces more "
+                f"than {pillow_limit}"
+            ) from None
+        raise BadImage(
+            f"announces more than {pillow_limit} pixels in its header, more than the image decoder "
+            "accepts (the server's own limit is higher; see allow_pixels)"
+        ) from None
     except UnidentifiedImageError:
         raise BadImage("is not an image in a format the server reads (PNG, JPEG, WebP, GIF, ...)") from None
     except MemoryError:
@@ -82,7 +114,18 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> n
         # Decoders of corrupt data raise all sorts (OSError, SyntaxError, struct.error, ...): all mean
         # "bad input", which must be answered, never crash the server.
         raise BadImage(f"could not be decoded ({type(err).__name__}: {err})") from None
-    return rgb if max_side is None else shrink_longest(rgb, max_side)
+
+
+def pillow_pixel_limit() -> int:
+    """Pixels above which Pillow itself refuses an image (it warns above this, fails above twice this)."""
+    return Image.MAX_IMAGE_PIXELS or 0
+
+
+def allow_pixels(max_pixels: int) -> None:
+    """Make Pillow's own guard no stricter than the server's limit, so that the limit GetInfo reports is
+    the one in force (Pillow's default is about 89 million pixels). Only ever raises Pillow's limit."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
 
 
 def _check_pixels(size: tuple[int, int], max_pixels: int) -> None:

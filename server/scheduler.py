@@ -1,15 +1,20 @@
-"""Admission of jobs: at most `concurrency` run at once, their predicted memory fits the budget's
-`memory_capacity` together, and at most `queue_size` wait in FIFO order.
+"""Admission of jobs: at most `concurrency` run at once and their predicted memory fits `memory_capacity`
+together, at most `queue_size` wait in FIFO order, and at most `max_per_client` of one client's jobs are
+running or waiting at any time.
 
 The scheduler only counts slots; it runs nothing. A caller enqueues a Ticket, waits on it (learning its
 position as the queue moves) until it is admitted, runs its job, and releases it. A ticket that is
 cancelled while it waits leaves the queue at once, so the jobs behind it move up.
+
+Seams: `enqueue` decides whether a job may wait at all (closed, per-client bound, queue bound) and
+`_fits` decides when a job may start (a free slot, and its memory beside the running jobs'). Every ticket
+leaves through `_finish`, which gives back whatever the ticket held (its client's count, its memory).
 """
 
 from __future__ import annotations
 
 import threading
-from collections import deque
+from collections import Counter, deque
 
 
 class QueueFull(Exception):
@@ -20,11 +25,20 @@ class SchedulerClosed(Exception):
     """The server is shutting down and admits no more jobs."""
 
 
+class ClientLimit(Exception):
+    """The client already has `limit` jobs running or waiting, the most one client may have."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"at most {limit} job(s) per client may be running or queued")
+        self.limit = limit
+
+
 class Ticket:
     """One job's place in the scheduler. position: 0 = admitted (running), n >= 1 = n-th in the queue."""
 
-    def __init__(self, scheduler: Scheduler, memory: int = 0) -> None:
+    def __init__(self, scheduler: Scheduler, client: str, memory: int = 0) -> None:
         self._scheduler = scheduler
+        self.client = client
         self.memory = memory  # bytes reserved while it runs
         self.position = 0
         self.cancelled = threading.Event()
@@ -50,17 +64,29 @@ class Ticket:
 
 
 class Scheduler:
-    def __init__(self, concurrency: int, queue_size: int, memory_capacity: int | None = None) -> None:
-        """memory_capacity: bytes the running jobs' reservations may add up to (None = not counted)."""
-        if concurrency < 1 or queue_size < 0:
-            raise ValueError(f"need concurrency >= 1 and queue_size >= 0, got {concurrency}, {queue_size}")
+    def __init__(
+        self,
+        concurrency: int,
+        queue_size: int,
+        max_per_client: int | None = None,
+        memory_capacity: int | None = None,
+    ) -> None:
+        """max_per_client: jobs one client may have running or waiting; None = no bound of its own.
+        memory_capacity: bytes the running jobs' reservations may add up to; None = not counted."""
+        if concurrency < 1 or queue_size < 0 or (max_per_client is not None and max_per_client < 1):
+            raise ValueError(
+                "need concurrency >= 1, queue_size >= 0 and max_per_client >= 1, "
+                f"got {concurrency}, {queue_size}, {max_per_client}"
+            )
         self.concurrency = concurrency
         self.queue_size = queue_size
+        self.max_per_client = max_per_client
         self.memory_capacity = memory_capacity
         self._cond = threading.Condition()
         self._running = 0
         self._reserved = 0
         self._waiting: deque[Ticket] = deque()
+        self._per_client: Counter[str] = Counter()  # running + waiting tickets by client
         self._closed = False
 
     @property
@@ -79,21 +105,33 @@ class Scheduler:
         with self._cond:
             return len(self._waiting)
 
-    def enqueue(self, memory: int = 0) -> Ticket:
+    def jobs_of(self, client: str) -> int:
+        """The client's jobs that are running or waiting."""
+        with self._cond:
+            return self._per_client[client]
+
+    def enqueue(self, client: str = "", memory: int = 0) -> Ticket:
         """A ticket that is admitted at once if a slot and its memory are free, else queued; raises
-        QueueFull or SchedulerClosed. A job reserving more than memory_capacity must be refused by the
-        caller beforehand (it could never start); it is admitted alone rather than left waiting."""
+        SchedulerClosed, ClientLimit (the client has max_per_client jobs already) or QueueFull, checked in
+        that order.
+
+        client: who asks (any string; one bound is kept per distinct value). memory: bytes the job
+        reserves while it runs; one larger than memory_capacity must be refused by the caller
+        beforehand (it could never start beside another), and is admitted alone."""
         with self._cond:
             if self._closed:
                 raise SchedulerClosed()
-            ticket = Ticket(self, memory)
+            if self.max_per_client is not None and self._per_client[client] >= self.max_per_client:
+                raise ClientLimit(self.max_per_client)
+            ticket = Ticket(self, client, memory)
             if not self._waiting and self._fits(ticket):
                 self._admit(ticket)
-                return ticket
-            if len(self._waiting) >= self.queue_size:
+            elif len(self._waiting) >= self.queue_size:
                 raise QueueFull()
-            self._waiting.append(ticket)
-            ticket.position = len(self._waiting)
+            else:
+                self._waiting.append(ticket)
+                ticket.position = len(self._waiting)
+            self._per_client[client] += 1
             return ticket
 
     def close(self) -> None:
@@ -133,17 +171,26 @@ class Scheduler:
             if ticket.position > 0:
                 self._remove(ticket)
             else:
-                ticket.released = True
+                self._finish(ticket)
                 self._running -= 1
                 self._reserved -= ticket.memory
                 self._promote()
 
     def _remove(self, ticket: Ticket) -> None:
         """Take a queued ticket out of the queue (it never ran); the caller holds the lock."""
+        if ticket.released:
+            return
         if ticket in self._waiting:
             self._waiting.remove(ticket)
-        ticket.released = True
+        self._finish(ticket)
         self._promote()
+
+    def _finish(self, ticket: Ticket) -> None:
+        """The ticket leaves the scheduler for good; lock held, called once per ticket."""
+        ticket.released = True
+        self._per_client[ticket.client] -= 1
+        if not self._per_client[ticket.client]:
+            del self._per_client[ticket.client]
 
     def _fits(self, ticket: Ticket) -> bool:
         """A free slot, and the memory beside the running jobs' (or an idle server); lock held."""

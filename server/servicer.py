@@ -1,10 +1,14 @@
 """stylize.v1.StyleTransfer over an engine: a thin shell that knows gRPC and images, never ONNX.
 
-One Stylize call: decode and validate the request (INVALID_ARGUMENT naming the field), take a ticket from
-the scheduler (Queued events while it waits), run the engine in a worker thread, and turn the engine's
-observer calls into the response stream. The handler thread, not the optimisation thread, converts and
-encodes what it streams, so a slow client costs the optimisation nothing: past a memory budget, unsent
-frames are dropped (the newest is kept) instead of blocking the engine.
+One Stylize call:
+1. the cheap checks (INVALID_ARGUMENT naming the field): the options by the engine's own rules, and each
+   image's header (format, pixel count, and the stages' sizes from the content's);
+2. a ticket from the scheduler for the calling client (RESOURCE_EXHAUSTED past the queue's or the client's
+   bound; Queued events while it waits). Until here a request holds only its encoded bytes;
+3. a worker thread, holding the ticket's slot, decodes the images, runs the engine and encodes every frame
+   and the result, so that all of the job's CPU and memory count against its slot;
+4. the handler thread streams what the worker made. A slow client costs the worker nothing: past a memory
+   budget, unsent frames are dropped (the newest is kept) instead of blocking it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from stylize_service.server.engine.memory import JobMemory, MemoryExceeded, mega
 from stylize_service.server.engine.pyramid import style_longest
 from stylize_service.server.engine.resample import scaled_size
 from stylize_service.server.engine.types import (
+    GraphCacheStats,
     InvalidSettings,
     Losses,
     ModelInfo,
@@ -37,8 +42,9 @@ from stylize_service.server.engine.types import (
     StylizeResult,
     StylizeSettings,
 )
-from stylize_service.server.engine.validation import MAX_ITERATIONS, MAX_SIZE, MAX_STYLES
-from stylize_service.server.imageio import BadImage, decode_image, encode_image
+from stylize_service.server.engine.validation import MAX_ITERATIONS, MAX_SIZE, MAX_STYLES, MAX_WEIGHT
+from stylize_service.server.identity import context_identity
+from stylize_service.server.imageio import BadImage, Encoding, decode_image, encode_image, probe_image
 from stylize_service.server.metrics import ServerMetrics, call_deadline_passed
 from stylize_service.server.options import (
     InvalidOption,
@@ -47,14 +53,14 @@ from stylize_service.server.options import (
     invalid_option,
     to_job_options,
 )
-from stylize_service.server.scheduler import QueueFull, Scheduler, SchedulerClosed, Ticket
+from stylize_service.server.scheduler import ClientLimit, QueueFull, Scheduler, SchedulerClosed, Ticket
 from stylize_service.server.security import client_label
 
 logger = logging.getLogger("stylize.server")
 
 POLL_SECONDS = 0.5  # how often waiting threads re-check the call's liveness (cancels also wake them)
-# Unsent frames (float32 arrays) kept for a client that reads slowly: ~20 frames of 512x512, and always
-# the newest one; older ones are dropped beyond this rather than make the engine wait.
+# Unsent frames (encoded) kept for a client that reads slowly, and always the newest one; older ones are
+# dropped beyond this rather than make the engine wait.
 PENDING_FRAME_BYTES = 64 * 1024 * 1024
 
 
@@ -63,6 +69,9 @@ class EngineLike(Protocol):
 
     @property
     def info(self) -> ModelInfo: ...
+
+    @property
+    def graph_cache(self) -> GraphCacheStats: ...
 
     def check(
         self,
@@ -106,26 +115,38 @@ class _Abort(Exception):
         self.outcome = outcome
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Job:
+    """An accepted request: its options checked and its images' headers read, nothing decoded yet."""
+
     id: str
-    content: np.ndarray
-    styles: list[StyleSource]
-    init_image: np.ndarray | None
+    request: pb.StylizeRequest
     options: JobOptions
     memory: JobMemory
 
 
-# What the worker thread hands to the handler thread.
+@dataclass(frozen=True)
+class _Inputs:
+    """A job's images, decoded by its worker."""
+
+    content: np.ndarray
+    styles: list[StyleSource]
+    init_image: np.ndarray | None
+
+
+# What the worker thread hands to the handler thread: messages ready to send.
 @dataclass(frozen=True)
 class _FrameEvent:
-    iteration: int
-    image: np.ndarray
+    frame: pb.Frame
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.frame.image)
 
 
 @dataclass(frozen=True)
 class _Done:
-    result: StylizeResult
+    result: pb.Result
 
 
 @dataclass(frozen=True)
@@ -156,7 +177,7 @@ class _Events:
     def put(self, event: _Event) -> None:
         with self._cond:
             if isinstance(event, _FrameEvent):
-                self._frame_bytes += event.image.nbytes
+                self._frame_bytes += event.nbytes
                 while self._frame_bytes > self._max_frame_bytes and self._drop_oldest_frame():
                     self.dropped_frames += 1
             self._items.append(event)
@@ -166,7 +187,7 @@ class _Events:
         for index, pending in enumerate(self._items):
             if isinstance(pending, _FrameEvent):
                 del self._items[index]
-                self._frame_bytes -= pending.image.nbytes
+                self._frame_bytes -= pending.nbytes
                 return True
         return False
 
@@ -178,7 +199,7 @@ class _Events:
                 return None
             event = self._items.popleft()
             if isinstance(event, _FrameEvent):
-                self._frame_bytes -= event.image.nbytes
+                self._frame_bytes -= event.nbytes
             return event
 
     def wake(self) -> None:
@@ -197,6 +218,8 @@ class _JobObserver:
         self._context = context
         self._metrics = metrics
         self.last_progress: Progress | None = None
+        self.frame_encoding = Encoding.JPEG
+        self.frame_size: tuple[int, int] | None = None  # (width, height); set once the content is decoded
 
     def on_progress(self, progress: Progress) -> None:
         self.last_progress = progress
@@ -204,11 +227,24 @@ class _JobObserver:
         self._events.put(progress)
 
     def on_frame(self, iteration: int, image: np.ndarray) -> None:
-        # A copy, because the engine may reuse its buffer while the handler thread encodes.
-        self._events.put(_FrameEvent(iteration, np.array(image, dtype=np.float32, copy=True)))
+        # Scaled and encoded here, in the worker thread between two iterations: the job's own slot pays
+        # for it, however large or frequent its frames.
+        encoded = encode_image(image, self.frame_encoding, self.frame_size)
+        frame = pb.Frame(
+            iteration=iteration,
+            image=encoded.data,
+            mime_type=encoded.mime_type,
+            width=encoded.width,
+            height=encoded.height,
+        )
+        self._events.put(_FrameEvent(frame))
 
     def should_stop(self) -> bool:
         return self._stop.is_set() or not self._context.is_active()
+
+    def stop_if_asked(self) -> None:
+        if self.should_stop():
+            raise StylizeCancelled()
 
 
 @dataclass
@@ -258,12 +294,17 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         limits: ServiceLimits,
         engine: EngineLike | None = None,
         version: str = "unknown",
+        *,
+        trust_tokens: bool = False,
         metrics: ServerMetrics | None = None,
     ) -> None:
+        """trust_tokens: the server refuses calls without a valid bearer token, so a call's token may
+        identify its client for the per-client bound (server.identity); else its address does."""
         self._scheduler = scheduler
         self._limits = limits
         self._engine = engine
         self._version = version
+        self._trust_tokens = trust_tokens
         self._metrics = metrics or ServerMetrics()
         self._ids = itertools.count(1)
 
@@ -302,8 +343,14 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 max_styles=MAX_STYLES,
                 memory_budget_bytes=self._limits.memory_budget_bytes,
                 memory_for_jobs_bytes=self._scheduler.memory_capacity or 0,
+                max_weight=MAX_WEIGHT,
+                # Without a bound of its own, a client is bound by the queue.
+                max_jobs_per_client=self._scheduler.max_per_client
+                or self._scheduler.concurrency + self._scheduler.queue_size,
             ),
             server_version=self._version,
+            graph_cache=_graph_cache_pb(engine.graph_cache),
+            load=pb.Load(running_jobs=self._scheduler.running, queued_jobs=self._scheduler.waiting),
         )
 
     # --- Stylize ---------------------------------------------------------------------------------
@@ -334,10 +381,18 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         engine = self._engine
         if engine is None:
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly", "refused")
-        job = self._prepare(request, engine, log.id)
-        log.sizes = _describe_sizes(job)
+        job = self._accept(request, engine, log.id)
         try:
-            ticket = self._scheduler.enqueue(job.memory.peak_bytes)
+            ticket = self._scheduler.enqueue(
+                context_identity(context, trust_tokens=self._trust_tokens), job.memory.peak_bytes
+            )
+        except ClientLimit as err:
+            raise _Abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this client already has {err.limit} job(s) running or queued, the most the server allows "
+                f"one client (max_jobs_per_client = {err.limit}); retry when one has finished",
+                "refused",
+            ) from None
         except QueueFull:
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -374,7 +429,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             )
             worker.start()
             worker_started = True
-            yield from self._stream(job, events, stop, context)
+            yield from self._stream(events, stop, context)
         except GeneratorExit:  # the client went away while we were yielding to it
             if not worker_started:
                 log.finish("cancelled while queued")
@@ -385,38 +440,33 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             if not worker_started:
                 ticket.release()  # the worker releases the slot it ran in
 
-    def _prepare(self, request: pb.StylizeRequest, engine: EngineLike, job_id: str) -> _Job:
-        """Convert, validate with the engine's own rules, then decode: bad requests fail fast, before
-        queueing, and before any pixel is decoded when the options alone are at fault."""
+    def _accept(self, request: pb.StylizeRequest, engine: EngineLike, job_id: str) -> _Job:
+        """Every check that needs no decoding, before the job waits for a worker: the options by the
+        engine's rules, each image's header (its format and pixel count), and the stages' sizes from the
+        content's header. Bad requests fail fast, and a waiting job holds only its encoded bytes."""
         try:
             job_options = to_job_options(request.options)
             settings = job_options.settings
             style_weights = [style.blend_weight for style in request.styles]
             has_init_image = bool(request.options.init_image)
             engine.check(settings, style_weights=style_weights, has_init_image=has_init_image)
-            # Decoded images are shrunk to the sizes the engine will use, bounding a queued job's memory.
-            content = self._decode(request.content_image, "content_image", settings.max_size)
-            init_image = (
-                self._decode(request.options.init_image, "options.init_image", settings.max_size)
-                if has_init_image
-                else None
-            )
-            style_side = style_longest(settings.max_size, settings.style_scale)
-            styles = [
-                StyleSource(
-                    self._decode(style.image, f"styles[{index}].image", style_side), style.blend_weight
-                )
-                for index, style in enumerate(request.styles)
-            ]
-            # Now that its shape is known: the stages' sizes (a thin image may not fit the layers).
+            width, height = self._probe(request.content_image, "content_image")
+            if has_init_image:
+                self._probe(request.options.init_image, "options.init_image")
+            for index, style in enumerate(request.styles):
+                self._probe(style.image, f"styles[{index}].image")
+            # The stages' sizes from the header's size, which has the image's true aspect ratio (once
+            # shrunk to max_size a thin side is rounded up to 1 px, and the advice would be wrong).
+            # The EXIF orientation may swap the sides, which changes no stage's short side.
             engine.check(
                 settings,
                 style_weights=style_weights,
                 has_init_image=has_init_image,
-                content_size=(content.shape[1], content.shape[0]),
+                content_size=(width, height),
             )
+            # The memory the job will reserve while it runs, from the same header size.
             job_memory = engine.plan_memory(
-                (content.shape[1], content.shape[0]), settings, len(styles), self._scheduler.memory_capacity
+                (width, height), settings, len(request.styles), self._scheduler.memory_capacity
             )
         except InvalidSettings as err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(invalid_option(err)), "invalid") from None
@@ -424,7 +474,41 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(err), "invalid") from None
         except MemoryExceeded as err:
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"memory: {err}", "refused") from None
-        return _Job(job_id, content, styles, init_image, job_options, job_memory)
+        return _Job(job_id, request, job_options, job_memory)
+
+    def _probe(self, data: bytes, field_name: str) -> tuple[int, int]:
+        try:
+            return probe_image(data, self._limits.max_pixels)
+        except BadImage as err:
+            raise InvalidOption(field_name, str(err)) from None
+
+    def _decode_inputs(self, job: _Job, engine: EngineLike, observer: _JobObserver) -> _Inputs:
+        """Decode in the worker (raises InvalidOption naming the image, StylizeCancelled if the call
+        ended). Images are shrunk to the sizes the engine will use; the content's decoded size is checked
+        against the stages again (a format may decode to another size than its header said)."""
+        request, settings = job.request, job.options.settings
+        observer.stop_if_asked()
+        content = self._decode(request.content_image, "content_image", settings.max_size)
+        init_image = None
+        if request.options.init_image:
+            observer.stop_if_asked()
+            init_image = self._decode(request.options.init_image, "options.init_image", settings.max_size)
+        style_side = style_longest(settings.max_size, settings.style_scale)
+        styles = []
+        for index, style in enumerate(request.styles):
+            observer.stop_if_asked()
+            styles.append(
+                StyleSource(
+                    self._decode(style.image, f"styles[{index}].image", style_side), style.blend_weight
+                )
+            )
+        engine.check(
+            settings,
+            style_weights=[style.blend_weight for style in styles],
+            has_init_image=init_image is not None,
+            content_size=(content.shape[1], content.shape[0]),
+        )
+        return _Inputs(content, styles, init_image)
 
     def _decode(self, data: bytes, field_name: str, max_side: int) -> np.ndarray:
         try:
@@ -462,25 +546,31 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         ticket: Ticket,
         log: _JobLog,
     ) -> None:
-        """The worker thread: run the engine, report how it ended, and always free the slot."""
+        """The worker thread, holding the job's slot: decode the images, run the engine, encode the
+        result, report how it ended, and always free the slot."""
         outcome = "ok"
         iterations = evaluations = 0
         try:
+            inputs = self._decode_inputs(job, engine, observer)
+            log.sizes = _describe_sizes(inputs, job)
+            height, width = inputs.content.shape[:2]
+            observer.frame_encoding = job.options.frame_encoding
+            observer.frame_size = scaled_size(width, height, job.options.frame_max_size)
             result = engine.stylize(
-                job.content,
-                job.styles,
+                inputs.content,
+                inputs.styles,
                 job.options.settings,
                 observer,
-                init_image=job.init_image,
+                init_image=inputs.init_image,
                 tiles=job.memory.tiles,
             )
             iterations, evaluations = result.iterations, result.evaluations
-            events.put(_Done(result))
+            events.put(_Done(_result_pb(result, job.options)))
         except StylizeCancelled:
             outcome = "cancelled"
             events.put(_Stopped())
-        except InvalidSettings as err:
-            message = str(invalid_option(err))
+        except (InvalidSettings, InvalidOption) as err:
+            message = str(invalid_option(err) if isinstance(err, InvalidSettings) else err)
             outcome = f"invalid: {message}"
             events.put(_Failed(grpc.StatusCode.INVALID_ARGUMENT, message))
         except Exception as err:
@@ -497,11 +587,9 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             log.finish(outcome, iterations, evaluations)
 
     def _stream(
-        self, job: _Job, events: _Events, stop: threading.Event, context: grpc.ServicerContext
+        self, events: _Events, stop: threading.Event, context: grpc.ServicerContext
     ) -> Iterator[pb.StylizeResponse]:
-        """Turn the worker's events into responses, encoding images here, off the optimisation thread."""
-        height, width = job.content.shape[:2]
-        frame_size = scaled_size(width, height, job.options.frame_max_size)
+        """Send the worker's messages as they come; everything was converted and encoded by the worker."""
         while True:
             event = events.get(POLL_SECONDS)
             if event is None:
@@ -511,18 +599,9 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             if isinstance(event, Progress):
                 yield pb.StylizeResponse(progress=_progress_pb(event))
             elif isinstance(event, _FrameEvent):
-                encoded = encode_image(event.image, job.options.frame_encoding, frame_size)
-                yield pb.StylizeResponse(
-                    frame=pb.Frame(
-                        iteration=event.iteration,
-                        image=encoded.data,
-                        mime_type=encoded.mime_type,
-                        width=encoded.width,
-                        height=encoded.height,
-                    )
-                )
+                yield pb.StylizeResponse(frame=event.frame)
             elif isinstance(event, _Done):
-                yield pb.StylizeResponse(result=_result_pb(event.result, job.options))
+                yield pb.StylizeResponse(result=event.result)
                 return
             elif isinstance(event, _Failed):
                 outcome = "internal error" if event.code is grpc.StatusCode.INTERNAL else "invalid"
@@ -540,14 +619,23 @@ def _outcome_label(outcome: str, deadline_passed: bool) -> str:
     return word if word in ("ok", "invalid", "refused") else "error"
 
 
-def _describe_sizes(job: _Job) -> str:
-    height, width = job.content.shape[:2]
+def _describe_sizes(inputs: _Inputs, job: _Job) -> str:
+    height, width = inputs.content.shape[:2]
     out_w, out_h = scaled_size(width, height, job.options.settings.max_size)
-    styles = ",".join(f"{s.image.shape[1]}x{s.image.shape[0]}" for s in job.styles) or "none"
+    styles = ",".join(f"{s.image.shape[1]}x{s.image.shape[0]}" for s in inputs.styles) or "none"
     tiles = ",".join(str(t) for t in job.memory.tiles)
     return (
         f"content={width}x{height} styles={styles} output={out_w}x{out_h} "
         f"memory={megabytes(job.memory.peak_bytes)}MB tiles={tiles}"
+    )
+
+
+def _graph_cache_pb(stats: GraphCacheStats) -> pb.GraphCache:
+    return pb.GraphCache(
+        budget_bytes=stats.budget_bytes,
+        used_bytes=stats.used_bytes,
+        entries=stats.entries,
+        evictions=stats.evictions,
     )
 
 

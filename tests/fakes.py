@@ -26,6 +26,7 @@ from stylize_service.server.engine.engine import check_request, layer_choice, pl
 from stylize_service.server.engine.memory import JobMemory, plan_job
 from stylize_service.server.engine.resample import scaled_size
 from stylize_service.server.engine.types import (
+    GraphCacheStats,
     Losses,
     ModelInfo,
     Progress,
@@ -74,6 +75,10 @@ class FakeEngine:
             input_scale=1.0,
             providers=("FakeExecutionProvider",),
         )
+
+    @property
+    def graph_cache(self) -> GraphCacheStats:
+        return GraphCacheStats(budget_bytes=0, used_bytes=0, entries=0, evictions=0)  # it compiles nothing
 
     def check(
         self,
@@ -243,6 +248,9 @@ TEST_CONFIG = ServerConfig(
     port=0,
     concurrency=1,
     queue_size=2,
+    # Every test client is 127.0.0.1: one more than fits, so that one client can fill the server and see
+    # the queue's own bound (the tests of the per-client bound set it lower).
+    max_jobs_per_client=4,
     max_pixels=1_000_000,
     max_message_mb=4,
     grace_seconds=0,

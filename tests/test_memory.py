@@ -76,11 +76,11 @@ def test_unlimited_cgroup_falls_back_to_physical_memory(monkeypatch):
 
 def test_scheduler_admits_by_memory_beside_the_running_jobs():
     scheduler = Scheduler(concurrency=3, queue_size=4, memory_capacity=100)
-    first = scheduler.enqueue(60)
+    first = scheduler.enqueue(memory=60)
     assert first.position == 0
-    second = scheduler.enqueue(50)  # 60 + 50 > 100: waits although a slot is free
+    second = scheduler.enqueue(memory=50)  # 60 + 50 > 100: waits although a slot is free
     assert second.position == 1
-    third = scheduler.enqueue(10)  # FIFO: not admitted past the waiting job
+    third = scheduler.enqueue(memory=10)  # FIFO: not admitted past the waiting job
     assert third.position == 2 and scheduler.reserved_memory == 60
     first.release()
     assert second.position == 0 and third.position == 0 and scheduler.reserved_memory == 60
@@ -92,9 +92,9 @@ def test_scheduler_admits_by_memory_beside_the_running_jobs():
 def test_a_job_larger_than_the_capacity_still_runs_alone():
     # The servicer refuses jobs that can never fit; one that was planned to fit an idle server starts.
     scheduler = Scheduler(concurrency=2, queue_size=2, memory_capacity=100)
-    alone = scheduler.enqueue(150)
+    alone = scheduler.enqueue(memory=150)
     assert alone.position == 0
-    assert scheduler.enqueue(1).position == 1
+    assert scheduler.enqueue(memory=1).position == 1
     alone.release()
 
 

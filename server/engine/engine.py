@@ -19,6 +19,7 @@ from .pyramid import Stage
 from .resample import resize, resize_longest
 from .tiling import TiledEvaluator, TileLayout
 from .types import (
+    GraphCacheStats,
     Init,
     Losses,
     ModelInfo,
@@ -66,6 +67,10 @@ class Engine:
     @property
     def info(self) -> ModelInfo:
         return self._network.info()
+
+    @property
+    def graph_cache(self) -> GraphCacheStats:
+        return self._network.cache_stats()
 
     def warm_up(self, settings: StylizeSettings | None = None) -> None:
         """Compile the default layer choice's graphs now rather than on the first request."""
@@ -146,11 +151,13 @@ class Engine:
                 stage_content = resize(net_content, stage.width, stage.height)
                 if run.tiles[stage.index]:
                     assert tile_sessions is not None
-                    tiled = TiledEvaluator(tile_sessions, run.tiles[stage.index], _stopper(observer))
+                    tiled = TiledEvaluator(
+                        tile_sessions, run.tiles[stage.index], functools.partial(_stop_if_asked, observer)
+                    )
                     targets = self._tiled_targets(tiled, stage_content, net_styles, blend, stage, settings)
                     evaluate = tiled.evaluator(targets, *_weights(settings))
                 else:
-                    targets = self._targets(run.compiled, stage_content, net_styles, blend, stage, settings)
+                    targets = self._targets(run, stage_content, net_styles, blend, stage)
                     feeds = run.compiled.feeds(targets, *_weights(settings))
                     evaluate = functools.partial(run.compiled.evaluate, feeds=feeds)
                 start_rgb = self._start(settings, stage, stage_content, previous, init_image)
@@ -158,7 +165,7 @@ class Engine:
                 previous = self._network.from_network(last.x)
         finally:
             del tile_sessions  # built for this job alone: dropping them frees their memory
-            self._network.release_memory(choice)
+            self._network.release_memory(run.compiled)
         assert last is not None
         final = color.finish_output(settings.color_mode, self._network.from_network(last.x), content)
         return StylizeResult(
@@ -171,23 +178,27 @@ class Engine:
 
     def _targets(
         self,
-        compiled: CompiledChoice,
+        run: _Run,
         stage_content: np.ndarray,
         styles: list[np.ndarray],
         blend: np.ndarray,
         stage: Stage,
-        settings: StylizeSettings,
     ) -> Targets:
         """Content targets from the stage's content image; style targets blended over the style images,
-        each scaled to the stage's longest side times style_scale."""
+        each scaled to the stage's longest side times style_scale. Each pass is a whole network run (many
+        seconds at 4096 px), so a cancelled job stops before each one rather than after them all."""
+        compiled = run.compiled
+        _stop_if_asked(run.observer)
         by_term = {"content": compiled.targets(self._network.to_network(stage_content)).by_term["content"]}
         grams: dict[str, np.ndarray] = {}
-        style_size = pyramid.style_longest(stage.longest, settings.style_scale)
+        style_size = pyramid.style_longest(stage.longest, run.settings.style_scale)
         for weight, style in zip(blend, styles, strict=True):
+            _stop_if_asked(run.observer)
             style_targets = compiled.targets(self._network.to_network(resize_longest(style, style_size)))
             for layer, gram in style_targets.by_term["style"].items():
                 grams[layer] = grams.get(layer, 0) + np.float32(weight) * gram
         by_term["style"] = grams
+        _stop_if_asked(run.observer)  # before the stage's first evaluation
         return Targets(by_term)
 
     def _tiled_targets(
@@ -334,12 +345,9 @@ def _weights(settings: StylizeSettings) -> tuple[dict[str, float], dict[str, dic
     return settings.term_weights(), {term: dict(layers) for term, layers in settings.term_layers().items()}
 
 
-def _stopper(observer: StylizeObserver) -> Callable[[], None]:
-    def check() -> None:
-        if observer.should_stop():
-            raise StylizeCancelled()
-
-    return check
+def _stop_if_asked(observer: StylizeObserver) -> None:
+    if observer.should_stop():
+        raise StylizeCancelled()
 
 
 def _blend_weights(weights: Sequence[float]) -> np.ndarray:

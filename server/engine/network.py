@@ -1,5 +1,11 @@
 """The ONNX side of the engine: the exported feature network, its preprocessing, and onnxruntime sessions
-for the targets and loss graphs of each layer choice (generated on first use, then cached)."""
+for the targets and loss graphs of each layer choice (generated on first use, then cached).
+
+The cache is bounded by memory, not by a count: a choice's sessions hold the convolution weights up to
+its deepest layer (the loss graph twice: forward and backward), from a few MB (relu2_1) to about 650 MB
+(relu5_3). Each entry's size is estimated from its graphs' initializer bytes (`estimated_session_bytes`),
+and the least recently used choices are dropped beyond the budget.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +25,31 @@ from stylize_service.models import export, graphs
 from stylize_service.models.graphs import LayerChoice
 from stylize_service.models.terms import TERMS
 
-from .types import ModelInfo
+from .types import GraphCacheStats, ModelInfo
+
+GRAPH_CACHE_BYTES = 1 << 30  # default budget: the default choice (about 0.5 GB) and one or two others
+# A compiled pair of sessions holds its initializers several times over (onnxruntime's own copy, and
+# pre-packed convolution weights). Measured with `scripts/measure_bounds.py cache` on the bundled VGG16,
+# each choice in a fresh process, after a compile and one 32 px evaluation: resident memory grew by 3.0x
+# to 3.9x the graphs' initializer bytes (relu5_3: 689 MB for 177 MB of weights), and by 16 MB for the
+# smallest choice (1.4 MB of weights). The estimate, 4x plus 16 MB, covers every measured choice.
+SESSION_BYTES_PER_INITIALIZER_BYTE = 4
+SESSION_OVERHEAD_BYTES = 16 << 20
+
+
+def initializer_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of a graph's constant tensors (its weights), from their shapes; nothing is copied."""
+    total = 0
+    for tensor in model.graph.initializer:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        total += int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return total
+
+
+def estimated_session_bytes(*models: onnx.ModelProto) -> int:
+    """Resident memory of onnxruntime sessions of these graphs, as measured (see the constants above).
+    Not included: the arena of intermediate tensors, which grows with the images a session runs."""
+    return SESSION_OVERHEAD_BYTES + SESSION_BYTES_PER_INITIALIZER_BYTE * sum(map(initializer_bytes, models))
 
 
 @dataclass(frozen=True)
@@ -72,16 +102,24 @@ class CompiledChoice:
     """The two onnxruntime sessions of one LayerChoice."""
 
     def __init__(
-        self, choice: LayerChoice, targets: ort.InferenceSession, loss: ort.InferenceSession
+        self,
+        choice: LayerChoice,
+        targets: ort.InferenceSession,
+        loss: ort.InferenceSession,
+        nbytes: int = 0,
     ) -> None:
         self.choice = choice
+        self.nbytes = nbytes  # estimated resident memory of the two sessions
         self._targets = targets
         self._loss = loss
         self._target_outputs = [o.name for o in targets.get_outputs()]
         self._loss_outputs = [o.name for o in loss.get_outputs()]
 
-    def targets(self, image: np.ndarray, run_options: ort.RunOptions | None = None) -> Targets:
+    def targets(self, image: np.ndarray) -> Targets:
         """Every layered term's targets computed from one image (content image or style image)."""
+        return self._run_targets(image, None)
+
+    def _run_targets(self, image: np.ndarray, run_options: ort.RunOptions | None) -> Targets:
         outputs = dict(
             zip(
                 self._target_outputs,
@@ -117,7 +155,7 @@ class CompiledChoice:
         """Run both sessions once on a tiny image with arena shrinkage, so that their memory arenas give
         back what the last large image made them hold (onnxruntime shrinks only at the end of a run)."""
         tiny = np.zeros((1, 3, SHRINK_IMAGE_SIDE, SHRINK_IMAGE_SIDE), np.float32)
-        targets = self.targets(tiny, _SHRINK)
+        targets = self._run_targets(tiny, _SHRINK)
         ones = {term: 1.0 for term in TERMS}
         layer_ones = {term: dict.fromkeys(layers, 1.0) for term, layers in self.choice.layers}
         self._loss.run(None, {**self.feeds(targets, ones, layer_ones), export.INPUT_NAME: tiny}, _SHRINK)
@@ -174,8 +212,10 @@ class FeatureNetwork:
         *,
         providers: list[str] | None = None,
         intra_op_threads: int | None = None,
-        cache_size: int = 8,
+        cache_bytes: int = GRAPH_CACHE_BYTES,
     ) -> None:
+        """cache_bytes: memory budget of the compiled-graph cache (estimated, see the module docstring);
+        the most recently used choice is always kept, even alone over the budget."""
         path = Path(model_path)
         if not path.is_file():
             raise FileNotFoundError(f"model file {path} not found: build it with `bash scripts/setup.sh`")
@@ -215,7 +255,9 @@ class FeatureNetwork:
         # one-node session rather than assumed from the request.
         self.providers = tuple(self._session(_probe_model()).get_providers())
         self._cache: OrderedDict[LayerChoice, CompiledChoice] = OrderedDict()
-        self._cache_size = cache_size
+        self._cache_budget = cache_bytes
+        self._cache_used = 0
+        self._evictions = 0
         self._lock = threading.Lock()
         self._building: dict[LayerChoice, threading.Lock] = {}
 
@@ -241,16 +283,18 @@ class FeatureNetwork:
             with self._lock:
                 if choice in self._cache:
                     return self._cache[choice]
-            compiled = CompiledChoice(
-                choice,
-                self._session(graphs.build_targets_model(self._features, choice)),
-                self._session(graphs.build_loss_model(self._features, choice)),
-            )
+            targets = graphs.build_targets_model(self._features, choice)
+            loss = graphs.build_loss_model(self._features, choice)
+            nbytes = estimated_session_bytes(targets, loss)
+            with self._lock:
+                self._evict(keep=0, reserve=nbytes)  # make room first: the new sessions are the peak
+            compiled = CompiledChoice(choice, self._session(targets), self._session(loss), nbytes=nbytes)
+            del targets, loss  # the graphs' own copy of the weights
             with self._lock:
                 self._cache[choice] = compiled
+                self._cache_used += compiled.nbytes
                 self._building.pop(choice, None)
-                while len(self._cache) > self._cache_size:
-                    self._cache.popitem(last=False)
+                self._evict(keep=1)  # other choices may have come in meanwhile
             return compiled
 
     def tile_sessions(self, choice: LayerChoice) -> TileSessions:
@@ -262,14 +306,29 @@ class FeatureNetwork:
             self._session(graphs.build_tile_loss_model(self._features, choice)),
         )
 
-    def release_memory(self, choice: LayerChoice) -> None:
-        """Give the memory a job's evaluations used back to the operating system: shrink the arenas of
-        the choice's sessions (a tiny run with arena shrinkage) and trim the C heap."""
-        with self._lock:
-            compiled = self._cache.get(choice)
-        if compiled is not None:
-            compiled.shrink_arenas()
+    def release_memory(self, compiled: CompiledChoice) -> None:
+        """Give the memory a job's evaluations used back to the operating system: shrink the process's
+        arena (a tiny run of the job's sessions with arena shrinkage) and trim the C heap."""
+        compiled.shrink_arenas()
         _trim_heap()
+
+    def _evict(self, keep: int, reserve: int = 0) -> None:
+        """Drop least recently used choices until `reserve` more bytes fit the budget, keeping at least
+        the `keep` most recent; lock held. A running job keeps its own reference to its choice, so its
+        sessions live on until it ends."""
+        while self._cache_used + reserve > self._cache_budget and len(self._cache) > keep:
+            _, dropped = self._cache.popitem(last=False)
+            self._cache_used -= dropped.nbytes
+            self._evictions += 1
+
+    def cache_stats(self) -> GraphCacheStats:
+        with self._lock:
+            return GraphCacheStats(
+                budget_bytes=self._cache_budget,
+                used_bytes=self._cache_used,
+                entries=len(self._cache),
+                evictions=self._evictions,
+            )
 
     def _session(self, model: onnx.ModelProto) -> ort.InferenceSession:
         return ort.InferenceSession(

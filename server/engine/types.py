@@ -212,3 +212,13 @@ class ModelInfo:
     std: tuple[float, float, float]
     input_scale: float  # pixel values in [0, 1] are multiplied by this first (255 for caffe-style weights)
     providers: tuple[str, ...]  # onnxruntime execution providers the sessions really use
+
+
+@dataclass(frozen=True)
+class GraphCacheStats:
+    """The compiled-graph cache: its memory budget, what it holds (estimated) and what it gave up."""
+
+    budget_bytes: int
+    used_bytes: int  # estimated resident memory of the cached sessions
+    entries: int  # layer choices compiled and kept
+    evictions: int  # choices dropped to stay within the budget, since the start

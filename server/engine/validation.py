@@ -18,6 +18,15 @@ MAX_ITERATIONS = 100_000
 MAX_STYLES = 16
 STYLE_SCALE_RANGE = (0.05, 8.0)
 MAX_SEED = 2**63 - 1
+# Largest content/style/tv weight and per-layer weight. The loss graph computes in float32 (largest
+# 3.4e38) and a term's weight multiplies a layer's weight, so a loss stays finite while MAX_WEIGHT**2
+# times the largest loss per unit weight is below that. Measured with `scripts/measure_bounds.py weights`
+# (every layer of both terms over pairs of extreme images: black, white, noise, checkerboards, stripes):
+# at most 3.9e7 per style layer and 1.6e6 per content layer, 1.0e8 over all 26, gradient elements up to
+# 3.2e3, and a tv sum that grows with the pixels to about 3e12 at 4096 px. At 1e12 every layer of both
+# terms gives 1.0e32, a margin of 3e6 below float32's largest value; tests/test_defects.py runs the
+# engine at the bound. Weights further apart than this are beyond what float32 resolves anyway.
+MAX_WEIGHT = 1e12
 
 
 def validate(
@@ -77,6 +86,10 @@ def _check_range(field: str, value: int, low: int, high: int) -> None:
 def _check_weight(field: str, value: float) -> None:
     if not (math.isfinite(value) and value >= 0):
         raise InvalidSettings(field, f"must be a finite number >= 0, got {value}")
+    if value > MAX_WEIGHT:
+        raise InvalidSettings(
+            field, f"must be at most {MAX_WEIGHT:g} (larger weights overflow the float32 loss), got {value:g}"
+        )
 
 
 def _check_layers(field: str, layers: Layers, known_layers: Sequence[str]) -> None:

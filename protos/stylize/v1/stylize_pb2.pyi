@@ -261,16 +261,40 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model", "defaults", "limits", "server_version")
+    __slots__ = ("model", "defaults", "limits", "server_version", "graph_cache", "load")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_CACHE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     defaults: StylizeOptions
     limits: Limits
     server_version: str
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., defaults: _Optional[_Union[StylizeOptions, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    graph_cache: GraphCache
+    load: Load
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., defaults: _Optional[_Union[StylizeOptions, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., graph_cache: _Optional[_Union[GraphCache, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
+
+class GraphCache(_message.Message):
+    __slots__ = ("budget_bytes", "used_bytes", "entries", "evictions")
+    BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    EVICTIONS_FIELD_NUMBER: _ClassVar[int]
+    budget_bytes: int
+    used_bytes: int
+    entries: int
+    evictions: int
+    def __init__(self, budget_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., entries: _Optional[int] = ..., evictions: _Optional[int] = ...) -> None: ...
+
+class Load(_message.Message):
+    __slots__ = ("running_jobs", "queued_jobs")
+    RUNNING_JOBS_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_JOBS_FIELD_NUMBER: _ClassVar[int]
+    running_jobs: int
+    queued_jobs: int
+    def __init__(self, running_jobs: _Optional[int] = ..., queued_jobs: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "weights_source", "layers", "preprocessing", "providers")
@@ -299,7 +323,7 @@ class Preprocessing(_message.Message):
     def __init__(self, channel_order: _Optional[str] = ..., mean: _Optional[_Iterable[float]] = ..., std: _Optional[_Iterable[float]] = ..., input_scale: _Optional[float] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_pixels", "max_message_bytes", "concurrency", "queue_size", "max_size", "max_iterations", "max_styles", "memory_budget_bytes", "memory_for_jobs_bytes")
+    __slots__ = ("max_pixels", "max_message_bytes", "concurrency", "queue_size", "max_size", "max_iterations", "max_styles", "memory_budget_bytes", "memory_for_jobs_bytes", "max_weight", "max_jobs_per_client")
     MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONCURRENCY_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +333,8 @@ class Limits(_message.Message):
     MAX_STYLES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FOR_JOBS_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_JOBS_PER_CLIENT_FIELD_NUMBER: _ClassVar[int]
     max_pixels: int
     max_message_bytes: int
     concurrency: int
@@ -318,4 +344,6 @@ class Limits(_message.Message):
     max_styles: int
     memory_budget_bytes: int
     memory_for_jobs_bytes: int
-    def __init__(self, max_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., concurrency: _Optional[int] = ..., queue_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_styles: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., memory_for_jobs_bytes: _Optional[int] = ...) -> None: ...
+    max_weight: float
+    max_jobs_per_client: int
+    def __init__(self, max_pixels: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., concurrency: _Optional[int] = ..., queue_size: _Optional[int] = ..., max_size: _Optional[int] = ..., max_iterations: _Optional[int] = ..., max_styles: _Optional[int] = ..., memory_budget_bytes: _Optional[int] = ..., memory_for_jobs_bytes: _Optional[int] = ..., max_weight: _Optional[float] = ..., max_jobs_per_client: _Optional[int] = ...) -> None: ...

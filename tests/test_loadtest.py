@@ -1,0 +1,50 @@
+"""The load and chaos test (scripts/loadtest.py), short: a real server, clients that complete, cancel, die
+with SIGKILL, read slowly and run out of time. Nothing accepted may be lost and every worker must be free."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stylize_service.models.paths import default_model_path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_short_load_test_loses_nothing_and_frees_every_worker(tmp_path: Path) -> None:
+    if not default_model_path().is_file():
+        pytest.skip("the model is not built; run `bash scripts/setup.sh`")
+    report_path = tmp_path / "load.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "loadtest.py"),
+            "--seconds",
+            "30",
+            "--clients",
+            "6",
+            "--json",
+            str(report_path),
+            "--server-log",
+            str(tmp_path / "server.log"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert report_path.is_file(), result.stdout + result.stderr
+    report = json.loads(report_path.read_text())
+    assert report["lost"] == 0, result.stdout
+    assert report["workers_free"], result.stdout
+    assert report["errors"] == 0 and report["server_exit"] == 0, result.stdout
+    assert result.returncode == 0, result.stdout + result.stderr
+    outcomes = report["outcomes"]
+    assert outcomes.get("completed", 0) > 0, result.stdout
+    # The chaos happened: some calls ended early, by the client or by a killed client process.
+    assert outcomes.get("cancelled", 0) + outcomes.get("killed", 0) + outcomes.get("deadline", 0) > 0
+    assert "cancelled" in report["server_jobs"] or "cancelled while queued" in report["server_jobs"]
