@@ -6,21 +6,25 @@ stylize photos/ --style starry.jpg --output-dir out/                # every imag
 stylize photo.jpg --style s.jpg --frames-dir frames/ --animation progress.gif
 stylize info                                                        # the server's model, defaults, limits
 stylize info --server host:50051 --tls-ca ca.pem --token TOKEN      # a server with TLS and tokens
+stylize photos/ -s s.jpg --server ipv4:10.0.0.1:50051,10.0.0.2:50051 --parallel 2   # over two replicas
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TextIO
 
 import grpc
 
-from stylize_service.client.api import DEFAULT_ADDRESS, Event, StylizeClient, StylizeError
+from stylize_service.client.api import DEFAULT_ADDRESS, Event, StylizeCall, StylizeClient, StylizeError
 from stylize_service.client.display import ProgressDisplay
 from stylize_service.client.flags import add_option_flags, option_values, value_text
 from stylize_service.client.formats import extension_for_mime, format_from_suffix
@@ -50,6 +54,10 @@ _EXIT_BY_CODE = {
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 FRAMES_PER_JOB = 50  # with --frames-dir or --animation and no --frame-every: about this many frames
+DEFAULT_RETRIES = 3  # busy refusals retried per job: about 1, 2 and 4 s apart, each on the next replica
+# Before a parallel batch, wait up to this long for the channel's connections, so that the first jobs are
+# spread over the replicas rather than all sent to the first one to connect.
+CONNECT_WAIT_SECONDS = 10.0
 
 # What the CLI adds to the proto's own flags: short forms, and notes on what it does beyond the proto.
 SHORT_FLAGS = {"iterations": "-n"}
@@ -125,8 +133,10 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
         default=os.environ.get("STYLIZE_SERVER", DEFAULT_ADDRESS),
-        metavar="HOST:PORT",
-        help="the stylize server (default: $STYLIZE_SERVER or %(default)s)",
+        metavar="TARGET",
+        help="the stylize server: HOST:PORT, or several replicas as dns:///NAME:PORT (every address NAME "
+        "resolves to) or ipv4:IP:PORT,IP:PORT; calls go round robin over the replicas that report "
+        "SERVING (default: $STYLIZE_SERVER or %(default)s)",
     )
     parser.add_argument(
         "--timeout", type=float, metavar="SECONDS", help="deadline of each call (default: none)"
@@ -177,11 +187,13 @@ def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
-def connect(args: argparse.Namespace) -> StylizeClient:
-    """A client for --server with the security flags; raises ClientSecurityError for unusable ones."""
+def connect(args: argparse.Namespace, retries: int = 0) -> StylizeClient:
+    """A client for --server with the security flags; raises ClientSecurityError for unusable ones.
+    retries: how often a job refused as busy is tried again (--retries)."""
     return StylizeClient(
         args.server,
         args.timeout,
+        retries=retries,
         tls=args.tls,
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
@@ -224,6 +236,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _server_flags(parser)
     parser.add_argument("--info", action="store_true", help="show the server's model and limits, and exit")
+    parser.add_argument(
+        "--retries",
+        type=_non_negative,
+        default=DEFAULT_RETRIES,
+        metavar="N",
+        help="when the server (every replica) is busy, try a job again up to N times, with a backoff "
+        "doubling from 1 s; each try goes to the next replica (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--parallel",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="run up to N jobs at a time, to use several replicas at once; about the replicas times "
+        "their concurrency (default: 1, one job after another)",
+    )
 
     out = parser.add_argument_group("outputs")
     out.add_argument(
@@ -240,6 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     opt = parser.add_argument_group("stylization options (stylize.v1.StylizeOptions; default: the server's)")
     add_option_flags(opt, short=SHORT_FLAGS, notes=CLI_NOTES)
     return parser
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _usage_error(parser: argparse.ArgumentParser, message: str) -> NoReturn:
@@ -360,8 +402,7 @@ def _g(value: float) -> str:
 def run_jobs(
     args: argparse.Namespace, jobs: list[Job], styles: list[tuple[Path, float]], options: dict[str, Any]
 ) -> int:
-    worst = EXIT_OK
-    with connect(args) as client:
+    with connect(args, retries=args.retries) as client:
         total = options.get("iterations")
         if total is None:  # the server's default sizes the progress bar and the implied --frame-every
             try:
@@ -377,14 +418,134 @@ def run_jobs(
                 )
                 return EXIT_USAGE
             options = options | {"frame_every": max(1, total // FRAMES_PER_JOB)}
+        runner = _JobRunner(client, styles, options, total, quiet=args.quiet, duration=args.frame_duration)
+        if args.parallel > 1 and len(jobs) > 1:
+            return runner.run_parallel(jobs, args.parallel)
+        worst = EXIT_OK
         for job in jobs:
-            code = run_job(
-                client, job, styles, options, total, quiet=args.quiet, duration=args.frame_duration
-            )
+            code = runner.run(job)
             if code in (EXIT_INTERRUPTED, EXIT_UNAVAILABLE):
                 return code  # nothing more can succeed
             worst = worst or code
     return worst
+
+
+class _LineStderr:
+    """stderr while jobs run at once: each thread's text goes out in whole lines, and it is no terminal,
+    so that every job reports in plain lines (a redrawn bar per job would overwrite the others')."""
+
+    def __init__(self, target: TextIO) -> None:
+        self._target = target
+        self._lock = threading.Lock()
+        self._pending = threading.local()  # this thread's text after its last newline
+
+    def write(self, text: str) -> int:
+        lines, newline, rest = (getattr(self._pending, "text", "") + text).rpartition("\n")
+        if newline:
+            with self._lock:
+                self._target.write(lines + newline)
+                self._target.flush()
+        self._pending.text = rest
+        return len(text)
+
+    def flush(self) -> None:
+        pass  # a partial line waits for its newline, so that lines never interleave
+
+    def isatty(self) -> bool:
+        return False
+
+
+class _RunningCalls:
+    """The calls in flight, so that Ctrl-C can cancel every one of them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._calls: set[StylizeCall] = set()
+        self.cancelled = False
+
+    @contextlib.contextmanager
+    def track(self, call: StylizeCall) -> Iterator[None]:
+        with self._lock:
+            self._calls.add(call)
+            if self.cancelled:  # started just after Ctrl-C
+                call.cancel()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._calls.discard(call)
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            for call in self._calls:
+                call.cancel()
+
+
+class _JobRunner:
+    """Runs jobs over one client, one after another (run) or up to N at a time (run_parallel)."""
+
+    def __init__(
+        self,
+        client: StylizeClient,
+        styles: list[tuple[Path, float]],
+        options: dict[str, Any],
+        total_iterations: int,
+        *,
+        quiet: bool,
+        duration: int,
+    ) -> None:
+        self.client = client
+        self.styles = styles
+        self.options = options
+        self.total_iterations = total_iterations
+        self.quiet = quiet
+        self.duration = duration
+        self.running = _RunningCalls()
+
+    def run(self, job: Job) -> int:
+        return run_job(
+            self.client,
+            job,
+            self.styles,
+            self.options,
+            self.total_iterations,
+            quiet=self.quiet,
+            duration=self.duration,
+            running=self.running,
+        )
+
+    def run_parallel(self, jobs: list[Job], parallel: int) -> int:
+        """Up to `parallel` jobs at a time; the first failure's exit status in job order. A job that
+        finds the server unreachable stops the jobs not yet started; Ctrl-C cancels every running one."""
+        stop = threading.Event()
+        codes: dict[int, int] = {}
+        self.client.wait_ready(CONNECT_WAIT_SECONDS)  # unreachable: the jobs report it
+
+        def one(index: int, job: Job) -> None:
+            if stop.is_set():
+                return
+            codes[index] = code = self.run(job)
+            if code in (EXIT_INTERRUPTED, EXIT_UNAVAILABLE):
+                stop.set()
+
+        with (
+            contextlib.redirect_stderr(_LineStderr(sys.stderr)),
+            ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="stylize-job") as pool,
+        ):
+            pending: set[Future[None]] = {pool.submit(one, index, job) for index, job in enumerate(jobs)}
+            try:
+                while pending:  # timed waits, so that Ctrl-C reaches this (the main) thread promptly
+                    _, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+            except KeyboardInterrupt:
+                stop.set()
+                self.running.cancel_all()
+                print("stylize: interrupted; the running jobs were cancelled", file=sys.stderr)
+                return EXIT_INTERRUPTED
+        for code in (codes[index] for index in sorted(codes)):
+            if code in (EXIT_INTERRUPTED, EXIT_UNAVAILABLE):
+                return code
+        return next((code for _, code in sorted(codes.items()) if code), EXIT_OK)
 
 
 def run_job(
@@ -396,6 +557,7 @@ def run_job(
     *,
     quiet: bool,
     duration: int,
+    running: _RunningCalls,
 ) -> int:
     label = job.content.name
     display = ProgressDisplay(label, total_iterations, enabled=not quiet)
@@ -414,9 +576,18 @@ def run_job(
         if isinstance(event, pb.Frame):
             outputs.on_frame(event)
 
-    call = client.stylize_request(request)
+    def on_retry(error: StylizeError, retry: int, delay: float) -> None:
+        if not quiet:
+            display.abort()
+            print(
+                f"stylize: {label}: busy ({error.details}); retry {retry} of {client.retries} in {delay:.1f}s",
+                file=sys.stderr,
+            )
+
+    call = client.stylize_request(request, on_retry=on_retry)
     try:
-        result = call.wait(on_event)
+        with running.track(call):
+            result = call.wait(on_event)
         output = job.output_path(result)
         outputs.write_result(result, output)
     except KeyboardInterrupt:
@@ -426,6 +597,8 @@ def run_job(
         return EXIT_INTERRUPTED
     except StylizeError as err:
         display.abort()
+        if err.code is grpc.StatusCode.CANCELLED and running.cancelled:
+            return EXIT_INTERRUPTED  # Ctrl-C during a parallel batch, already reported
         return _report(err, client.address, label)
     except OSError as err:
         display.abort()
@@ -442,7 +615,11 @@ def _report(err: StylizeError, server: str, label: str = "") -> int:
             f"cannot reach the stylize server at {server}, or it is shutting down ({err.details}); "
             "is it running? (--server, $STYLIZE_SERVER)"
         )
-        if any(sign in err.details.lower() for sign in ("handshake", "socket closed")):
+        if "unhealthy" in err.details:  # the channel's health checking found no SERVING replica
+            message += "; it is up but not SERVING: still loading its model, or draining"
+        else:
+            # A TLS mismatch looks like a failure to connect. The details name only the last address's
+            # failure (round robin tries every address of the name), so a handshake error may not show.
             message += (
                 "; or do TLS settings differ? A TLS server needs --tls-ca CA (or --tls), one that "
                 "requires client certificates also --tls-cert and --tls-key"

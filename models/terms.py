@@ -163,54 +163,39 @@ class TotalVariationTerm(LossTerm):
     region_separable = True
 
     def image_loss(self, b: GraphBuilder, image: str) -> str:
-        axes = b.const("tv/axes", [2, 3], TensorProto.INT64)
-
-        def window(start: list[int], end: list[int], tag: str) -> str:
-            return b.op(
-                "Slice",
-                [
-                    image,
-                    b.const(f"tv/{tag}_start", start, TensorProto.INT64),
-                    b.const(f"tv/{tag}_end", end, TensorProto.INT64),
-                    axes,
-                ],
-            )
-
-        corner = window([0, 0], [-1, -1], "corner")
-        right = window([0, 1], [-1, 2**62], "right")
-        below = window([1, 0], [2**62, -1], "below")
-        dx = b.op("Sub", [corner, right])
-        dy = b.op("Sub", [corner, below])
-        squares = b.op("Add", [b.op("Mul", [dx, dx]), b.op("Mul", [dy, dy])])
         half = b.const("tv/half", 0.5, TensorProto.FLOAT)
-        return b.op("Mul", [half, b.op("ReduceSum", [squares], keepdims=0)])
+        return b.op("Mul", [half, b.op("ReduceSum", [self._squares(b, image)], keepdims=0)])
 
     def region_image_loss(self, b: GraphBuilder, image: str, mask: str) -> str:
         # The pairs whose top-left pixel is owned; their right and lower neighbours may lie in the halo.
-        axes = b.const("tv_region/axes", [2, 3], TensorProto.INT64)
+        owned = _window(b, mask, [0, 0], [-1, -1], "tv_region/mask")
+        return b.op("ReduceSum", [b.op("Mul", [self._squares(b, image), owned])], keepdims=0)
 
-        def window(source: str, start: list[int], end: list[int], tag: str) -> str:
-            return b.op(
-                "Slice",
-                [
-                    source,
-                    b.const(f"tv_region/{tag}_start", start, TensorProto.INT64),
-                    b.const(f"tv_region/{tag}_end", end, TensorProto.INT64),
-                    axes,
-                ],
-            )
-
-        corner = window(image, [0, 0], [-1, -1], "corner")
-        right = window(image, [0, 1], [-1, 2**62], "right")
-        below = window(image, [1, 0], [2**62, -1], "below")
-        owned = window(mask, [0, 0], [-1, -1], "mask")
+    @staticmethod
+    def _squares(b: GraphBuilder, image: str) -> str:
+        """(x[i,j] - x[i,j+1])^2 + (x[i,j] - x[i+1,j])^2 on the (i < H-1, j < W-1) grid."""
+        corner = _window(b, image, [0, 0], [-1, -1], "tv/corner")
+        right = _window(b, image, [0, 1], [-1, 2**62], "tv/right")
+        below = _window(b, image, [1, 0], [2**62, -1], "tv/below")
         dx = b.op("Sub", [corner, right])
         dy = b.op("Sub", [corner, below])
-        squares = b.op("Add", [b.op("Mul", [dx, dx]), b.op("Mul", [dy, dy])])
-        return b.op("ReduceSum", [b.op("Mul", [squares, owned])], keepdims=0)
+        return b.op("Add", [b.op("Mul", [dx, dx]), b.op("Mul", [dy, dy])])
 
     def region_scale(self, weight: float, layer_weight: float, count: int) -> float:
         return 0.5 * weight
+
+
+def _window(b: GraphBuilder, source: str, start: list[int], end: list[int], tag: str) -> str:
+    """source[..., start[0]:end[0], start[1]:end[1]] of a (N, C, H, W) tensor."""
+    return b.op(
+        "Slice",
+        [
+            source,
+            b.const(b.unique(f"{tag}_start"), start, TensorProto.INT64),
+            b.const(b.unique(f"{tag}_end"), end, TensorProto.INT64),
+            b.const(b.unique(f"{tag}_axes"), [2, 3], TensorProto.INT64),
+        ],
+    )
 
 
 # The registry, in the order the terms are summed (and reported).

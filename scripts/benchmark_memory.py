@@ -32,13 +32,13 @@ MiB = 2**20
 
 
 def peak_rss() -> int:
-    """This process's peak resident set size: VmHWM, which counts this program only. getrusage's
-    ru_maxrss also carries the parent's peak across fork and exec, so a child of a large process (a
-    test run of 2 GB) reported at least the parent's size; it is the fallback where /proc is missing."""
+    """This process's peak resident memory. Linux's VmHWM, not getrusage's ru_maxrss: that one carries
+    the parent's peak across fork and exec, so a child of a large process (pytest with the model loaded)
+    would report its parent's peak instead of its own."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
+                return int(line.split()[1]) * 1024  # kB
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -19,6 +19,7 @@ from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.config import ServerConfig
 from stylize_service.server.engine.memory import current_rss_bytes, megabytes
 from stylize_service.server.imageio import allow_pixels
+from stylize_service.server.metrics import MetricsEndpoint, ServerMetrics
 from stylize_service.server.scheduler import Scheduler
 from stylize_service.server.security import ServerSecurity
 from stylize_service.server.servicer import EngineLike, ServiceLimits, StyleTransferServicer
@@ -50,6 +51,13 @@ class StylizeServer:
         self.scheduler = Scheduler(
             config.concurrency, config.queue_size, config.jobs_per_client, memory_capacity=None
         )
+        self.metrics = ServerMetrics()
+        self.metrics.track_scheduler(
+            running=lambda: self.scheduler.running,
+            waiting=lambda: self.scheduler.waiting,
+            reserved_memory=lambda: self.scheduler.reserved_memory,
+        )
+        self.metrics.set_memory_budget(config.memory_budget_bytes)
         self.servicer = StyleTransferServicer(
             self.scheduler,
             ServiceLimits(
@@ -60,6 +68,7 @@ class StylizeServer:
             version=package_version(),
             # With tokens checked, a call's token names its client for the per-client bound.
             trust_tokens=self.security.tokens is not None,
+            metrics=self.metrics,
         )
         self.health = health.HealthServicer()
         # Every Stylize call holds a handler thread while it runs or waits, so size the pool to the
@@ -73,7 +82,8 @@ class StylizeServer:
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.max_send_message_length", config.max_message_bytes),
             ],
-            interceptors=self.security.interceptors(),
+            # The metrics first: they count the calls that the security interceptors refuse too.
+            interceptors=[self.metrics.interceptor(), *self.security.interceptors()],
         )
         pb_grpc.add_StyleTransferServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -82,9 +92,16 @@ class StylizeServer:
         )
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.port = 0
+        self._metrics_endpoint: MetricsEndpoint | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound port of /metrics, None when it is off."""
+        return self._metrics_endpoint.port if self._metrics_endpoint is not None else None
 
     def start(self) -> int:
-        """Listen on config.host:config.port; returns the bound port (useful when port 0 was asked)."""
+        """Listen on config.host:config.port, and serve /metrics on config.metrics_port when it is set;
+        returns the bound gRPC port (useful when port 0 was asked)."""
         credentials = self.security.credentials
         if credentials is None:
             self.port = self._server.add_insecure_port(self.config.address)
@@ -92,6 +109,12 @@ class StylizeServer:
             self.port = self._server.add_secure_port(self.config.address, credentials)
         if self.port == 0:
             raise OSError(f"cannot listen on {self.config.address} (in use, or not a local address?)")
+        if self.config.metrics_port is not None:
+            try:
+                self._metrics_endpoint = self.metrics.serve(self.config.host, self.config.metrics_port)
+            except OSError as err:
+                raise OSError(f"cannot serve metrics on port {self.config.metrics_port}: {err}") from err
+            logger.info("metrics at http://%s:%d/metrics", self.config.host, self._metrics_endpoint.port)
         self._server.start()
         warning = self.security.exposure_warning(self.config.host)
         if warning is not None:
@@ -123,6 +146,9 @@ class StylizeServer:
         # server.stop cancelled what was left; give the workers a moment to see it and release.
         if not self.scheduler.wait_idle(timeout=10.0):
             logger.warning("draining: some job did not stop within 10s of being cancelled")
+        if self._metrics_endpoint is not None:  # last, so that the drain itself can be watched
+            self._metrics_endpoint.stop()
+            self._metrics_endpoint = None
 
     def cancel_all(self) -> None:
         """Cut a drain's grace period short: cancel every call now (jobs stop within one evaluation)."""

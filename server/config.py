@@ -61,6 +61,9 @@ class ServerConfig:
     # Memory (server/engine/memory.py): None = the container's or machine's memory less a margin.
     memory_limit_mb: int | None = None
     tile_size: int = 0  # px; 0 = tiles only where the memory budget needs them
+    # Port of the Prometheus /metrics endpoint, on `host`. None = no endpoint (the flag's 0 or unset);
+    # 0 here = any free port (tests).
+    metrics_port: int | None = None
     # onnxruntime execution provider (server/engine/providers.py): auto = CUDA when onnxruntime offers it.
     provider: str = "auto"
 
@@ -188,6 +191,12 @@ _SETTINGS: tuple[tuple[str, str, type, str], ...] = (
         "only where the memory budget needs it (default: 0)",
     ),
     (
+        "--metrics-port",
+        "STYLIZE_METRICS_PORT",
+        int,
+        "serve Prometheus metrics at http://HOST:PORT/metrics; 0 = off (default: 0)",
+    ),
+    (
         "--provider",
         "STYLIZE_PROVIDER",
         str,
@@ -247,6 +256,8 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
     if "provider" in values:
         values["provider"] = values["provider"].lower()
     values.setdefault("concurrency", default_concurrency())
+    if values.get("metrics_port") == 0:
+        del values["metrics_port"]  # 0 = off
     config = ServerConfig(**values)
     _validate(config)
     return config
@@ -255,6 +266,10 @@ def load_config(argv: Sequence[str] | None = None, environ: Mapping[str, str] | 
 def _validate(config: ServerConfig) -> None:
     checks = (
         (0 <= config.port <= 65535, f"port must be 0..65535, got {config.port}"),
+        (
+            config.metrics_port is None or 0 <= config.metrics_port <= 65535,
+            f"{setting_name('metrics_port')} must be 0..65535, got {config.metrics_port}",
+        ),
         (config.max_message_mb > 0, f"max message size must be > 0 MiB, got {config.max_message_mb}"),
         (config.max_pixels >= 256, f"max pixels must be >= 256, got {config.max_pixels}"),
         (config.concurrency >= 1, f"concurrency must be >= 1, got {config.concurrency}"),

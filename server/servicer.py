@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -45,6 +45,7 @@ from stylize_service.server.engine.types import (
 from stylize_service.server.engine.validation import MAX_ITERATIONS, MAX_SIZE, MAX_STYLES, MAX_WEIGHT
 from stylize_service.server.identity import context_identity
 from stylize_service.server.imageio import BadImage, Encoding, decode_image, encode_image, probe_image
+from stylize_service.server.metrics import ServerMetrics, call_deadline_passed
 from stylize_service.server.options import (
     InvalidOption,
     JobOptions,
@@ -209,16 +210,20 @@ class _Events:
 class _JobObserver:
     """The engine's view of one call: forwards events and answers should_stop (called per evaluation)."""
 
-    def __init__(self, events: _Events, stop: threading.Event, context: grpc.ServicerContext) -> None:
+    def __init__(
+        self, events: _Events, stop: threading.Event, context: grpc.ServicerContext, metrics: ServerMetrics
+    ) -> None:
         self._events = events
         self._stop = stop
         self._context = context
+        self._metrics = metrics
         self.last_progress: Progress | None = None
         self.frame_encoding = Encoding.JPEG
         self.frame_size: tuple[int, int] | None = None  # (width, height); set once the content is decoded
 
     def on_progress(self, progress: Progress) -> None:
         self.last_progress = progress
+        self._metrics.evaluations(progress.evaluation_seconds)
         self._events.put(progress)
 
     def on_frame(self, iteration: int, image: np.ndarray) -> None:
@@ -244,9 +249,11 @@ class _JobObserver:
 
 @dataclass
 class _JobLog:
-    """The one log line of a job, written once, by whoever sees its end."""
+    """The one log line of a job, and its metrics, written once, by whoever sees its end."""
 
     id: str
+    metrics: ServerMetrics
+    deadline_passed: Callable[[], bool]  # the call's deadline has passed (gRPC reports it as a cancel)
     client: str = "-"  # security.client_label: the token's short hash, else the peer address
     queued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
@@ -262,6 +269,11 @@ class _JobLog:
         now = time.monotonic()
         ran = now - self.started_at if self.started_at is not None else 0.0
         waited = (self.started_at or now) - self.queued_at
+        label = _outcome_label(outcome, self.deadline_passed())
+        if label == "deadline":
+            outcome = "deadline passed" + outcome.removeprefix("cancelled")
+        started = self.started_at is not None
+        self.metrics.job_finished(label, queue_wait=waited if started else None, ran=ran if started else None)
         logger.info(
             "job %s client=%s %s iterations=%d evaluations=%d queued=%.2fs ran=%.2fs outcome=%s",
             self.id,
@@ -284,6 +296,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         version: str = "unknown",
         *,
         trust_tokens: bool = False,
+        metrics: ServerMetrics | None = None,
     ) -> None:
         """trust_tokens: the server refuses calls without a valid bearer token, so a call's token may
         identify its client for the per-client bound (server.identity); else its address does."""
@@ -292,6 +305,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         self._engine = engine
         self._version = version
         self._trust_tokens = trust_tokens
+        self._metrics = metrics or ServerMetrics()
         self._ids = itertools.count(1)
 
     def set_engine(self, engine: EngineLike) -> None:
@@ -344,7 +358,12 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
     def Stylize(
         self, request: pb.StylizeRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.StylizeResponse]:
-        log = _JobLog(id=f"{next(self._ids):06d}", client=client_label(context))
+        log = _JobLog(
+            id=f"{next(self._ids):06d}",
+            metrics=self._metrics,
+            deadline_passed=lambda: call_deadline_passed(context),
+            client=client_label(context),
+        )
         try:
             yield from self._stylize(request, context, log)
         except _Abort as abort:
@@ -400,7 +419,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             if stop.is_set():
                 log.finish("cancelled while queued")
                 return
-            observer = _JobObserver(events, stop, context)
+            observer = _JobObserver(events, stop, context, self._metrics)
             log.started_at = time.monotonic()
             worker = threading.Thread(
                 target=self._work,
@@ -589,6 +608,15 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 raise _Abort(event.code, event.message, outcome)
             else:
                 return  # _Stopped: the call was cancelled; nobody is listening
+
+
+def _outcome_label(outcome: str, deadline_passed: bool) -> str:
+    """The stylize_jobs_total label of a job log's outcome ("ok", "cancelled while queued", "invalid: ...",
+    "refused: ...", "internal error: ...")."""
+    word = outcome.split(maxsplit=1)[0].rstrip(":")
+    if word == "cancelled":
+        return "deadline" if deadline_passed else "cancelled"
+    return word if word in ("ok", "invalid", "refused") else "error"
 
 
 def _describe_sizes(inputs: _Inputs, job: _Job) -> str:

@@ -110,6 +110,18 @@ def test_multiscale_reports_stages(engine):
     assert [p.iteration for p in recorder.progress] == list(range(7))
 
 
+def test_progress_times_every_evaluation_once(engine):
+    # Two stages: the second stage's starting evaluation has no Progress of its own and joins the next.
+    recorder = Recorder()
+    result = engine.stylize(CONTENT, STYLE, replace(SMALL, max_size=96, min_size=48, iterations=6), recorder)
+    reported = 0
+    for progress in recorder.progress:
+        reported += len(progress.evaluation_seconds)
+        assert reported == progress.evaluations
+        assert all(seconds > 0 for seconds in progress.evaluation_seconds)
+    assert reported == result.evaluations
+
+
 @pytest.mark.parametrize("mode", list(ColorMode))
 def test_color_modes(engine, mode):
     result = engine.stylize(CONTENT, STYLE, replace(SMALL, color_mode=mode, iterations=3), Recorder())

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from stylize_service.server.config import DEFAULT_GRACE_SECONDS, ServerConfig, build_parser, load_config
+from stylize_service.server.metrics import ServerMetrics
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "k8s"
@@ -32,8 +33,6 @@ PROMETHEUS = ROOT / "deploy" / "prometheus"
 # (native gRPC probes from 1.27). They are validated against it and against the newest schemas bundled.
 MIN_KUBERNETES = "1.30.0"
 KUBERNETES_VERSIONS = sorted({MIN_KUBERNETES, kubernetes_validate.latest_version()})
-# Variables the Deployment may set before the server reads them: the metrics port of issue 12, item 1.
-PLANNED_SETTINGS = {"STYLIZE_METRICS_PORT"}
 # After the grace, drain() waits up to this long for the cancelled jobs to stop (server/app.py).
 DRAIN_CANCEL_WAIT_S = 10
 # The lowest CPU use of a busy replica, in % of its request, that deploy/measure_replica.py measured.
@@ -140,8 +139,7 @@ def resolved_env(container: Obj) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def server_config(container: Obj) -> ServerConfig:
     """The server's settings from the Deployment's environment, parsed by the server's own loader."""
-    env = {k: v for k, v in resolved_env(container).items() if k not in PLANNED_SETTINGS}
-    return load_config([], environ=env)
+    return load_config([], environ=resolved_env(container))
 
 
 # Rendering and schema validation
@@ -231,7 +229,7 @@ def test_runs_as_the_images_user_with_a_read_only_root(pod: Obj, container: Obj)
 def test_settings_are_ones_the_server_reads(container: Obj, server_config: ServerConfig) -> None:
     known = set(re.findall(r"\[env:\s+(STYLIZE_[A-Z_]+)\]", build_parser().format_help()))
     assert "STYLIZE_GRACE_SECONDS" in known  # the pattern still finds the server's settings
-    unknown = {n for n in resolved_env(container) if n.startswith("STYLIZE_")} - known - PLANNED_SETTINGS
+    unknown = {n for n in resolved_env(container) if n.startswith("STYLIZE_")} - known
     assert not unknown, f"stylize-server reads no such variable: {sorted(unknown)}"
     # One job per replica, with as many ONNX Runtime threads as the CPU limit has cores.
     assert server_config.concurrency == 1
@@ -265,13 +263,13 @@ def test_requests_are_within_limits(container: Obj) -> None:
     assert quantity(resources["limits"]["memory"]) >= quantity("7.1G")
 
 
-def test_prometheus_scrapes_the_metrics_port(pod: Obj, container: Obj) -> None:
+def test_prometheus_scrapes_the_metrics_port(pod: Obj, container: Obj, server_config: ServerConfig) -> None:
     annotations = pod["metadata"]["annotations"]
     metrics_port = port_named(container, "metrics")
     assert annotations["prometheus.io/scrape"] == "true"
     assert int(annotations["prometheus.io/port"]) == metrics_port == 9464
     assert annotations["prometheus.io/path"] == "/metrics"
-    assert resolved_env(container)["STYLIZE_METRICS_PORT"] == str(metrics_port)
+    assert server_config.metrics_port == metrics_port  # as the server reads its environment
 
 
 # Services, disruption budget, autoscaler
@@ -330,8 +328,9 @@ def test_queue_depth_path_is_consistent() -> None:
     assert metric["type"] == "Pods"
     (rule,) = load_documents(PROMETHEUS / "adapter-rules.yaml")[0]["rules"]["custom"]
     assert metric["pods"]["metric"]["name"] == rule["name"]["as"]
+    exported = {family.name for family in ServerMetrics().registry.collect()}
     for name in QUEUE_METRICS:
-        assert name in rule["metricsQuery"]
+        assert name in rule["metricsQuery"] and name in exported
     assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
 
     (job,) = load_documents(PROMETHEUS / "scrape-config.yaml")[0]["scrape_configs"]
@@ -374,8 +373,7 @@ def test_gpu_overlay_asks_for_one_gpu_and_requires_cuda(base: list[Obj]) -> None
     ), "an extended resource's request must equal its limit"
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod_spec["tolerations"]
     # The server reads the setting and insists on CUDA (the check that a GPU answers is at start).
-    env = {k: v for k, v in resolved_env(container).items() if k not in PLANNED_SETTINGS}
-    config = load_config([], environ=env)
+    config = load_config([], environ=resolved_env(container))
     assert config.provider == "cuda"
     assert config.concurrency == 1, "one job per replica, so one GPU per replica"
 

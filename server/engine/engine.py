@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +46,7 @@ class _Run:
     started: float
     iterations_done: int = 0
     evaluations: int = 0
+    evaluation_seconds: list[float] = field(default_factory=list)  # not yet reported in a Progress
 
 
 class Engine:
@@ -276,8 +277,10 @@ class Engine:
                     height=stage.height,
                     tile_size=run.tiles[stage.index],
                     tiles=tile_count,
+                    evaluation_seconds=tuple(run.evaluation_seconds),
                 )
             )
+            run.evaluation_seconds.clear()
             if s.frame_every and step.iteration > 0 and run.iterations_done % s.frame_every == 0:
                 rgb = self._network.from_network(step.x)
                 run.observer.on_frame(
@@ -286,7 +289,10 @@ class Engine:
 
         def evaluate(x: np.ndarray) -> Evaluation:
             run.evaluations += 1
-            return loss(x)
+            started = time.perf_counter()
+            evaluation = loss(x)
+            run.evaluation_seconds.append(time.perf_counter() - started)
+            return evaluation
 
         last = run_lbfgs(
             evaluate,
