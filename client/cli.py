@@ -391,8 +391,27 @@ def run_info(args: argparse.Namespace, as_json: bool) -> int:
     print(
         f"  max size       {limits.max_size} px, {limits.max_iterations} iterations, {limits.max_styles} styles"
     )
-    print(f"  jobs           {limits.concurrency} at a time, {limits.queue_size} queued")
+    print(
+        f"  jobs           {limits.concurrency} at a time, {limits.queue_size} queued, "
+        f"{limits.max_jobs_per_client} per client"
+    )
+    print(
+        f"  memory         {_mib(limits.memory_budget_bytes)} MiB budget, "
+        f"{_mib(limits.memory_for_jobs_bytes)} MiB for jobs (larger stages run in exact tiles)"
+    )
+    print(f"  max weight     {_g(limits.max_weight)}")
+    cache, load = info.graph_cache, info.load
+    print("now")
+    print(f"  jobs           {load.running_jobs} running, {load.queued_jobs} queued")
+    print(
+        f"  graph cache    {cache.entries} layer choice(s), {_mib(cache.used_bytes)} of "
+        f"{_mib(cache.budget_bytes)} MiB, {cache.evictions} evicted"
+    )
     return EXIT_OK
+
+
+def _mib(value: int) -> str:
+    return f"{value / 2**20:.0f}"
 
 
 def _g(value: float) -> str:

@@ -212,6 +212,10 @@ def test_cli_info(server: tuple[StylizeServer, str], capsys: pytest.CaptureFixtu
     assert cli.main(["info", "--server", server[1]]) == cli.EXIT_OK
     text = capsys.readouterr().out
     assert "fake-vgg16" in text and "relu4_2:1" in text and "1 at a time, 2 queued" in text
+    limits = server[0].scheduler
+    assert f"{limits.max_per_client} per client" in text
+    assert f"{(limits.memory_capacity or 0) / 2**20:.0f} MiB for jobs" in text
+    assert "0 running, 0 queued" in text and "layer choice(s)" in text
     assert cli.main(["info", "--server", server[1], "--json"]) == cli.EXIT_OK
     assert json.loads(capsys.readouterr().out)["model"]["name"] == "fake-vgg16"
     assert cli.main(["--info", "--server", server[1]]) == cli.EXIT_OK
