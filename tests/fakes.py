@@ -22,8 +22,8 @@ from PIL import Image
 
 from stylize_service.server.app import StylizeServer
 from stylize_service.server.config import ServerConfig
-from stylize_service.server.engine.engine import check_request, layer_choice, plan_stages
-from stylize_service.server.engine.memory import JobMemory, plan_job
+from stylize_service.server.engine.engine import check_request, plan_job_memory
+from stylize_service.server.engine.memory import JobMemory
 from stylize_service.server.engine.resample import scaled_size
 from stylize_service.server.engine.types import (
     GraphCacheStats,
@@ -101,8 +101,7 @@ class FakeEngine:
         self, content_size: tuple[int, int], settings: StylizeSettings, styles: int, budget: int | None
     ) -> JobMemory:
         # The real model's plan (it needs no ONNX), so that admission sees real figures.
-        choice = layer_choice(settings, styles)
-        return plan_job(plan_stages(content_size, settings, choice), choice, budget)
+        return plan_job_memory(content_size, settings, styles, budget)
 
     def stylize(
         self,

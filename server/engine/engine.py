@@ -102,9 +102,7 @@ class Engine:
         """Each stage's tile size and the job's predicted peak (bytes above the idle server) for a content
         image of content_size = (width, height), within `budget` bytes (None = no limit); raises
         memory.MemoryExceeded when it fits at no tile size. Pass the tiles on to stylize()."""
-        choice = layer_choice(settings, styles)
-        stages = plan_stages(content_size, settings, choice)
-        return memory.plan_job(stages, choice, budget, forced_tile=self.tile_size)
+        return plan_job_memory(content_size, settings, styles, budget, forced_tile=self.tile_size)
 
     def stylize(
         self,
@@ -319,6 +317,18 @@ def check_request(
     validation.validate(settings, known_layers, style_weights=style_weights, has_init_image=has_init_image)
     if content_size is not None:
         plan_stages(content_size, settings, layer_choice(settings, len(style_weights)))
+
+
+def plan_job_memory(
+    content_size: tuple[int, int],
+    settings: StylizeSettings,
+    styles: int,
+    budget: int | None,
+    forced_tile: int = 0,
+) -> memory.JobMemory:
+    """The memory plan of a request (Engine.plan_memory without an engine; the tests' fake uses it)."""
+    choice = layer_choice(settings, styles)
+    return memory.plan_job(plan_stages(content_size, settings, choice), choice, budget, forced_tile)
 
 
 def layer_choice(settings: StylizeSettings, styles: int) -> LayerChoice:

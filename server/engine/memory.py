@@ -22,11 +22,11 @@ from pathlib import Path
 from stylize_service.models.graphs import POOLS_BEFORE, LayerChoice
 from stylize_service.models.onnx_builder import CHANNELS
 
+from .optimizer import MAXCOR
 from .pyramid import Stage
 from .tiling import TileLayout
 
 MiB = 2**20
-MAXCOR = 10  # L-BFGS-B correction pairs (server.engine.optimizer)
 LBFGS_BYTES_PER_VARIABLE = 8 * (2 * MAXCOR + 5) + 8 * 4 + 4 + 8  # workspace, x/g/bounds, nbd, our copies
 # Measured (one-iteration single-stage jobs on the Tübingen/Starry Night pair, peak RSS above the warmed-up
 # server; scripts/benchmark_memory.py prints predicted against measured): untiled, 512, 768 and 1024 px took

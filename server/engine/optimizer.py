@@ -49,6 +49,9 @@ Objective = Callable[[np.ndarray], tuple[float, np.ndarray]]
 IterationCallback = Callable[[np.ndarray], None]
 
 
+MAXCOR = 10  # L-BFGS-B correction pairs; server.engine.memory counts their memory
+
+
 @dataclass(frozen=True)
 class LbfgsOptions:
     """Stopping rules. There are no tolerances: ftol and gtol are zero, so a run does `maxiter` iterations
@@ -56,7 +59,7 @@ class LbfgsOptions:
 
     maxiter: int
     maxfun: int
-    maxcor: int = 10  # correction pairs kept (the "limited memory")
+    maxcor: int = MAXCOR  # correction pairs kept (the "limited memory")
     maxls: int = 20  # line-search steps per iteration (scipy's default)
 
 
