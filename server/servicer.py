@@ -132,6 +132,9 @@ class _Inputs:
     content: np.ndarray
     styles: list[StyleSource]
     init_image: np.ndarray | None
+    # Each stage's tile size, planned for the decoded content: its stages can differ from those of the
+    # header's size, which the job's reservation was planned from (a 601x31 header, 600x31 decoded).
+    tiles: tuple[int, ...]
 
 
 # What the worker thread hands to the handler thread: messages ready to send.
@@ -508,7 +511,10 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             has_init_image=init_image is not None,
             content_size=(content.shape[1], content.shape[0]),
         )
-        return _Inputs(content, styles, init_image)
+        tiles = engine.plan_memory(
+            (content.shape[1], content.shape[0]), settings, len(styles), self._scheduler.memory_capacity
+        ).tiles
+        return _Inputs(content, styles, init_image, tiles)
 
     def _decode(self, data: bytes, field_name: str, max_side: int) -> np.ndarray:
         try:
@@ -562,7 +568,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 job.options.settings,
                 observer,
                 init_image=inputs.init_image,
-                tiles=job.memory.tiles,
+                tiles=inputs.tiles,
             )
             iterations, evaluations = result.iterations, result.evaluations
             events.put(_Done(_result_pb(result, job.options)))
@@ -573,6 +579,9 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             message = str(invalid_option(err) if isinstance(err, InvalidSettings) else err)
             outcome = f"invalid: {message}"
             events.put(_Failed(grpc.StatusCode.INVALID_ARGUMENT, message))
+        except MemoryExceeded as err:  # the decoded image planned larger than its header did
+            outcome = f"refused: memory: {err}"
+            events.put(_Failed(grpc.StatusCode.RESOURCE_EXHAUSTED, f"memory: {err}"))
         except Exception as err:
             logger.exception("job %s: the engine failed", job.id)
             outcome = f"internal error: {type(err).__name__}: {err}"
@@ -604,8 +613,11 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 yield pb.StylizeResponse(result=event.result)
                 return
             elif isinstance(event, _Failed):
-                outcome = "internal error" if event.code is grpc.StatusCode.INTERNAL else "invalid"
-                raise _Abort(event.code, event.message, outcome)
+                outcomes = {
+                    grpc.StatusCode.INTERNAL: "internal error",
+                    grpc.StatusCode.RESOURCE_EXHAUSTED: "refused",
+                }
+                raise _Abort(event.code, event.message, outcomes.get(event.code, "invalid"))
             else:
                 return  # _Stopped: the call was cancelled; nobody is listening
 
@@ -623,7 +635,7 @@ def _describe_sizes(inputs: _Inputs, job: _Job) -> str:
     height, width = inputs.content.shape[:2]
     out_w, out_h = scaled_size(width, height, job.options.settings.max_size)
     styles = ",".join(f"{s.image.shape[1]}x{s.image.shape[0]}" for s in inputs.styles) or "none"
-    tiles = ",".join(str(t) for t in job.memory.tiles)
+    tiles = ",".join(str(t) for t in inputs.tiles)
     return (
         f"content={width}x{height} styles={styles} output={out_w}x{out_h} "
         f"memory={megabytes(job.memory.peak_bytes)}MB tiles={tiles}"

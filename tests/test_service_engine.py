@@ -172,3 +172,12 @@ def test_server_process_serves_then_drains_on_sigterm() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_tiles_are_planned_for_the_decoded_image(stub: pb_grpc.StyleTransferStub) -> None:
+    # The header (601x31) gives one stage at max_size 600, the decoded image (600x31) two: the plan the
+    # engine runs must be the decoded image's, whatever the header's was.
+    req = request(max_size=600, iterations=2)
+    req.content_image = image_bytes(601, 31)
+    result = list(stub.Stylize(req, timeout=LIVENESS * 4))[-1].result
+    assert (result.width, result.height) == (600, 31)
