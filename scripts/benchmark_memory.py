@@ -68,11 +68,12 @@ def child_job(size: int, budget_mb: int) -> dict:
     except MemoryExceeded as err:
         return {**row, "refused": str(err)}
     started = time.perf_counter()
-    result = engine.stylize(content, [StyleSource(style)], settings, SilentObserver(), tiles=plan.tiles)
+    result = engine.stylize(content, [StyleSource(style)], settings, SilentObserver(), memory_plan=plan)
     seconds = time.perf_counter() - started
     return {
         **row,
         "tiles": plan.tiles[0],
+        "correction_pairs": plan.histories[0],
         "predicted": idle + plan.peak_bytes,
         "peak": peak_rss(),
         "seconds_per_evaluation": seconds / result.evaluations,
@@ -165,20 +166,20 @@ def main() -> None:
         return
 
     print(
-        "| size | budget MB | tiles | idle MB | predicted peak MB | measured peak MB | predicted / measured | s/eval | after MB |"
+        "| size | budget MB | tiles | L-BFGS pairs | idle MB | predicted peak MB | measured peak MB | predicted / measured | s/eval | after MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for budget in args.budgets_mb:
         for size in args.sizes:
             row = spawn("job", str(size), str(budget))
             label = f"| {size} | {mb(row['budget']) if 'budget' in row else budget} |"
             if "error" in row:
-                print(f"{label} error: {row['error']} |||||||", flush=True)
+                print(f"{label} error: {row['error']} ||||||||", flush=True)
             elif "refused" in row:
-                print(f"{label} refused: {row['refused']} |||||||", flush=True)
+                print(f"{label} refused: {row['refused']} ||||||||", flush=True)
             else:
                 print(
-                    f"{label} {row['tiles'] or 'none'} | {mb(row['idle'])} | {mb(row['predicted'])} | "
+                    f"{label} {row['tiles'] or 'none'} | {row['correction_pairs']} | {mb(row['idle'])} | {mb(row['predicted'])} | "
                     f"{mb(row['peak'])} | {row['predicted'] / row['peak']:.2f} | {row['seconds_per_evaluation']:.1f} | "
                     f"{mb(row['after'])} |",
                     flush=True,

@@ -132,9 +132,10 @@ class _Inputs:
     content: np.ndarray
     styles: list[StyleSource]
     init_image: np.ndarray | None
-    # Each stage's tile size, planned for the decoded content: its stages can differ from those of the
-    # header's size, which the job's reservation was planned from (a 601x31 header, 600x31 decoded).
-    tiles: tuple[int, ...]
+    # Each stage's tile size and L-BFGS-B history, planned for the decoded content: its stages can differ
+    # from those of the header's size, which the job's reservation was planned from (a 601x31 header,
+    # 600x31 decoded).
+    memory_plan: JobMemory
 
 
 # What the worker thread hands to the handler thread: messages ready to send.
@@ -511,10 +512,10 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             has_init_image=init_image is not None,
             content_size=(content.shape[1], content.shape[0]),
         )
-        tiles = engine.plan_memory(
+        memory_plan = engine.plan_memory(
             (content.shape[1], content.shape[0]), settings, len(styles), self._scheduler.memory_capacity
-        ).tiles
-        return _Inputs(content, styles, init_image, tiles)
+        )
+        return _Inputs(content, styles, init_image, memory_plan)
 
     def _decode(self, data: bytes, field_name: str, max_side: int) -> np.ndarray:
         try:
@@ -568,7 +569,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 job.options.settings,
                 observer,
                 init_image=inputs.init_image,
-                tiles=inputs.tiles,
+                memory_plan=inputs.memory_plan,
             )
             iterations, evaluations = result.iterations, result.evaluations
             events.put(_Done(_result_pb(result, job.options)))
@@ -635,10 +636,11 @@ def _describe_sizes(inputs: _Inputs, job: _Job) -> str:
     height, width = inputs.content.shape[:2]
     out_w, out_h = scaled_size(width, height, job.options.settings.max_size)
     styles = ",".join(f"{s.image.shape[1]}x{s.image.shape[0]}" for s in inputs.styles) or "none"
-    tiles = ",".join(str(t) for t in inputs.tiles)
+    tiles = ",".join(str(t) for t in inputs.memory_plan.tiles)
+    histories = ",".join(str(h) for h in inputs.memory_plan.histories)
     return (
         f"content={width}x{height} styles={styles} output={out_w}x{out_h} "
-        f"memory={megabytes(job.memory.peak_bytes)}MB tiles={tiles}"
+        f"memory={megabytes(job.memory.peak_bytes)}MB tiles={tiles} correction_pairs={histories}"
     )
 
 
@@ -678,6 +680,7 @@ def _progress_pb(progress: Progress) -> pb.Progress:
         height=progress.height,
         tile_size=progress.tile_size,
         tiles=progress.tiles,
+        correction_pairs=progress.correction_pairs,
     )
 
 

@@ -111,7 +111,7 @@ class FakeEngine:
         observer: StylizeObserver,
         *,
         init_image: np.ndarray | None = None,
-        tiles: Sequence[int] | None = None,
+        memory_plan: JobMemory | None = None,
     ) -> StylizeResult:
         with self._lock:
             self.stylize_calls += 1  # before any check: tests can tell that a request never got here

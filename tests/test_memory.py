@@ -37,14 +37,23 @@ def test_untiled_where_it_fits_else_the_largest_tile_that_fits():
     # Smaller budgets, smaller tiles; the L-BFGS state itself is never tiled.
     smaller = plan_job([big], CHOICE, stage_bytes(big, CHOICE, 256))
     assert smaller.tiles[0] <= tiled.tiles[0]
+    assert tiled.histories == smaller.histories == (memory.MAXCOR,)
+    # Below what the smallest tile needs with the full history, a shorter history; below the shortest
+    # one's L-BFGS state alone, nothing fits.
+    smallest = min(memory.TILE_SIZES)
+    squeezed = plan_job([big], CHOICE, stage_bytes(big, CHOICE, smallest) - 1)
+    assert squeezed.histories[0] < memory.MAXCOR and squeezed.histories[0] in memory.HISTORIES
+    assert squeezed.peak_bytes == stage_bytes(big, CHOICE, squeezed.tiles[0], squeezed.histories[0])
+    shortest = min(memory.HISTORIES)
     with pytest.raises(MemoryExceeded, match="MB of memory"):
-        plan_job([big], CHOICE, memory.LBFGS_BYTES_PER_VARIABLE * 3 * 2048 * 1536)
+        plan_job([big], CHOICE, memory.lbfgs_bytes_per_variable(shortest) * 3 * 2048 * 1536)
 
 
 def test_the_peak_is_the_largest_stage_and_forced_tiles_apply_above_their_size():
     stages = [Stage(0, 2, 256, 192, 10), Stage(1, 2, 512, 384, 10)]
     job = plan_job(stages, CHOICE, None, forced_tile=256)
     assert job.tiles == (0, 256)
+    assert job.histories == (memory.MAXCOR, memory.MAXCOR)
     assert job.peak_bytes == max(stage_bytes(stages[0], CHOICE, 0), stage_bytes(stages[1], CHOICE, 256))
 
 

@@ -41,7 +41,7 @@ class _Run:
     settings: StylizeSettings
     compiled: CompiledChoice
     stages: list[Stage]
-    tiles: list[int]  # each stage's tile size, px (0 = untiled)
+    memory: memory.JobMemory  # each stage's tile size and L-BFGS-B history
     content: np.ndarray  # the request's content image (RGB), for the colour mode's finishing
     started: float
     iterations_done: int = 0
@@ -101,7 +101,7 @@ class Engine:
     ) -> memory.JobMemory:
         """Each stage's tile size and the job's predicted peak (bytes above the idle server) for a content
         image of content_size = (width, height), within `budget` bytes (None = no limit); raises
-        memory.MemoryExceeded when it fits at no tile size. Pass the tiles on to stylize()."""
+        memory.MemoryExceeded when it fits in no way. Pass the plan on to stylize(memory_plan=...)."""
         return plan_job_memory(content_size, settings, styles, budget, forced_tile=self.tile_size)
 
     def stylize(
@@ -112,13 +112,16 @@ class Engine:
         observer: StylizeObserver,
         *,
         init_image: np.ndarray | None = None,
-        tiles: Sequence[int] | None = None,
+        memory_plan: memory.JobMemory | None = None,
+        schedule: Sequence[Stage] | None = None,
     ) -> StylizeResult:
         """Optimise an image whose content matches `content` and whose style matches the blended `styles`.
 
-        Images are float32 (H, W, 3) RGB in [0, 1]; init_image is the start for Init.IMAGE. tiles: each
-        stage's tile size (0 = untiled), as memory.plan_job chose it; None = the engine's tile_size.
-        Blocks until done; raises StylizeCancelled when the observer asks to stop, InvalidSettings for
+        Images are float32 (H, W, 3) RGB in [0, 1]; init_image is the start for Init.IMAGE. memory_plan:
+        each stage's tile size and L-BFGS-B history, from plan_memory (None = untiled but for the engine's
+        tile_size, with the full history).
+        schedule: stages to run in place of the pyramid that the settings give (for measuring other
+        schedules: scripts/benchmark_schedules.py). Blocks until done; raises StylizeCancelled when the observer asks to stop, InvalidSettings for
         settings or inputs that cannot be honoured.
         """
         self.check(
@@ -127,15 +130,19 @@ class Engine:
             has_init_image=init_image is not None,
         )
         choice = layer_choice(settings, len(styles))
-        stages = plan_stages((content.shape[1], content.shape[0]), settings, choice)
-        if tiles is None:
-            tiles = memory.plan_job(stages, choice, None, forced_tile=self.tile_size).tiles
+        stages = (
+            list(schedule)
+            if schedule
+            else plan_stages((content.shape[1], content.shape[0]), settings, choice)
+        )
+        if memory_plan is None:
+            memory_plan = memory.plan_job(stages, choice, None, forced_tile=self.tile_size)
         run = _Run(
             observer,
             settings,
             self._network.compiled(choice),
             stages,
-            list(tiles),
+            memory_plan,
             content,
             time.perf_counter(),
         )
@@ -143,16 +150,18 @@ class Engine:
             settings.color_mode, content, [s.image for s in styles]
         )
         blend = _blend_weights([s.blend_weight for s in styles])
-        previous: np.ndarray | None = None  # RGB result of the previous stage
+        previous: tuple[np.ndarray, np.ndarray | None] | None = None  # the last stage's result and base
         last: Step | None = None
-        tile_sessions = self._network.tile_sessions(choice) if any(run.tiles) else None
+        tile_sessions = self._network.tile_sessions(choice) if any(memory_plan.tiles) else None
         try:
             for stage in stages:
                 stage_content = resize(net_content, stage.width, stage.height)
-                if run.tiles[stage.index]:
+                if memory_plan.tiles[stage.index]:
                     assert tile_sessions is not None
                     tiled = TiledEvaluator(
-                        tile_sessions, run.tiles[stage.index], functools.partial(_stop_if_asked, observer)
+                        tile_sessions,
+                        memory_plan.tiles[stage.index],
+                        functools.partial(_stop_if_asked, observer),
                     )
                     targets = self._tiled_targets(tiled, stage_content, net_styles, blend, stage, settings)
                     evaluate = tiled.evaluator(targets, *_weights(settings))
@@ -160,9 +169,10 @@ class Engine:
                     targets = self._targets(run, stage_content, net_styles, blend, stage)
                     feeds = run.compiled.feeds(targets, *_weights(settings))
                     evaluate = functools.partial(run.compiled.evaluate, feeds=feeds)
-                start_rgb = self._start(settings, stage, stage_content, previous, init_image)
+                base = self._base(settings, stage, stage_content, init_image)
+                start_rgb = self._start(settings, stage, base, previous)
                 last = self._optimise(run, stage, evaluate, start_rgb)
-                previous = self._network.from_network(last.x)
+                previous = (self._network.from_network(last.x), base)
         finally:
             del tile_sessions  # built for this job alone: dropping them frees their memory
             self._network.release_memory(run.compiled)
@@ -220,22 +230,39 @@ class Engine:
         )
 
     @staticmethod
-    def _start(
-        settings: StylizeSettings,
-        stage: Stage,
-        content: np.ndarray,
-        previous: np.ndarray | None,
-        init_image: np.ndarray | None,
-    ) -> np.ndarray:
-        if previous is not None:
-            return resize(previous, stage.width, stage.height)
+    def _base(
+        settings: StylizeSettings, stage: Stage, content: np.ndarray, init_image: np.ndarray | None
+    ) -> np.ndarray | None:
+        """The image a stage would start from as the first one (RGB): the content or the init image at the
+        stage's size; None for noise, which has no detail to keep."""
         if settings.init is Init.CONTENT:
             return content
         if settings.init is Init.IMAGE:
             assert init_image is not None  # validated
             return resize(init_image, stage.width, stage.height)
-        rng = np.random.default_rng(settings.seed)
-        return rng.uniform(0.0, 1.0, (stage.height, stage.width, 3)).astype(np.float32)
+        return None
+
+    @staticmethod
+    def _start(
+        settings: StylizeSettings,
+        stage: Stage,
+        base: np.ndarray | None,
+        previous: tuple[np.ndarray, np.ndarray | None] | None,
+    ) -> np.ndarray:
+        """A stage's starting image. After the first stage: the previous result scaled up, or, with a base
+        image, this stage's base plus what the previous stage changed in its own base, scaled up. The
+        latter keeps the detail that the base has at this size and a scaled-up result lacks (README,
+        Time to an image: the full-size stage then starts from a far lower loss)."""
+        if previous is None:
+            if base is not None:
+                return base
+            rng = np.random.default_rng(settings.seed)
+            return rng.uniform(0.0, 1.0, (stage.height, stage.width, 3)).astype(np.float32)
+        result, previous_base = previous
+        if base is None or previous_base is None:
+            return resize(result, stage.width, stage.height)
+        change = resize(result - previous_base, stage.width, stage.height, clip=False)
+        return np.clip(base + change, 0.0, 1.0).astype(np.float32)
 
     def _optimise(
         self, run: _Run, stage: Stage, loss: Callable[[np.ndarray], Evaluation], start_rgb: np.ndarray
@@ -244,7 +271,8 @@ class Engine:
         x0 = self._network.to_network(start_rgb)
         stage_started = time.perf_counter()
         base_iterations = run.iterations_done
-        tile_size = run.tiles[stage.index]
+        tile_size = run.memory.tiles[stage.index]
+        history = run.memory.histories[stage.index]
         tile_count = (
             len(TileLayout(stage.height, stage.width, tile_size, run.compiled.choice)) if tile_size else 0
         )
@@ -273,8 +301,9 @@ class Engine:
                     stages=stage.count,
                     width=stage.width,
                     height=stage.height,
-                    tile_size=run.tiles[stage.index],
+                    tile_size=tile_size,
                     tiles=tile_count,
+                    correction_pairs=history,
                     evaluation_seconds=tuple(run.evaluation_seconds),
                 )
             )
@@ -299,6 +328,7 @@ class Engine:
             stage.iterations,
             on_step,
             before_evaluation,
+            history,
         )
         run.iterations_done = base_iterations + last.iteration
         return last

@@ -1,9 +1,9 @@
 """A job's memory: predicted from its stages, admitted against a budget, and bounded with tiles.
 
 The model counts what a job holds above the idle server at its peak, the largest of its stages:
-- L-BFGS-B's state: scipy keeps 2 * maxcor correction vectors and a workspace of 5 more, plus the point,
-  gradient and bounds, all float64, and our float32 copies: LBFGS_BYTES_PER_VARIABLE per variable,
-  three variables (colour channels) per pixel;
+- L-BFGS-B's state: scipy keeps 2 * history correction vectors and a workspace of 5 more, plus the point,
+  its last evaluated copy, gradient and bounds, all float64, integer workspaces, and our float32 copies:
+  lbfgs_bytes_per_variable(history) per variable, three variables (colour channels) per pixel;
 - the stage's own arrays (content, start point, gradient, targets at full size);
 - one loss-and-gradient evaluation: EVAL_BYTES_PER_PIXEL of the stage's pixels untiled, or, tiled, the
   tile sessions and TILE_EVAL_BYTES_PER_PIXEL of the largest tile window.
@@ -27,13 +27,28 @@ from .pyramid import Stage
 from .tiling import TileLayout
 
 MiB = 2**20
-LBFGS_BYTES_PER_VARIABLE = 8 * (2 * MAXCOR + 5) + 8 * 4 + 4 + 8  # workspace, x/g/bounds, nbd, our copies
+# L-BFGS-B's history (correction pairs) per stage, tried in this order: the full one at any tile size
+# first, then shorter ones. Tiles bound the network's memory but not the optimiser's, 16 bytes per
+# variable and pair: at 2048x1536 the full history alone takes 2.4 GB, three pairs 1.4 GB. A shorter
+# history changes the iterates (each step uses less curvature information), not the loss being
+# minimised; Progress reports it (correction_pairs). Nocedal and Wright give 3 to 20 as the usual range.
+HISTORIES = (MAXCOR, 5, 3)
+
+
+def lbfgs_bytes_per_variable(history: int) -> int:
+    """setulb's float64 workspace, 2 * history + 5 vectors; x, its last evaluated copy, the gradient and
+    both bounds (float64); the bound kinds (int32) and 3 int32 of integer workspace; our float32 copies
+    of the point and the gradient."""
+    return 8 * (2 * history + 5) + 8 * 5 + 4 + 12 + 8
+
+
 # Measured (one-iteration single-stage jobs on the Tübingen/Starry Night pair, peak RSS above the warmed-up
-# server; scripts/benchmark_memory.py prints predicted against measured): untiled, 512, 768 and 1024 px took
-# 2.63, 2.50 and 2.49 KB per pixel in all, 1.69-1.83 KB of it above the L-BFGS state and the stage's
-# arrays; in tiles of 256 px at 1024 px, 572 MB above those and the whole-size targets, for the tile
-# sessions and a 416 x 416 px window.
-EVAL_BYTES_PER_PIXEL = 1850
+# server; scripts/benchmark_memory.py prints predicted against measured): untiled at 512 and 1024 px,
+# 385 and 1213 MB above the L-BFGS state and the stage's arrays, i.e. 105 MB and 1.40 KB per pixel; in
+# tiles of 256 px at 1024 px, 572 MB above those and the whole-size targets, for the tile sessions and a
+# 416 x 416 px window.
+EVAL_FIXED_BYTES = 105 * MiB
+EVAL_BYTES_PER_PIXEL = 1400
 TILE_EVAL_BYTES_PER_PIXEL = 1700
 TILE_SESSIONS_BYTES = 400 * MiB
 STAGE_ARRAY_BYTES_PER_PIXEL = 64  # float32 RGB content, start, point and gradient copies
@@ -56,18 +71,21 @@ class MemoryExceeded(Exception):
 
 @dataclass(frozen=True)
 class JobMemory:
-    """The plan of one job: each stage's tile size (0 = untiled) and the predicted peak above idle."""
+    """The plan of one job: each stage's tile size (0 = untiled) and L-BFGS-B history (correction
+    pairs), and the predicted peak above idle."""
 
     tiles: tuple[int, ...]
+    histories: tuple[int, ...]
     peak_bytes: int
 
 
-def stage_bytes(stage: Stage, choice: LayerChoice, tile: int) -> int:
-    """Predicted bytes above idle while `stage` runs, untiled (tile 0) or in tiles of `tile` px."""
+def stage_bytes(stage: Stage, choice: LayerChoice, tile: int, history: int = MAXCOR) -> int:
+    """Predicted bytes above idle while `stage` runs, untiled (tile 0) or in tiles of `tile` px, with
+    `history` L-BFGS-B correction pairs."""
     pixels = stage.width * stage.height
-    held = LBFGS_BYTES_PER_VARIABLE * 3 * pixels + STAGE_ARRAY_BYTES_PER_PIXEL * pixels
+    held = lbfgs_bytes_per_variable(history) * 3 * pixels + STAGE_ARRAY_BYTES_PER_PIXEL * pixels
     if not tile:
-        return held + EVAL_BYTES_PER_PIXEL * pixels
+        return held + EVAL_FIXED_BYTES + EVAL_BYTES_PER_PIXEL * pixels
     window_rows, window_cols = TileLayout(stage.height, stage.width, tile, choice).largest_window()
     # The separable terms' targets are kept whole (float32), at their layers' resolutions.
     targets = sum(
@@ -77,24 +95,31 @@ def stage_bytes(stage: Stage, choice: LayerChoice, tile: int) -> int:
 
 
 def plan_job(stages: list[Stage], choice: LayerChoice, budget: int | None, forced_tile: int = 0) -> JobMemory:
-    """Tile sizes per stage so that the job's predicted peak fits `budget` (bytes above idle; None = no
-    limit): untiled where it fits, else the largest tile that fits. forced_tile > 0 tiles every stage
-    larger than it. Raises MemoryExceeded when a stage fits at no tile size."""
+    """Tile sizes and histories per stage so that the job's predicted peak fits `budget` (bytes above
+    idle; None = no limit): the full history where it fits at some tile size, untiled where that fits,
+    else the largest tile that fits; only then a shorter history (HISTORIES). forced_tile > 0 tiles
+    every stage larger than it. Raises MemoryExceeded when a stage fits in no way."""
     tiles: list[int] = []
+    histories: list[int] = []
     peak = 0
     for stage in stages:
         if forced_tile and max(stage.width, stage.height) > forced_tile:
             candidates: tuple[int, ...] = (forced_tile,)
         else:
             candidates = (0, *(t for t in TILE_SIZES if t < max(stage.width, stage.height)))
-        needs = [(tile, stage_bytes(stage, choice, tile)) for tile in candidates]
-        fitting = [(tile, need) for tile, need in needs if budget is None or need <= budget]
+        needs = [
+            (tile, history, stage_bytes(stage, choice, tile, history))
+            for history in HISTORIES
+            for tile in candidates
+        ]
+        fitting = [need for need in needs if budget is None or need[2] <= budget]
         if not fitting:
-            raise MemoryExceeded(min(need for _, need in needs), budget or 0)
-        tile, need = fitting[0]
+            raise MemoryExceeded(min(need for _, _, need in needs), budget or 0)
+        tile, history, need = fitting[0]
         tiles.append(tile)
+        histories.append(history)
         peak = max(peak, need)
-    return JobMemory(tuple(tiles), peak)
+    return JobMemory(tuple(tiles), tuple(histories), peak)
 
 
 def default_budget_bytes() -> int:

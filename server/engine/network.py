@@ -83,6 +83,10 @@ def _shrink_options(providers: tuple[str, ...]) -> ort.RunOptions:
     return options
 
 
+# onnxruntime's default (128 MB) hands a 96 MB request a whole free 192 MB chunk; an evaluation's tensors
+# come in a few large sizes, so at 1024x768 the arena grew 300 MB beyond what was live (one evaluation
+# peaked at 2162 MB, 1865 MB with 1 MB; scripts/benchmark_memory.py). 0 crashes onnxruntime 1.32.
+ARENA_MAX_DEAD_BYTES = 1 << 20
 _ARENA_LOCK = threading.Lock()
 _arena_registered = False
 
@@ -95,8 +99,9 @@ def _register_shared_cpu_arena() -> None:
         if _arena_registered:
             return
         memory = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        # max_mem 0 = no cap, extend strategy 1 = kSameAsRequested, the rest default (-1).
-        ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, 1, -1, -1))
+        # max_mem 0 = no cap, extend strategy 1 = kSameAsRequested, initial chunk default (-1), and free
+        # chunks split for any request that would leave more than ARENA_MAX_DEAD_BYTES of them unused.
+        ort.create_and_register_allocator(memory, ort.OrtArenaCfg(0, 1, -1, ARENA_MAX_DEAD_BYTES))
         _arena_registered = True
 
 
@@ -115,17 +120,24 @@ class CompiledChoice:
         targets: ort.InferenceSession,
         loss: ort.InferenceSession,
         nbytes: int = 0,
+        shrink: ort.RunOptions | None = None,
     ) -> None:
+        """shrink: run options that shrink the arenas (_shrink_options); targets passes run with them."""
         self.choice = choice
         self.nbytes = nbytes  # estimated resident memory of the two sessions
         self._targets = targets
         self._loss = loss
+        self._shrink = shrink
         self._target_outputs = [o.name for o in targets.get_outputs()]
         self._loss_outputs = [o.name for o in loss.get_outputs()]
 
     def targets(self, image: np.ndarray) -> Targets:
-        """Every layered term's targets computed from one image (content image or style image)."""
-        return self._run_targets(image, None)
+        """Every layered term's targets computed from one image (content image or style image).
+
+        The pass ends by shrinking the arenas: its tensors are freed then, and left in the arena they
+        would be carved up by the evaluations' differently sized ones (at 1024x768 one evaluation after a
+        targets pass peaked at 1865 MB with them kept, 1540 MB without; scripts/benchmark_memory.py)."""
+        return self._run_targets(image, self._shrink)
 
     def _run_targets(self, image: np.ndarray, run_options: ort.RunOptions | None) -> Targets:
         outputs = dict(
@@ -307,8 +319,13 @@ class FeatureNetwork:
             nbytes = estimated_session_bytes(targets, loss)
             with self._lock:
                 self._evict(keep=0, reserve=nbytes)  # make room first: the new sessions are the peak
-            compiled = CompiledChoice(choice, self._session(targets), self._session(loss), nbytes=nbytes)
+            compiled = CompiledChoice(
+                choice, self._session(targets), self._session(loss), nbytes=nbytes, shrink=self._shrink
+            )
             del targets, loss  # the graphs' own copy of the weights
+            # Building and serialising the graphs leaves a few hundred MB free in the C heap, where
+            # onnxruntime's large tensors (mapped separately) cannot reuse it: give it back now.
+            _trim_heap()
             with self._lock:
                 self._cache[choice] = compiled
                 self._cache_used += compiled.nbytes
@@ -319,11 +336,13 @@ class FeatureNetwork:
     def tile_sessions(self, choice: LayerChoice) -> TileSessions:
         """Fresh sessions for the tiled evaluation of a choice. Not cached: only large jobs use them, and a
         job that drops them gives their memory back at once."""
-        return TileSessions(
+        sessions = TileSessions(
             choice,
             self._session(graphs.build_tile_statistics_model(self._features, choice)),
             self._session(graphs.build_tile_loss_model(self._features, choice)),
         )
+        _trim_heap()  # as after compiling a choice
+        return sessions
 
     def release_memory(self, compiled: CompiledChoice) -> None:
         """Give the memory a job's evaluations used back to the operating system: shrink the arenas

@@ -81,8 +81,10 @@ def run_lbfgs(
     iterations: int,
     on_step: Callable[[Step], None],
     before_evaluation: Callable[[], None],
+    history: int = MAXCOR,
 ) -> Step:
-    """Minimise from x0 for at most `iterations` L-BFGS iterations within the pixel bounds.
+    """Minimise from x0 for at most `iterations` L-BFGS iterations within the pixel bounds, keeping
+    `history` correction pairs (server.engine.memory shortens it for images too large for the budget).
 
     `before_evaluation` runs before every evaluation and may raise to abandon the run (cancellation).
     on_step sees the starting point (iteration 0) and every iteration's accepted point. Returns the last step.
@@ -117,7 +119,7 @@ def run_lbfgs(
         last[:] = [step]
         on_step(step)
 
-    options = LbfgsOptions(maxiter=iterations, maxfun=2 * iterations + 20)
+    options = LbfgsOptions(maxiter=iterations, maxfun=2 * iterations + 20, maxcor=history)
     with single_threaded_blas():
         driver()(fun, x0.astype(np.float64).ravel(), lower, upper, options, callback)
     return last[0]

@@ -17,8 +17,9 @@ def scaled_size(width: int, height: int, longest: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """(H, W, 3) float32 -> (height, width, 3) float32, bicubic, clipped to [0, 1]."""
+def resize(image: np.ndarray, width: int, height: int, *, clip: bool = True) -> np.ndarray:
+    """(H, W, 3) float32 -> (height, width, 3) float32, bicubic, clipped to [0, 1] (clip=False: for
+    differences of images, which are signed)."""
     if image.shape[:2] == (height, width):
         return image.astype(np.float32, copy=False)
     channels = [
@@ -29,7 +30,8 @@ def resize(image: np.ndarray, width: int, height: int) -> np.ndarray:
         )
         for c in range(image.shape[2])
     ]
-    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
+    resized = np.stack(channels, axis=-1)
+    return (np.clip(resized, 0.0, 1.0) if clip else resized).astype(np.float32)
 
 
 def resize_longest(image: np.ndarray, longest: int) -> np.ndarray:

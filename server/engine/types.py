@@ -138,6 +138,8 @@ class Progress:
     # When the stage is evaluated in tiles (exactly, to bound memory): their size, px, and number; 0 = untiled.
     tile_size: int = 0
     tiles: int = 0
+    # L-BFGS-B correction pairs kept in this stage: optimizer.MAXCOR, fewer where memory is short.
+    correction_pairs: int = 10
     # How long each loss+gradient evaluation since the previous Progress took, seconds (for metrics).
     # Evaluations that no accepted step follows (a line search that gave up) join the next Progress.
     evaluation_seconds: tuple[float, ...] = ()

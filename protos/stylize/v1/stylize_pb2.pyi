@@ -197,7 +197,7 @@ class LayerLosses(_message.Message):
     def __init__(self, layers: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Progress(_message.Message):
-    __slots__ = ("iteration", "evaluations", "losses", "elapsed_seconds", "eta_seconds", "stage", "stages", "width", "height", "tile_size", "tiles")
+    __slots__ = ("iteration", "evaluations", "losses", "elapsed_seconds", "eta_seconds", "stage", "stages", "width", "height", "tile_size", "tiles", "correction_pairs")
     ITERATION_FIELD_NUMBER: _ClassVar[int]
     EVALUATIONS_FIELD_NUMBER: _ClassVar[int]
     LOSSES_FIELD_NUMBER: _ClassVar[int]
@@ -209,6 +209,7 @@ class Progress(_message.Message):
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     TILE_SIZE_FIELD_NUMBER: _ClassVar[int]
     TILES_FIELD_NUMBER: _ClassVar[int]
+    CORRECTION_PAIRS_FIELD_NUMBER: _ClassVar[int]
     iteration: int
     evaluations: int
     losses: Losses
@@ -220,7 +221,8 @@ class Progress(_message.Message):
     height: int
     tile_size: int
     tiles: int
-    def __init__(self, iteration: _Optional[int] = ..., evaluations: _Optional[int] = ..., losses: _Optional[_Union[Losses, _Mapping]] = ..., elapsed_seconds: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., stage: _Optional[int] = ..., stages: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., tile_size: _Optional[int] = ..., tiles: _Optional[int] = ...) -> None: ...
+    correction_pairs: int
+    def __init__(self, iteration: _Optional[int] = ..., evaluations: _Optional[int] = ..., losses: _Optional[_Union[Losses, _Mapping]] = ..., elapsed_seconds: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., stage: _Optional[int] = ..., stages: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., tile_size: _Optional[int] = ..., tiles: _Optional[int] = ..., correction_pairs: _Optional[int] = ...) -> None: ...
 
 class Frame(_message.Message):
     __slots__ = ("iteration", "image", "mime_type", "width", "height")
