@@ -102,7 +102,10 @@ def run_curves(args: argparse.Namespace) -> None:
     engine = Engine(default_model_path())
     engine.warm_up()
     args.out.mkdir(parents=True, exist_ok=True)
-    settings = StylizeSettings(max_size=args.size, iterations=args.iterations, init=Init.CONTENT)
+    # tolerance 0: every iteration runs, so the curves show what any early-stop rule would give.
+    settings = StylizeSettings(
+        max_size=args.size, iterations=args.iterations, init=Init.CONTENT, tolerance=0.0
+    )
 
     class Recorder:
         """Records each iteration; stops the final stage at the target loss or the time cap."""
@@ -209,12 +212,13 @@ def first_at(points: list[dict], final_stage: int, bound: float) -> dict | None:
 
 
 def early_stop(points: list[dict], final_stage: int, tolerance: float, window: int) -> dict | None:
-    """Where the rule `(L[i - window] - L[i]) / L[i - window] < tolerance` stops the final stage."""
-    final = [p for p in points if p["stage"] == final_stage]
-    for i in range(window, len(final)):
-        before, now = final[i - window]["loss"], final[i]["loss"]
-        if (before - now) / before < tolerance:
-            return final[i]
+    """Where the engine's rule (optimizer.Convergence) would have stopped the final stage."""
+    from stylize_service.server.engine.optimizer import Convergence
+
+    rule = Convergence(tolerance, window)
+    for point in points:
+        if point["stage"] == final_stage and rule.converged(point["loss"]):
+            return point
     return None
 
 

@@ -102,6 +102,7 @@ def to_job_options(options: pb.StylizeOptions) -> JobOptions:
         style_scale=value("style_scale", defaults.style_scale),
         color_mode=_color_mode(options, defaults.color_mode),
         frame_every=value("frame_every", defaults.frame_every),
+        tolerance=value("tolerance", defaults.tolerance),
     )
     # Unset = the output's size, which the engine's validator judges as max_size.
     frame_max_size = value("frame_max_size", settings.max_size)
@@ -136,6 +137,7 @@ def default_options() -> pb.StylizeOptions:
         color_mode=_reverse(_COLOR)[d.color_mode],
         preserve_colors=False,
         frame_every=d.frame_every,
+        tolerance=d.tolerance,
         frame_format=_reverse(_ENCODING)[DEFAULT_FRAMES],
         output_format=_reverse(_ENCODING)[DEFAULT_OUTPUT],
     )

@@ -264,6 +264,7 @@ VALID: dict[str, st.SearchStrategy] = {
     "frame_format": st.integers(0, 3),
     "frame_max_size": st.integers(16, MAX_VALID_SIZE),
     "output_format": st.integers(0, 3),
+    "tolerance": st.one_of(st.just(0.0), st.floats(0.0, 0.999)),
 }
 # Anything the field's type can carry, except valid values that would make a job expensive.
 WILD: dict[str, st.SearchStrategy] = {
@@ -289,6 +290,7 @@ WILD: dict[str, st.SearchStrategy] = {
     "frame_format": ENUM,
     "frame_max_size": UINT32.filter(lambda v: not MAX_VALID_SIZE < v <= 4096),
     "output_format": ENUM,
+    "tolerance": WILD_DOUBLES,
 }
 assert set(VALID) == set(WILD) == set(pb.StylizeOptions.DESCRIPTOR.fields_by_name) - {"init_image"}
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from stylize_service.server.engine.engine import Engine
+from stylize_service.server.engine.optimizer import CONVERGENCE_WINDOW
 from stylize_service.server.engine.pyramid import (
     Stage,
     default_min_size,
@@ -120,6 +121,33 @@ def test_progress_times_every_evaluation_once(engine):
         assert reported == progress.evaluations
         assert all(seconds > 0 for seconds in progress.evaluation_seconds)
     assert reported == result.evaluations
+
+
+def test_tolerance_ends_a_stage_once_the_loss_stops_improving(engine):
+    every = engine.stylize(CONTENT, STYLE, replace(SMALL, iterations=30, tolerance=0.0), Recorder())
+    assert every.iterations == 30
+    recorder = Recorder()
+    early = engine.stylize(CONTENT, STYLE, replace(SMALL, iterations=30, tolerance=0.6), recorder)
+    losses = [p.losses.total for p in recorder.progress]
+    window = CONVERGENCE_WINDOW
+    improvements = [(losses[i - window] - losses[i]) / losses[i - window] for i in range(window, len(losses))]
+    # It ran until the first iteration whose improvement over the window fell below the tolerance.
+    assert window <= early.iterations < 30
+    assert improvements[-1] < 0.6 and all(change >= 0.6 for change in improvements[:-1])
+    assert early.iterations == recorder.progress[-1].iteration
+
+
+def test_a_later_stage_keeps_the_detail_of_its_own_starting_image(engine):
+    # Content only, from the content: every stage's optimum is its own content image. The full-size stage
+    # starts from the content at its size plus the coarse stage's (zero) change, so it is already there;
+    # a scaled-up coarse result would have lost the detail and left a content loss to work off.
+    settings = replace(
+        SMALL, max_size=96, min_size=48, iterations=4, style_weight=0.0, tv_weight=0.0, frame_every=0
+    )
+    content = gradient_image(72, 96, 5)
+    result = engine.stylize(content, [], settings, Recorder())
+    assert result.losses.content == pytest.approx(0.0, abs=1e-3)
+    assert np.abs(result.image - content).max() < 1e-3
 
 
 @pytest.mark.parametrize("mode", list(ColorMode))

@@ -22,6 +22,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from stylize_service.server.engine import optimizer
 from stylize_service.server.engine.network import Evaluation
 from stylize_service.server.engine.optimizer import (
+    Convergence,
     LbfgsOptions,
     Step,
     driver,
@@ -226,6 +227,50 @@ def test_the_drivers_give_identical_iterates(case: str) -> None:
         assert accepted < options.maxiter and evaluations > options.maxfun
     else:
         assert accepted == options.maxiter
+
+
+def test_convergence_compares_the_loss_with_the_one_a_window_earlier() -> None:
+    rule = Convergence(tolerance=0.01, window=3)
+    # Improvements over three iterations: 100 -> 90 (10%), 95 -> 89 (6.3%), 90 -> 89.5 (0.6%).
+    assert [rule.converged(loss) for loss in (100, 95, 90, 90, 89, 89.5, 89.4)] == [
+        False,
+        False,
+        False,
+        False,
+        False,
+        True,
+        True,
+    ]
+    never = Convergence(tolerance=0.0, window=3)
+    assert not any(never.converged(loss) for loss in [5.0] * 20)  # 0 = run every iteration
+
+
+@pytest.mark.parametrize("drive", [minimize_direct, minimize_public])
+def test_an_iteration_callback_that_returns_true_ends_the_optimisation(drive: Callable) -> None:
+    n = 30
+    x0, lower, upper = np.linspace(-2.0, 2.5, n), np.full(n, -1.5), np.full(n, 0.9)
+    accepted: list[np.ndarray] = []
+
+    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+        return float(np.sum((x - 0.3) ** 4)), (4 * (x - 0.3) ** 3).astype(np.float32)
+
+    def callback(x: np.ndarray) -> bool:
+        accepted.append(x.copy())
+        return len(accepted) == 4
+
+    drive(fun, x0, lower, upper, LbfgsOptions(maxiter=40, maxfun=100), callback)
+    assert len(accepted) == 4
+
+
+def test_run_lbfgs_stops_after_the_step_that_on_step_calls_converged() -> None:
+    problem, steps = Problem(), []
+
+    def on_step(step: Step) -> bool:
+        steps.append(step)
+        return step.iteration == 6
+
+    last = run_lbfgs(problem, start(), pixel_bounds(), 50, on_step, lambda: None)
+    assert last.iteration == 6 and [s.iteration for s in steps] == list(range(7))
 
 
 def test_cancellation_stops_before_the_next_evaluation() -> None:

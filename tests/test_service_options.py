@@ -52,6 +52,7 @@ def test_every_option_is_converted() -> None:
         style_scale=0.5,
         color_mode=pb.COLOR_MODE_HISTOGRAM,
         frame_every=5,
+        tolerance=0.0,
         frame_format=pb.IMAGE_FORMAT_PNG,
         frame_max_size=100,
         output_format=pb.IMAGE_FORMAT_JPEG,
@@ -64,6 +65,7 @@ def test_every_option_is_converted() -> None:
     assert s.style_layers == (("relu1_1", 0.5), ("relu2_1", 2.0))
     assert s.pooling is Pooling.AVG and s.init is Init.IMAGE  # an init image and no init: IMAGE
     assert (s.seed, s.style_scale, s.color_mode, s.frame_every) == (7, 0.5, ColorMode.HISTOGRAM, 5)
+    assert s.tolerance == 0.0 != StylizeSettings().tolerance  # 0 (every iteration) is not "unset"
     assert (job.frame_encoding, job.frame_max_size, job.output_encoding) == (Encoding.PNG, 100, Encoding.JPEG)
 
 
@@ -128,6 +130,9 @@ def test_preserve_colors_maps_to_luminance_unless_color_mode_is_set(
             "options.init_image is required when options.init is IMAGE",
         ),
         (pb.StylizeOptions(output_format=9), "options.output_format has an unknown value 9"),
+        (pb.StylizeOptions(tolerance=-0.01), "options.tolerance must be at least 0 and below 1, got -0.01"),
+        (pb.StylizeOptions(tolerance=1), "options.tolerance must be at least 0 and below 1, got 1"),
+        (pb.StylizeOptions(tolerance=math.nan), "options.tolerance must be at least 0 and below 1"),
     ],
 )
 def test_invalid_options_name_the_field(options: pb.StylizeOptions, message: str) -> None:

@@ -14,7 +14,7 @@ from stylize_service.models.graphs import POOLS_BEFORE, LayerChoice
 
 from . import color, memory, pyramid, validation
 from .network import CompiledChoice, Evaluation, FeatureNetwork, Targets
-from .optimizer import Step, run_lbfgs
+from .optimizer import Convergence, Step, run_lbfgs
 from .providers import ProviderSpec
 from .pyramid import Stage
 from .resample import resize, resize_longest
@@ -281,10 +281,14 @@ class Engine:
             if run.observer.should_stop():
                 raise StylizeCancelled()
 
-        def on_step(step: Step) -> None:
+        convergence = Convergence(s.tolerance)
+
+        def on_step(step: Step) -> bool:
+            """Report the step; True when the stage has converged (settings.tolerance)."""
             run.iterations_done = base_iterations + step.iteration
+            converged = convergence.converged(step.evaluation.loss)
             if step.iteration == 0 and not stage.is_first:
-                return  # the first point of a later stage is the previous stage's result, already reported
+                return False  # a later stage's first point is the previous stage's result, reported
             per_iteration = (time.perf_counter() - stage_started) / max(1, step.iteration)
             run.observer.on_progress(
                 Progress(
@@ -313,6 +317,7 @@ class Engine:
                 run.observer.on_frame(
                     run.iterations_done, color.finish_output(s.color_mode, rgb, run.content)
                 )
+            return converged
 
         def evaluate(x: np.ndarray) -> Evaluation:
             run.evaluations += 1

@@ -45,11 +45,31 @@ log = logging.getLogger(__name__)
 # flat float64 x -> (loss, gradient with x's size in any float dtype). x is the optimiser's own array: read
 # it during the call, never keep or modify it.
 Objective = Callable[[np.ndarray], tuple[float, np.ndarray]]
-# Called with each iteration's accepted point (flat float64), on the same terms as Objective's x.
-IterationCallback = Callable[[np.ndarray], None]
+# Called with each iteration's accepted point (flat float64), on the same terms as Objective's x; True
+# ends the optimisation there.
+IterationCallback = Callable[[np.ndarray], bool]
 
 
 MAXCOR = 10  # L-BFGS-B correction pairs; server.engine.memory counts their memory
+CONVERGENCE_WINDOW = 10  # iterations over which Convergence measures the improvement
+
+
+class Convergence:
+    """The early stop of a stage: the relative improvement of the loss over the last `window`
+    iterations, (L[i - window] - L[i]) / L[i - window], has fallen below `tolerance` (0 = never)."""
+
+    def __init__(self, tolerance: float, window: int = CONVERGENCE_WINDOW) -> None:
+        self.tolerance = tolerance
+        self.window = window
+        self._losses: list[float] = []
+
+    def converged(self, loss: float) -> bool:
+        """Record the loss after the next iteration (the first call: the starting point's)."""
+        self._losses.append(loss)
+        if self.tolerance <= 0 or len(self._losses) <= self.window:
+            return False
+        before = self._losses[-1 - self.window]
+        return before > 0 and (before - loss) / before < self.tolerance
 
 
 @dataclass(frozen=True)
@@ -79,12 +99,13 @@ def run_lbfgs(
     x0: np.ndarray,
     bounds: tuple[np.ndarray, np.ndarray],
     iterations: int,
-    on_step: Callable[[Step], None],
+    on_step: Callable[[Step], bool],
     before_evaluation: Callable[[], None],
     history: int = MAXCOR,
 ) -> Step:
     """Minimise from x0 for at most `iterations` L-BFGS iterations within the pixel bounds, keeping
     `history` correction pairs (server.engine.memory shortens it for images too large for the budget).
+    on_step returning True after an iteration ends the optimisation there (an early stop).
 
     `before_evaluation` runs before every evaluation and may raise to abandon the run (cancellation).
     on_step sees the starting point (iteration 0) and every iteration's accepted point. Returns the last step.
@@ -102,10 +123,10 @@ def run_lbfgs(
         step = Step(count["iterations"], count["evaluations"], x, evaluation)
         last[:] = [step]
         if count["evaluations"] == 1:
-            on_step(step)
+            on_step(step)  # the starting point: no stop before the first iteration
         return evaluation.loss, evaluation.grad
 
-    def callback(accepted: np.ndarray) -> None:
+    def callback(accepted: np.ndarray) -> bool:
         count["iterations"] += 1
         step = last[0]
         if not np.array_equal(step.x.ravel(), accepted.astype(np.float32)):
@@ -117,7 +138,7 @@ def run_lbfgs(
             step = Step(0, count["evaluations"], x, evaluate(x))
         step = Step(count["iterations"], count["evaluations"], step.x, step.evaluation)
         last[:] = [step]
-        on_step(step)
+        return on_step(step)
 
     options = LbfgsOptions(maxiter=iterations, maxfun=2 * iterations + 20, maxcor=history)
     with single_threaded_blas():
@@ -191,7 +212,8 @@ def minimize_public(
     """L-BFGS-B through scipy.optimize.minimize (public API; slow bounds set-up for large problems)."""
 
     def scipy_callback(intermediate_result: OptimizeResult) -> None:
-        callback(intermediate_result.x)
+        if callback(intermediate_result.x):
+            raise StopIteration  # scipy's way for a callback to end the optimisation
 
     minimize(
         lambda x: _as_float64(fun(x)),
@@ -292,7 +314,8 @@ def minimize_direct(
             np.copyto(g, np.ravel(grad))
         elif task[0] == _TASK_NEW_X:
             iterations += 1
-            callback(x)
+            if callback(x):
+                return
             if iterations >= options.maxiter:
                 task[:] = (_TASK_STOP, _STOP_MAXITER)
             elif evaluations > options.maxfun:
@@ -336,8 +359,9 @@ def _record(drive: Driver) -> list[tuple[str, bytes, float]]:
         events.append(("f", x.tobytes(), loss))
         return loss, grad.astype(np.float32)  # float32, as the network's gradients are
 
-    def callback(x: np.ndarray) -> None:
+    def callback(x: np.ndarray) -> bool:
         events.append(("x", x.tobytes(), 0.0))
+        return len(events) > 60  # an early stop, which both drivers must honour alike
 
     drive(fun, np.linspace(-2.0, 2.0, n), lower, upper, LbfgsOptions(maxiter=30, maxfun=80), callback)
     return events

@@ -78,6 +78,10 @@ class StylizeSettings:
     style_scale: float = 1.0  # style images are scaled to max_size * style_scale
     color_mode: ColorMode = ColorMode.STYLE
     frame_every: int = 0  # 0 = no intermediate frames
+    # Stop a stage once its loss improved by less than this fraction over the last
+    # optimizer.CONVERGENCE_WINDOW iterations; 0 = run every iteration. The default is measured (README,
+    # Time to an image).
+    tolerance: float = 1e-3
 
     def __post_init__(self) -> None:
         for name in ("content_layers", "style_layers"):

@@ -63,6 +63,8 @@ def validate(
         )
     _check_range("seed", s.seed, 0, MAX_SEED)
     _check_range("frame_every", s.frame_every, 0, MAX_ITERATIONS)
+    if not (math.isfinite(s.tolerance) and 0.0 <= s.tolerance < 1.0):
+        raise InvalidSettings("tolerance", f"must be at least 0 and below 1, got {s.tolerance}")
     _check_styles(s, style_weights)
     if s.init is Init.IMAGE and not has_init_image:
         raise InvalidSettings("init_image", f"is required when {{init}} is {Init.IMAGE.name}")

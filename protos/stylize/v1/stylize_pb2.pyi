@@ -76,7 +76,7 @@ class LayerWeight(_message.Message):
     def __init__(self, layer: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class StylizeOptions(_message.Message):
-    __slots__ = ("max_size", "min_size", "iterations", "content_weight", "style_weight", "tv_weight", "content_layers", "style_layers", "pooling", "init", "init_image", "seed", "style_scale", "color_mode", "preserve_colors", "frame_every", "frame_format", "frame_max_size", "output_format")
+    __slots__ = ("max_size", "min_size", "iterations", "content_weight", "style_weight", "tv_weight", "content_layers", "style_layers", "pooling", "init", "init_image", "seed", "style_scale", "color_mode", "preserve_colors", "frame_every", "frame_format", "frame_max_size", "output_format", "tolerance")
     MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
     MIN_SIZE_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class StylizeOptions(_message.Message):
     FRAME_FORMAT_FIELD_NUMBER: _ClassVar[int]
     FRAME_MAX_SIZE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
     max_size: int
     min_size: int
     iterations: int
@@ -115,7 +116,8 @@ class StylizeOptions(_message.Message):
     frame_format: ImageFormat
     frame_max_size: int
     output_format: ImageFormat
-    def __init__(self, max_size: _Optional[int] = ..., min_size: _Optional[int] = ..., iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., tv_weight: _Optional[float] = ..., content_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., init: _Optional[_Union[Init, str]] = ..., init_image: _Optional[bytes] = ..., seed: _Optional[int] = ..., style_scale: _Optional[float] = ..., color_mode: _Optional[_Union[ColorMode, str]] = ..., preserve_colors: _Optional[bool] = ..., frame_every: _Optional[int] = ..., frame_format: _Optional[_Union[ImageFormat, str]] = ..., frame_max_size: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ...) -> None: ...
+    tolerance: float
+    def __init__(self, max_size: _Optional[int] = ..., min_size: _Optional[int] = ..., iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., tv_weight: _Optional[float] = ..., content_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., init: _Optional[_Union[Init, str]] = ..., init_image: _Optional[bytes] = ..., seed: _Optional[int] = ..., style_scale: _Optional[float] = ..., color_mode: _Optional[_Union[ColorMode, str]] = ..., preserve_colors: _Optional[bool] = ..., frame_every: _Optional[int] = ..., frame_format: _Optional[_Union[ImageFormat, str]] = ..., frame_max_size: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., tolerance: _Optional[float] = ...) -> None: ...
 
 class StylizeResponse(_message.Message):
     __slots__ = ("queued", "progress", "frame", "result")
