@@ -9,6 +9,10 @@ for the budget (0 = the default budget: the container's or machine's memory less
 process's maximum resident set size; predicted is idle + the plan's peak. A job that fits at no tile size
 is refused, as the server refuses it.
 
+With --server SIZE (and --server-limit-mb, default 3000), one such job goes through the RPC instead: a
+real `stylize-server --memory-limit-mb LIMIT` process runs it, and its peak resident memory (VmHWM) and
+its resident memory 15 s after the Result are read from /proc.
+
 With --torch, the same loss and gradient in PyTorch eager (one evaluation, in its own process; `pip install
 torch==2.13.0`) and our one untiled evaluation (also in its own process) are measured side by side; that
 compares the evaluations alone, without L-BFGS-B's state, which the two would share.
@@ -128,6 +132,71 @@ def child_evaluation(size: int, kind: str) -> dict:
     return {"kind": kind, "size": size, "idle": idle, "peak": peak_rss()}
 
 
+def proc_status(pid: int, key: str) -> int:
+    """A /proc/PID/status figure (VmHWM, VmRSS), bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def server_job(size: int, limit_mb: int, settle_seconds: float = 15.0) -> dict:
+    """One single-stage, one-iteration job of `size` px through a real server with a memory limit."""
+    import re
+
+    from stylize_service.client.api import StylizeClient
+    from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
+
+    content = SHARED / "tubingen.jpg"
+    style = SHARED / "starry_night.jpg"
+    command = [sys.executable, "-m", "stylize_service.server.main", "--host", "127.0.0.1", "--port", "0"]
+    server = subprocess.Popen(
+        [*command, "--memory-limit-mb", str(limit_mb)], stderr=subprocess.PIPE, text=True
+    )
+    log: list[str] = []
+    try:
+        assert server.stderr is not None
+        for line in server.stderr:
+            log.append(line)
+            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
+                address = f"127.0.0.1:{match.group(1)}"
+                break
+        else:
+            return {"error": "the server did not start: " + "".join(log[-5:])}
+        with StylizeClient(address) as client:
+            client.wait_ready(timeout=300)
+            idle = proc_status(server.pid, "VmRSS")
+            progress: list = []
+            started = time.perf_counter()
+            result = client.run(
+                content,
+                [style],
+                on_event=lambda event: progress.append(event) if isinstance(event, pb.Progress) else None,
+                max_size=size,
+                min_size=size,
+                iterations=1,
+            )
+            seconds = time.perf_counter() - started
+            peak = proc_status(server.pid, "VmHWM")
+            time.sleep(settle_seconds)
+            after = proc_status(server.pid, "VmRSS")
+        return {
+            "size": size,
+            "limit": limit_mb * MiB,
+            "output": f"{result.width}x{result.height}",
+            "tiles": progress[-1].tile_size if progress else None,
+            "correction_pairs": progress[-1].correction_pairs if progress else None,
+            "idle": idle,
+            "peak": peak,
+            "after": after,
+            "bound": max(idle + 600 * MiB, 1.5 * idle),
+            "seconds": seconds,
+        }
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
 def spawn(*args: str) -> dict:
     done = subprocess.run(
         [sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=False
@@ -157,8 +226,22 @@ def main() -> None:
         default=[512, 1024, 2048],
         help="sizes of the untiled comparison (at 4096 px neither side's evaluation fits in 24 GB)",
     )
+    parser.add_argument("--server", type=int, metavar="SIZE", help="one job of SIZE px through the RPC")
+    parser.add_argument("--server-limit-mb", type=int, default=3000)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.server:
+        row = server_job(args.server, args.server_limit_mb)
+        print(json.dumps(row))
+        if "error" not in row:
+            print(
+                f"\n| size | --memory-limit-mb | output | tiles | L-BFGS pairs | idle MB | peak MB | "
+                f"15 s after MB | release bound MB | seconds |\n|---|---|---|---|---|---|---|---|---|---|\n"
+                f"| {row['size']} | {args.server_limit_mb} | {row['output']} | {row['tiles']} | "
+                f"{row['correction_pairs']} | {mb(row['idle'])} | {mb(row['peak'])} | {mb(row['after'])} | "
+                f"{mb(row['bound'])} | {row['seconds']:.0f} |"
+            )
+        return
     if args.child:
         kind, size, extra = args.child[0], int(args.child[1]), args.child[2]
         row = child_job(size, int(extra)) if kind == "job" else child_evaluation(size, extra)

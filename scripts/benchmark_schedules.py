@@ -11,7 +11,8 @@ loss) first single-scale for --iterations iterations, which gives L_ref (the los
 and the time it took, then with each coarse-to-fine schedule. A schedule is written as its stages'
 longest sides, each coarse one with its iterations, e.g. "128:50,256:50,512": 50 iterations at 128 px, 50
 at 256 px, then the final size until the full-resolution loss reaches L_ref, or until it has run for
---time-cap times the single-scale run's time. Every iteration's loss, wall time (time.perf_counter, from
+--cost-cap times the single-scale run's cost (its evaluations; a coarser stage's evaluation counts by its
+share of the final stage's pixels, so that the machine's load does not move the cap). Every iteration's loss, wall time (time.perf_counter, from
 the call into the engine, so target passes and set-up count) and CPU time (time.process_time) is recorded.
 
 `report` reads the curves back and prints, per pair and schedule, the time to come within 2% (and 1%) of
@@ -108,10 +109,10 @@ def run_curves(args: argparse.Namespace) -> None:
     )
 
     class Recorder:
-        """Records each iteration; stops the final stage at the target loss or the time cap."""
+        """Records each iteration; stops the final stage at the target loss or the cost cap."""
 
-        def __init__(self, stages: int, target: float | None, cap_seconds: float | None) -> None:
-            self.stages, self.target, self.cap = stages, target, cap_seconds
+        def __init__(self, stages: int, target: float | None, cap: float | None) -> None:
+            self.stages, self.target, self.cap = stages, target, cap
             self.points: list[dict[str, float]] = []
             self.cpu_start = time.process_time()
             self.stop = False
@@ -132,7 +133,7 @@ def run_curves(args: argparse.Namespace) -> None:
             final = p.stage == self.stages - 1
             if final and self.target is not None and p.losses.total <= self.target:
                 self.stop = True
-            if final and self.cap is not None and p.elapsed_seconds >= self.cap:
+            if final and self.cap is not None and with_cost(self.points)[-1]["cost"] >= self.cap:
                 self.stop = True
 
         def on_frame(self, iteration: int, image: np.ndarray) -> None:
@@ -155,7 +156,7 @@ def run_curves(args: argparse.Namespace) -> None:
             if schedule_text != str(args.size):
                 reference = json.loads(single.read_text())
                 target = reference["points"][-1]["loss"]
-                cap = args.time_cap * reference["points"][-1]["seconds"]
+                cap = args.cost_cap * with_cost(reference["points"])[-1]["cost"]
                 final_iterations = 10 * args.iterations  # the target or the cap ends it
             else:
                 target, cap, final_iterations = None, None, args.iterations
@@ -325,7 +326,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=512)
     parser.add_argument("--iterations", type=int, default=500, help="single-scale iterations (gives L_ref)")
     parser.add_argument("--schedules", nargs="+", default=DEFAULT_SCHEDULES)
-    parser.add_argument("--time-cap", type=float, default=0.6, help="of the single-scale time")
+    parser.add_argument("--cost-cap", type=float, default=0.6, help="of the single-scale evaluations")
     parser.add_argument("--window", type=int, default=10, help="early stop: iterations compared")
     parser.add_argument("--tolerances", type=float, nargs="+", default=[1e-2, 5e-3, 2e-3, 1e-3])
     parser.add_argument("--out", type=Path, default=Path("out/schedules"))

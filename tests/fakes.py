@@ -24,6 +24,7 @@ from stylize_service.server.app import StylizeServer
 from stylize_service.server.config import ServerConfig
 from stylize_service.server.engine.engine import check_request, plan_job_memory
 from stylize_service.server.engine.memory import JobMemory
+from stylize_service.server.engine.optimizer import MAXCOR
 from stylize_service.server.engine.resample import scaled_size
 from stylize_service.server.engine.types import (
     GraphCacheStats,
@@ -129,7 +130,8 @@ class FakeEngine:
         if index < len(self.started):
             self.started[index].set()
         try:
-            return self._run(content, styles, settings, observer)
+            history = memory_plan.histories[-1] if memory_plan is not None else MAXCOR
+            return self._run(content, styles, settings, observer, history)
         except StylizeCancelled:
             with self._lock:
                 self.cancelled += 1
@@ -144,6 +146,7 @@ class FakeEngine:
         styles: Sequence[StyleSource],
         settings: StylizeSettings,
         observer: StylizeObserver,
+        history: int,
     ) -> StylizeResult:
         started = time.perf_counter()
         width, height = scaled_size(content.shape[1], content.shape[0], settings.max_size)
@@ -171,6 +174,7 @@ class FakeEngine:
                     stages=1,
                     width=width,
                     height=height,
+                    correction_pairs=history,
                 )
             )
             if settings.frame_every and iteration > 0 and iteration % settings.frame_every == 0:

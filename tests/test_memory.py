@@ -12,8 +12,10 @@ from stylize_service.models.graphs import LayerChoice
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.engine import memory
+from stylize_service.server.engine.engine import plan_job_memory
 from stylize_service.server.engine.memory import MemoryExceeded, plan_job, stage_bytes
 from stylize_service.server.engine.pyramid import Stage
+from stylize_service.server.engine.types import StylizeSettings
 from stylize_service.server.scheduler import Scheduler
 from tests.fakes import FakeEngine, channel, image_bytes, running_server
 
@@ -130,3 +132,27 @@ def test_a_job_that_fits_at_no_tile_size_is_refused_at_once_naming_memory():
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert caught.value.details().startswith("memory: the job needs about")
     assert engine.stylize_calls == 0
+
+
+def test_a_job_too_large_for_the_full_history_runs_with_a_shorter_one_and_says_so():
+    engine = FakeEngine()
+    with running_server(engine, memory_limit_mb=3000) as (server, address):
+        capacity = server.scheduler.memory_capacity
+        assert capacity is not None
+        # The smallest output of the 48x32 content image whose plan must shorten L-BFGS-B's history.
+        for size in range(1024, 4097, 32):
+            plan = plan_job_memory((48, 32), StylizeSettings(max_size=size, iterations=1), 1, capacity)
+            if plan.histories[-1] < memory.MAXCOR:
+                break
+        else:
+            pytest.fail(f"every size fits {capacity} bytes with the full history")
+        request = pb.StylizeRequest(
+            content_image=image_bytes(48, 32),
+            styles=[pb.StyleImage(image=image_bytes(32, 32, seed=1))],
+            options=pb.StylizeOptions(max_size=size, iterations=1),
+        )
+        with channel(address) as ch:
+            events = list(pb_grpc.StyleTransferStub(ch).Stylize(request, timeout=60))
+    progress = [e.progress for e in events if e.HasField("progress")]
+    assert progress and all(p.correction_pairs == plan.histories[-1] for p in progress)
+    assert events[-1].HasField("result")
