@@ -295,12 +295,12 @@ def plot(pairs: dict[tuple[str, str], dict[str, dict]], args: argparse.Namespace
         single = by_schedule.get(str(args.size))
         if single is None:
             continue
-        l_ref, t_ref = single["points"][-1]["loss"], single["points"][-1]["seconds"]
+        l_ref, c_ref = single["points"][-1]["loss"], single["points"][-1]["cost"]
         for name, run in sorted(by_schedule.items(), key=lambda kv: (kv[0] != str(args.size), kv[0])):
             final_stage = max(p["stage"] for p in run["points"])
             final = [p for p in run["points"] if p["stage"] == final_stage]
             axis.plot(
-                [p["seconds"] / t_ref for p in final],
+                [p["cost"] / c_ref for p in final],
                 [p["loss"] / l_ref for p in final],
                 label="single scale" if name == str(args.size) else name,
                 linewidth=1.2,
@@ -309,7 +309,7 @@ def plot(pairs: dict[tuple[str, str], dict[str, dict]], args: argparse.Namespace
         axis.axvline(0.35, color="grey", linestyle=":", linewidth=0.8)
         axis.set_ylim(0.98, 1.3)
         axis.set_xlim(0, 1.02)
-        axis.set_xlabel(f"wall time / single-scale time for {args.iterations} iterations")
+        axis.set_xlabel(f"full-size evaluations / those of {args.iterations} single-scale iterations")
         axis.set_ylabel("full-resolution loss / L_ref")
         axis.set_title(f"{content} in the style of {style}", fontsize=10)
         axis.legend(fontsize=8)
@@ -330,7 +330,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=10, help="early stop: iterations compared")
     parser.add_argument("--tolerances", type=float, nargs="+", default=[1e-2, 5e-3, 2e-3, 1e-3])
     parser.add_argument("--out", type=Path, default=Path("out/schedules"))
-    parser.add_argument("--plot", type=Path, default=None, help="report: write the curves here (PNG)")
+    parser.add_argument(
+        "--plot", type=Path, default=None, help="report: write the curves here (PNG), against evaluations"
+    )
     args = parser.parse_args()
     args.pair = args.pair or DEFAULT_PAIRS
     if args.step == "run":

@@ -43,12 +43,12 @@ def lbfgs_bytes_per_variable(history: int) -> int:
 
 
 # Measured (one-iteration single-stage jobs on the Tübingen/Starry Night pair, peak RSS above the warmed-up
-# server; scripts/benchmark_memory.py prints predicted against measured): untiled at 512 and 1024 px,
-# 385 and 1213 MB above the L-BFGS state and the stage's arrays, i.e. 105 MB and 1.40 KB per pixel; in
-# tiles of 256 px at 1024 px, 572 MB above those and the whole-size targets, for the tile sessions and a
-# 416 x 416 px window.
-EVAL_FIXED_BYTES = 105 * MiB
-EVAL_BYTES_PER_PIXEL = 1400
+# server, with L-BFGS-B's workspace resident from the start; scripts/benchmark_memory.py prints predicted
+# against measured): untiled at 512 and 1024 px, 412 and 1520 MB above the L-BFGS state and the stage's
+# arrays, i.e. 40 MB and 1.88 KB per pixel; in tiles of 256 px at 1024 px, 572 MB above those and the
+# whole-size targets, for the tile sessions and a 416 x 416 px window.
+EVAL_FIXED_BYTES = 40 * MiB
+EVAL_BYTES_PER_PIXEL = 1880
 TILE_EVAL_BYTES_PER_PIXEL = 1700
 TILE_SESSIONS_BYTES = 400 * MiB
 STAGE_ARRAY_BYTES_PER_PIXEL = 64  # float32 RGB content, start, point and gradient copies

@@ -276,8 +276,12 @@ def minimize_direct(
     evaluations = 1
     f = 0.0
     g = np.zeros(n, np.float64)  # setulb may write into g; `grad` stays the evaluation's gradient
-    wa = np.zeros(2 * m * n + 5 * n + 11 * m * m + 8 * m, np.float64)
-    iwa = np.zeros(3 * n, np.int32)
+    # The workspaces are written through at once rather than left to the kernel's lazy zero pages
+    # (np.zeros): setulb fills its 2 * m correction columns one pair per iteration, so they would keep
+    # growing in resident memory for m iterations after admission. Touched now, a stage reaches its
+    # peak in its first iteration, where the memory model (server.engine.memory) is measured.
+    wa = np.full(2 * m * n + 5 * n + 11 * m * m + 8 * m, 0.0)  # np.full writes every page
+    iwa = np.full(3 * n, 0, np.int32)
     task = np.zeros(2, np.int32)
     ln_task = np.zeros(2, np.int32)
     lsave = np.zeros(4, np.int32)
