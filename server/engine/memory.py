@@ -45,12 +45,15 @@ def lbfgs_bytes_per_variable(history: int) -> int:
 # Measured (one-iteration single-stage jobs on the Tübingen/Starry Night pair, peak RSS above the warmed-up
 # server, with L-BFGS-B's workspace resident from the start; scripts/benchmark_memory.py prints predicted
 # against measured): untiled at 512 and 1024 px, 412 and 1520 MB above the L-BFGS state and the stage's
-# arrays, i.e. 40 MB and 1.88 KB per pixel; in tiles of 256 px at 1024 px, 572 MB above those and the
-# whole-size targets, for the tile sessions and a 416 x 416 px window.
+# arrays, i.e. 40 MB and 1.88 KB per pixel. Tiled: 2048x1536 in 256 px tiles (a 416 x 416 window) and
+# 4096x3072 in 1024 px tiles (1184 x 1184) held 844 and 6705 MB above those and the whole-size targets,
+# which TILE_SESSIONS_BYTES + TILE_EVAL_BYTES_PER_PIXEL x the window covers (925 and 6785 MB). A tiled
+# evaluation costs more per window pixel than an untiled one per image pixel: each tile's run also
+# takes the whole-image Grams, masks and its share of the gradient.
 EVAL_FIXED_BYTES = 40 * MiB
 EVAL_BYTES_PER_PIXEL = 1880
-TILE_EVAL_BYTES_PER_PIXEL = 1700
-TILE_SESSIONS_BYTES = 400 * MiB
+TILE_EVAL_BYTES_PER_PIXEL = 5000
+TILE_SESSIONS_BYTES = 100 * MiB
 STAGE_ARRAY_BYTES_PER_PIXEL = 64  # float32 RGB content, start, point and gradient copies
 TILE_SIZES = (1024, 768, 512, 384, 256, 128)  # tried largest first when a stage does not fit untiled
 DEFAULT_MARGIN_FRACTION = 0.1  # of the machine's or container's memory, left to the kernel and others
