@@ -117,7 +117,9 @@ class OptimizerTiming:
     evaluated: list[bytes]
 
 
-def time_optimizer(way: Way, height: int, width: int, iterations: int) -> OptimizerTiming:
+def time_optimizer(
+    way: Way, height: int, width: int, iterations: int, history: int = optimizer.MAXCOR
+) -> OptimizerTiming:
     n = 3 * height * width
     rng = np.random.default_rng(0)
     curvature = rng.uniform(0.5, 2.0, n)
@@ -134,7 +136,7 @@ def time_optimizer(way: Way, height: int, width: int, iterations: int) -> Optimi
         return 0.5 * float(d @ grad), grad.astype(np.float32)  # float32 like the network's gradient
 
     fun = watch.wrap("objective", objective)
-    options = optimizer.LbfgsOptions(iterations, 2 * iterations + 20)
+    options = optimizer.LbfgsOptions(iterations, 2 * iterations + 20, maxcor=history)
     with timed_routine(watch), way.blas():
         begin = time.perf_counter()
         way.drive(fun, np.zeros(n), lower, upper, options, lambda x: None)
@@ -144,8 +146,10 @@ def time_optimizer(way: Way, height: int, width: int, iterations: int) -> Optimi
     return OptimizerTiming(setup, watch.total("setulb"), outside - setup, watch.count("objective"), evaluated)
 
 
-def optimizer_table(sizes: list[tuple[int, int]], iterations: int, ways: list[str]) -> None:
-    print(f"## 1. L-BFGS-B on a trivial objective, {iterations} iterations")
+def optimizer_table(
+    sizes: list[tuple[int, int]], iterations: int, ways: list[str], history: int = optimizer.MAXCOR
+) -> None:
+    print(f"## 1. L-BFGS-B on a trivial objective, {iterations} iterations, {history} correction pairs")
     print()
     print(
         "| size | variables | way | set-up s | setulb s / evaluation | driver s / evaluation | "
@@ -153,7 +157,7 @@ def optimizer_table(sizes: list[tuple[int, int]], iterations: int, ways: list[st
     )
     print("|---|---|---|---|---|---|---|---|")
     for width, height in sizes:
-        runs = {name: time_optimizer(WAYS[name], height, width, iterations) for name in ways}
+        runs = {name: time_optimizer(WAYS[name], height, width, iterations, history) for name in ways}
         for name, run in runs.items():
             same = "-" if "old" not in runs else ("yes" if run.evaluated == runs["old"].evaluated else "no")
             print(
@@ -270,6 +274,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["512x384", "1024x768"], help="WIDTHxHEIGHT, part 1")
     parser.add_argument("--optimizer-iterations", type=int, default=6, help="part 1")
+    parser.add_argument(
+        "--histories", type=int, nargs="+", default=[optimizer.MAXCOR], help="part 1: correction pairs"
+    )
     parser.add_argument("--iterations", type=int, default=12, help="the job's iterations, part 2")
     parser.add_argument("--max-size", type=int, default=512, help="the job's longest side, part 2")
     parser.add_argument(
@@ -283,7 +290,8 @@ def main() -> None:
     args = parser.parse_args()
     if 1 in args.parts:
         sizes = [(int(w), int(h)) for w, h in (size.lower().split("x") for size in args.sizes)]
-        optimizer_table(sizes, args.optimizer_iterations, args.ways or list(WAYS))
+        for history in args.histories:
+            optimizer_table(sizes, args.optimizer_iterations, args.ways or list(WAYS), history)
     if 2 in args.parts:
         job_table(args.model, args.max_size, args.iterations, args.repeats, args.ways or ["old", "new"])
 

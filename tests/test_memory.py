@@ -32,10 +32,12 @@ def stage(width: int, height: int) -> Stage:
 def test_untiled_where_it_fits_else_the_largest_tile_that_fits():
     big = stage(2048, 1536)
     untiled = stage_bytes(big, CHOICE, 0)
+    headroom = 1 - memory.PLAN_HEADROOM
     assert plan_job([big], CHOICE, None).tiles == (0,)
-    assert plan_job([big], CHOICE, untiled).tiles == (0,)
-    tiled = plan_job([big], CHOICE, untiled - 1)
-    assert tiled.tiles[0] in memory.TILE_SIZES and tiled.peak_bytes <= untiled - 1
+    assert plan_job([big], CHOICE, int(untiled / headroom) + 1).tiles == (0,)
+    # Untiled would fill the budget, so tiles that leave the headroom free are taken.
+    tiled = plan_job([big], CHOICE, untiled)
+    assert tiled.tiles[0] in memory.TILE_SIZES and tiled.peak_bytes <= untiled * headroom
     # Smaller budgets, smaller tiles; the L-BFGS state itself is never tiled.
     smaller = plan_job([big], CHOICE, stage_bytes(big, CHOICE, 256))
     assert smaller.tiles[0] <= tiled.tiles[0]
@@ -47,6 +49,9 @@ def test_untiled_where_it_fits_else_the_largest_tile_that_fits():
     assert squeezed.histories[0] < memory.MAXCOR and squeezed.histories[0] in memory.HISTORIES
     assert squeezed.peak_bytes == stage_bytes(big, CHOICE, squeezed.tiles[0], squeezed.histories[0])
     shortest = min(memory.HISTORIES)
+    # Where nothing leaves the headroom free, the whole budget is used rather than the job refused.
+    tightest = stage_bytes(big, CHOICE, smallest, shortest)
+    assert plan_job([big], CHOICE, tightest).peak_bytes == tightest
     with pytest.raises(MemoryExceeded, match="MB of memory"):
         plan_job([big], CHOICE, memory.lbfgs_bytes_per_variable(shortest) * 3 * 2048 * 1536)
 
