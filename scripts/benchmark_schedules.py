@@ -240,8 +240,11 @@ def report(args: argparse.Namespace) -> None:
         "time (in brackets: of its full-size evaluations)"
     )
     print()
-    print("| pair | schedule | full-size iterations | to 2% of L_ref | to 1% | to L_ref | ended |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| pair | schedule | full-size iterations | to 2% of L_ref | to 1% | to L_ref | "
+        f"loss at {args.goal_cost:g} of the cost | ended |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for (content, style), by_schedule in pairs.items():
         single = by_schedule.get(str(args.size))
         if single is None:
@@ -253,11 +256,17 @@ def report(args: argparse.Namespace) -> None:
             for goal in GOALS:
                 point = first_at(run["points"], final_stage, reference["loss"] * (1 + goal))
                 cells.append(fraction(point, reference) if point else "not reached")
+            within = [
+                p
+                for p in run["points"]
+                if p["stage"] == final_stage and p["cost"] <= args.goal_cost * reference["cost"]
+            ]
+            cells.append(f"{within[-1]['loss'] / reference['loss']:.3f} x L_ref" if within else "-")
             full = sum(1 for p in run["points"] if p["stage"] == final_stage) - 1
             print(f"| {content} / {style} | {name} | {full} | {' | '.join(cells)} | {run['ended']} |")
         print(
             f"| {content} / {style} | L_ref = {reference['loss']:.6g} after {reference['seconds']:.0f} s, "
-            f"{reference['evaluations']} evaluations | | | | | |"
+            f"{reference['evaluations']} evaluations | | | | | | |"
         )
     print()
     print(
@@ -328,6 +337,9 @@ def main() -> None:
     parser.add_argument("--schedules", nargs="+", default=DEFAULT_SCHEDULES)
     parser.add_argument("--cost-cap", type=float, default=0.6, help="of the single-scale evaluations")
     parser.add_argument("--window", type=int, default=10, help="early stop: iterations compared")
+    parser.add_argument(
+        "--goal-cost", type=float, default=0.35, help="report: the loss reached at this share of the cost"
+    )
     parser.add_argument("--tolerances", type=float, nargs="+", default=[1e-2, 5e-3, 2e-3, 1e-3])
     parser.add_argument("--out", type=Path, default=Path("out/schedules"))
     parser.add_argument(
