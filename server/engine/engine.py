@@ -251,8 +251,7 @@ class Engine:
     ) -> np.ndarray:
         """A stage's starting image. After the first stage: the previous result scaled up, or, with a base
         image, this stage's base plus what the previous stage changed in its own base, scaled up. The
-        latter keeps the detail that the base has at this size and a scaled-up result lacks (README,
-        Time to an image: the full-size stage then starts from a far lower loss)."""
+        latter keeps the detail that the base has at this size and a scaled-up result lacks."""
         if previous is None:
             if base is not None:
                 return base

@@ -1,8 +1,9 @@
 """The coarse-to-fine pyramid: stage sizes, iterations per stage, and what each stage costs.
 
-Stages double in size up to the output's, each starting from the previous stage's result scaled up. The
-default schedule and the cost model are measured (README, Benchmarks; scripts/benchmark_multiscale.py
-imports this module so that it measures exactly these rules).
+Stages double in size up to the output's; each later stage starts from the previous one's result scaled
+up (with the content or init image's own detail kept: Engine._start). The default schedule and the cost
+model are measured (README, Benchmarks; scripts/benchmark_multiscale.py imports this module so that it
+measures exactly these rules).
 """
 
 from __future__ import annotations
