@@ -205,22 +205,46 @@ def with_cost(points: list[dict]) -> list[dict]:
     return out
 
 
-def first_at(points: list[dict], final_stage: int, bound: float) -> dict | None:
-    for point in points:
-        if point["stage"] == final_stage and point["loss"] <= bound:
-            return point
-    return None
+@dataclass(frozen=True)
+class Compared:
+    """One pair's runs against its single-scale run: `reference` is that run's last point (L_ref, its
+    time and cost), `runs` are (schedule, final-stage points), single scale first."""
+
+    content: str
+    style: str
+    reference: dict
+    runs: list[tuple[str, dict, list[dict]]]
 
 
-def early_stop(points: list[dict], final_stage: int, tolerance: float, window: int) -> dict | None:
+def compared(out: Path, size: int) -> list[Compared]:
+    """The saved runs, by pair, of the pairs whose single-scale run is saved."""
+    pairs: dict[tuple[str, str], dict[str, dict]] = {}
+    for path in sorted(out.glob("*.json")):
+        run = json.loads(path.read_text())
+        run["points"] = with_cost(run["points"])
+        pairs.setdefault((run["content"], run["style"]), {})[run["schedule"]] = run
+    result = []
+    for (content, style), by_schedule in pairs.items():
+        if str(size) not in by_schedule:
+            continue
+        runs = []
+        for name, run in sorted(by_schedule.items(), key=lambda kv: (kv[0] != str(size), kv[0])):
+            final_stage = max(p["stage"] for p in run["points"])
+            runs.append((name, run, [p for p in run["points"] if p["stage"] == final_stage]))
+        result.append(Compared(content, style, by_schedule[str(size)]["points"][-1], runs))
+    return result
+
+
+def first_at(final: list[dict], bound: float) -> dict | None:
+    return next((point for point in final if point["loss"] <= bound), None)
+
+
+def early_stop(final: list[dict], tolerance: float, window: int) -> dict | None:
     """Where the engine's rule (optimizer.Convergence) would have stopped the final stage."""
     from stylize_service.server.engine.optimizer import Convergence
 
     rule = Convergence(tolerance, window)
-    for point in points:
-        if point["stage"] == final_stage and rule.converged(point["loss"]):
-            return point
-    return None
+    return next((point for point in final if rule.converged(point["loss"])), None)
 
 
 def fraction(point: dict, reference: dict) -> str:
@@ -229,12 +253,7 @@ def fraction(point: dict, reference: dict) -> str:
 
 
 def report(args: argparse.Namespace) -> None:
-    runs = [json.loads(p.read_text()) for p in sorted(args.out.glob("*.json"))]
-    pairs: dict[tuple[str, str], dict[str, dict]] = {}
-    for run in runs:
-        run["points"] = with_cost(run["points"])
-        pairs.setdefault((run["content"], run["style"]), {})[run["schedule"]] = run
-    single_first = lambda kv: (kv[0] != str(args.size), kv[0])  # noqa: E731
+    pairs = compared(args.out, args.size)
     print(
         "Time to come within 2% and 1% of L_ref and to reach it, as a fraction of the single-scale run's "
         "time (in brackets: of its full-size evaluations)"
@@ -245,28 +264,22 @@ def report(args: argparse.Namespace) -> None:
         f"loss at {args.goal_cost:g} of the cost | ended |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for (content, style), by_schedule in pairs.items():
-        single = by_schedule.get(str(args.size))
-        if single is None:
-            continue
-        reference = single["points"][-1]
-        for name, run in sorted(by_schedule.items(), key=single_first):
-            final_stage = max(p["stage"] for p in run["points"])
+    for pair in pairs:
+        reference = pair.reference
+        for name, run, final in pair.runs:
             cells = []
             for goal in GOALS:
-                point = first_at(run["points"], final_stage, reference["loss"] * (1 + goal))
+                point = first_at(final, reference["loss"] * (1 + goal))
                 cells.append(fraction(point, reference) if point else "not reached")
-            within = [
-                p
-                for p in run["points"]
-                if p["stage"] == final_stage and p["cost"] <= args.goal_cost * reference["cost"]
-            ]
+            within = [p for p in final if p["cost"] <= args.goal_cost * reference["cost"]]
             cells.append(f"{within[-1]['loss'] / reference['loss']:.3f} x L_ref" if within else "-")
-            full = sum(1 for p in run["points"] if p["stage"] == final_stage) - 1
-            print(f"| {content} / {style} | {name} | {full} | {' | '.join(cells)} | {run['ended']} |")
+            print(
+                f"| {pair.content} / {pair.style} | {name} | {len(final) - 1} | {' | '.join(cells)} | "
+                f"{run['ended']} |"
+            )
         print(
-            f"| {content} / {style} | L_ref = {reference['loss']:.6g} after {reference['seconds']:.0f} s, "
-            f"{reference['evaluations']} evaluations | | | | | | |"
+            f"| {pair.content} / {pair.style} | L_ref = {reference['loss']:.6g} after "
+            f"{reference['seconds']:.0f} s, {reference['evaluations']} evaluations | | | | | | |"
         )
     print()
     print(
@@ -276,41 +289,30 @@ def report(args: argparse.Namespace) -> None:
     print()
     print("| pair | schedule | " + " | ".join(f"tolerance {t:g}" for t in args.tolerances) + " |")
     print("|---|---|" + "---|" * len(args.tolerances))
-    for (content, style), by_schedule in pairs.items():
-        single = by_schedule.get(str(args.size))
-        if single is None:
-            continue
-        reference = single["points"][-1]
-        for name, run in sorted(by_schedule.items(), key=single_first):
-            final_stage = max(p["stage"] for p in run["points"])
+    for pair in pairs:
+        for name, _, final in pair.runs:
             cells = []
             for tolerance in args.tolerances:
-                stop = early_stop(run["points"], final_stage, tolerance, args.window)
-                loss = f"{100 * (stop['loss'] / reference['loss'] - 1):+.1f}%" if stop else ""
-                cells.append(f"{fraction(stop, reference)}, {loss}" if stop else "-")
-            print(f"| {content} / {style} | {name} | " + " | ".join(cells) + " |")
+                stop = early_stop(final, tolerance, args.window)
+                loss = f"{100 * (stop['loss'] / pair.reference['loss'] - 1):+.1f}%" if stop else ""
+                cells.append(f"{fraction(stop, pair.reference)}, {loss}" if stop else "-")
+            print(f"| {pair.content} / {pair.style} | {name} | " + " | ".join(cells) + " |")
     if args.plot:
         plot(pairs, args)
 
 
-def plot(pairs: dict[tuple[str, str], dict[str, dict]], args: argparse.Namespace) -> None:
+def plot(pairs: list[Compared], args: argparse.Namespace) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4.5), squeeze=False)
-    for axis, ((content, style), by_schedule) in zip(axes[0], pairs.items(), strict=True):
-        single = by_schedule.get(str(args.size))
-        if single is None:
-            continue
-        l_ref, c_ref = single["points"][-1]["loss"], single["points"][-1]["cost"]
-        for name, run in sorted(by_schedule.items(), key=lambda kv: (kv[0] != str(args.size), kv[0])):
-            final_stage = max(p["stage"] for p in run["points"])
-            final = [p for p in run["points"] if p["stage"] == final_stage]
+    for axis, pair in zip(axes[0], pairs, strict=True):
+        for name, _, final in pair.runs:
             axis.plot(
-                [p["cost"] / c_ref for p in final],
-                [p["loss"] / l_ref for p in final],
+                [p["cost"] / pair.reference["cost"] for p in final],
+                [p["loss"] / pair.reference["loss"] for p in final],
                 label="single scale" if name == str(args.size) else name,
                 linewidth=1.2,
             )
@@ -320,7 +322,7 @@ def plot(pairs: dict[tuple[str, str], dict[str, dict]], args: argparse.Namespace
         axis.set_xlim(0, 1.02)
         axis.set_xlabel(f"full-size evaluations / those of {args.iterations} single-scale iterations")
         axis.set_ylabel("full-resolution loss / L_ref")
-        axis.set_title(f"{content} in the style of {style}", fontsize=10)
+        axis.set_title(f"{pair.content} in the style of {pair.style}", fontsize=10)
         axis.legend(fontsize=8)
     figure.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
