@@ -121,8 +121,8 @@ class Engine:
         each stage's tile size and L-BFGS-B history, from plan_memory (None = untiled but for the engine's
         tile_size, with the full history).
         schedule: stages to run in place of the pyramid that the settings give (for measuring other
-        schedules: scripts/benchmark_schedules.py). Blocks until done; raises StylizeCancelled when the observer asks to stop, InvalidSettings for
-        settings or inputs that cannot be honoured.
+        schedules: scripts/benchmark_schedules.py). Blocks until done; raises StylizeCancelled when the
+        observer asks to stop, InvalidSettings for settings or inputs that cannot be honoured.
         """
         self.check(
             settings,

@@ -84,8 +84,8 @@ def _shrink_options(providers: tuple[str, ...]) -> ort.RunOptions:
 
 
 # onnxruntime's default (128 MB) hands a 96 MB request a whole free 192 MB chunk; an evaluation's tensors
-# come in a few large sizes, so at 1024x768 the arena grew 300 MB beyond what was live (one evaluation
-# peaked at 2162 MB, 1865 MB with 1 MB; scripts/benchmark_memory.py). 0 crashes onnxruntime 1.32.
+# come in a few large sizes, so at 1024x768 the arena grew 300 MB beyond what was live (a one-off probe of
+# one evaluation after a targets pass: 2162 MB at its peak, 1865 MB with 1 MB). 0 crashes onnxruntime 1.32.
 ARENA_MAX_DEAD_BYTES = 1 << 20
 _ARENA_LOCK = threading.Lock()
 _arena_registered = False
@@ -136,7 +136,8 @@ class CompiledChoice:
 
         The pass ends by shrinking the arenas: its tensors are freed then, and left in the arena they
         would be carved up by the evaluations' differently sized ones (at 1024x768 one evaluation after a
-        targets pass peaked at 1865 MB with them kept, 1540 MB without; scripts/benchmark_memory.py)."""
+        targets pass peaked at 1865 MB with them kept, 1661 MB without: scripts/benchmark_memory.py
+        --child evaluation 1024 ours)."""
         return self._run_targets(image, self._shrink)
 
     def _run_targets(self, image: np.ndarray, run_options: ort.RunOptions | None) -> Targets:

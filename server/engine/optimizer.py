@@ -22,6 +22,7 @@ sums in an order that does).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -61,14 +62,14 @@ class Convergence:
     def __init__(self, tolerance: float, window: int = CONVERGENCE_WINDOW) -> None:
         self.tolerance = tolerance
         self.window = window
-        self._losses: list[float] = []
+        self._losses: collections.deque[float] = collections.deque(maxlen=window + 1)
 
     def converged(self, loss: float) -> bool:
         """Record the loss after the next iteration (the first call: the starting point's)."""
         self._losses.append(loss)
         if self.tolerance <= 0 or len(self._losses) <= self.window:
             return False
-        before = self._losses[-1 - self.window]
+        before = self._losses[0]  # the loss `window` iterations ago
         return before > 0 and (before - loss) / before < self.tolerance
 
 
