@@ -1,6 +1,7 @@
 """Fixed costs outside the network passes: L-BFGS-B set-up per stage, and a short job's overhead.
 
 Run: .venv/bin/python scripts/benchmark_overhead.py [--sizes 512x384 1024x768] [--iterations 12] [--max-size 512]
+     [--histories 10 20] [--parts 1 2] [--ways old direct new]
 
 Three ways to run L-BFGS-B (server/engine/optimizer.py), side by side in one process:
   old     scipy.optimize.minimize (minimize_public), BLAS threads as the process has them: run_lbfgs
@@ -15,9 +16,9 @@ Three ways to run L-BFGS-B (server/engine/optimizer.py), side by side in one pro
    evaluated points are bit-identical to old's: direct's must be; new's differ in the last bits where a
    threaded BLAS summed in another order.
 2. Job: a short job (default 12 iterations at 512 px, the bundled samples, init content, single scale)
-   through the real Engine, old and new. Every network pass is timed by wrapping the compiled graphs'
-   methods; the rest of elapsed_seconds is the job's overhead. The engine benchmark's seconds per
-   evaluation (scripts/benchmark_gradient.py's measurement, median of --repeats) is measured just before
+   through the real Engine, old and new, with each of --histories correction pairs. Every network pass
+   is timed by wrapping the compiled graphs' methods; the rest of elapsed_seconds is the job's overhead,
+   and setulb's share of it is timed too. The engine benchmark's seconds per evaluation (scripts/benchmark_gradient.py's measurement, median of --repeats) is measured just before
    and just after each job and set against its elapsed_seconds / evaluations.
 
 The machine's two cores are shared, so seconds move between runs; the ratios within a run are the figures.
@@ -40,6 +41,7 @@ import numpy as np
 from stylize_service.models.paths import default_model_path
 from stylize_service.server.engine import optimizer
 from stylize_service.server.engine.engine import Engine
+from stylize_service.server.engine.memory import JobMemory
 from stylize_service.server.engine.network import CompiledChoice, FeatureNetwork
 from stylize_service.server.engine.types import Init, SilentObserver, StyleSource, StylizeSettings
 from stylize_service.server.imageio import decode_image
@@ -213,7 +215,9 @@ def engine_benchmark(model: str, width: int, height: int, repeats: int) -> Calla
     return median
 
 
-def job_table(model: str, max_size: int, iterations: int, repeats: int, ways: list[str]) -> None:
+def job_table(
+    model: str, max_size: int, iterations: int, repeats: int, ways: list[str], histories: list[int]
+) -> None:
     print(f"## 2. A {iterations}-iteration job at {max_size} px through the Engine (bundled samples)")
     print()
     start = time.perf_counter()
@@ -240,33 +244,42 @@ def job_table(model: str, max_size: int, iterations: int, repeats: int, ways: li
     )
     print()
     print(
-        "| way | elapsed s | evaluations | evaluations s | targets s | other s | of it setulb s | "
-        "of it the rest s | elapsed / evaluations s | elapsed / evaluation s | benchmark s | job / benchmark |"
+        "| way | pairs | elapsed s | evaluations | evaluations s | targets s | other s | of it setulb s | "
+        "setulb s / iteration | of it the rest s | elapsed / evaluations s | elapsed / evaluation s | "
+        "benchmark s | job / benchmark | setulb per iteration / benchmark |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name in ways:
-        before = benchmark()
-        watch = Stopwatch()
-        with instrumented(watch, WAYS[name]):
-            result = engine.stylize(content, [StyleSource(style)], settings, SilentObserver())
-        reference = (before + benchmark()) / 2
-        evaluations, targets = watch.total("evaluation"), watch.total("targets")
-        other = result.elapsed_seconds - evaluations - targets
-        per_evaluation = result.elapsed_seconds / result.evaluations
-        print(
-            f"| {name} | {result.elapsed_seconds:.2f} | {result.evaluations} | {evaluations:.2f} | "
-            f"{targets:.2f} | {other:.2f} | {watch.total('setulb'):.2f} | {other - watch.total('setulb'):.2f} | "
-            f"{result.elapsed_seconds / evaluations:.3f} | {per_evaluation:.3f} | {reference:.3f} | "
-            f"{per_evaluation / reference:.3f} |",
-            flush=True,
-        )
+        for history in histories:
+            # The memory plan is where a job's history comes from (server.engine.memory), one stage here.
+            plan = JobMemory(tiles=(0,), histories=(history,), peak_bytes=0)
+            before = benchmark()
+            watch = Stopwatch()
+            with instrumented(watch, WAYS[name]):
+                result = engine.stylize(
+                    content, [StyleSource(style)], settings, SilentObserver(), memory_plan=plan
+                )
+            reference = (before + benchmark()) / 2
+            evaluations, targets = watch.total("evaluation"), watch.total("targets")
+            other = result.elapsed_seconds - evaluations - targets
+            setulb = watch.total("setulb")
+            per_evaluation = result.elapsed_seconds / result.evaluations
+            print(
+                f"| {name} | {history} | {result.elapsed_seconds:.2f} | {result.evaluations} | "
+                f"{evaluations:.2f} | {targets:.2f} | {other:.2f} | {setulb:.2f} | "
+                f"{setulb / result.iterations:.3f} | {other - setulb:.2f} | "
+                f"{result.elapsed_seconds / evaluations:.3f} | {per_evaluation:.3f} | {reference:.3f} | "
+                f"{per_evaluation / reference:.3f} | {setulb / result.iterations / reference:.3f} |",
+                flush=True,
+            )
     print()
     print(
         "elapsed / evaluations s: elapsed_seconds over the seconds inside the job's loss evaluations, its cost "
         "relative to its own evaluations, which load on the shared cores moves little. elapsed / evaluation "
         "s: elapsed_seconds / evaluations, set against the engine benchmark (scripts/benchmark_gradient.py's "
         f"evaluation at {width}x{height}, median of {repeats}, measured just before and just after the job; "
-        "their mean)."
+        "their mean). setulb per iteration / benchmark: L-BFGS-B's own step in evaluations, what "
+        "scripts/benchmark_schedules.py report --step-cost takes."
     )
 
 
@@ -275,7 +288,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["512x384", "1024x768"], help="WIDTHxHEIGHT, part 1")
     parser.add_argument("--optimizer-iterations", type=int, default=6, help="part 1")
     parser.add_argument(
-        "--histories", type=int, nargs="+", default=[optimizer.MAXCOR], help="part 1: correction pairs"
+        "--histories", type=int, nargs="+", default=[optimizer.MAXCOR], help="correction pairs, both parts"
     )
     parser.add_argument("--iterations", type=int, default=12, help="the job's iterations, part 2")
     parser.add_argument("--max-size", type=int, default=512, help="the job's longest side, part 2")
@@ -293,7 +306,14 @@ def main() -> None:
         for history in args.histories:
             optimizer_table(sizes, args.optimizer_iterations, args.ways or list(WAYS), history)
     if 2 in args.parts:
-        job_table(args.model, args.max_size, args.iterations, args.repeats, args.ways or ["old", "new"])
+        job_table(
+            args.model,
+            args.max_size,
+            args.iterations,
+            args.repeats,
+            args.ways or ["old", "new"],
+            args.histories,
+        )
 
 
 if __name__ == "__main__":

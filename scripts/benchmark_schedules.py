@@ -18,7 +18,9 @@ the call into the engine, so target passes and set-up count) and CPU time (time.
 `report` reads the curves back and prints, per pair and schedule, the time to come within 2% (and 1%) of
 L_ref and to reach it, as a fraction of the single-scale time; and for the early-stop rule (stop once the
 relative improvement over the last --window iterations is below a tolerance) the iterations, time and
-final loss at each tolerance. The plot needs matplotlib (`pip install -e '.[bench]'`).
+final loss at each tolerance. The plot needs matplotlib (`pip install -e '.[bench]'`). With --step-cost
+the cost also counts L-BFGS-B's own step, which grows with the correction pairs kept: give it per
+history in evaluations, as scripts/benchmark_overhead.py measures it.
 
 Defaults read the Tübingen / Starry Night pair from ../shared/images beside the checkout and the bundled
 samples from client/samples; add pairs with --pair CONTENT STYLE.
@@ -190,19 +192,34 @@ def run_curves(args: argparse.Namespace) -> None:
             )
 
 
-def with_cost(points: list[dict]) -> list[dict]:
+def with_cost(points: list[dict], step_cost: float = 0.0) -> list[dict]:
     """Each point with "cost": the evaluations so far, each weighted by its stage's pixels over the final
-    stage's (an evaluation's time is linear in the pixels), a figure that the machine's load does not
-    move."""
+    stage's (an evaluation's time is linear in the pixels), plus `step_cost` evaluations for each
+    iteration's L-BFGS-B step (weighted alike: the step is linear in the variables), a figure that the
+    machine's load does not move."""
     final = points[-1]["width"] * points[-1]["height"]
-    stage, stage_start, cost_before, cost = -1, 0, 0.0, 0.0
+    stage, cost_before, cost = -1, 0.0, 0.0
+    start = {"evaluations": 0, "iteration": 0}
     out = []
     for point in points:
         if point["stage"] != stage:
-            stage, stage_start, cost_before = point["stage"], out[-1]["evaluations"] if out else 0, cost
-        cost = cost_before + (point["evaluations"] - stage_start) * point["width"] * point["height"] / final
+            stage, cost_before = point["stage"], cost
+            start = out[-1] if out else start
+        work = (point["evaluations"] - start["evaluations"]) + step_cost * (
+            point["iteration"] - start["iteration"]
+        )
+        cost = cost_before + work * point["width"] * point["height"] / final
         out.append({**point, "cost": cost})
     return out
+
+
+def parse_step_costs(items: list[str]) -> dict[int, float]:
+    """--step-cost PAIRS=EVALUATIONS ...: L-BFGS-B's step per iteration, in evaluations, by history."""
+    costs = {}
+    for item in items:
+        pairs, _, value = item.partition("=")
+        costs[int(pairs)] = float(value)
+    return costs
 
 
 @dataclass(frozen=True)
@@ -216,12 +233,17 @@ class Compared:
     runs: list[tuple[str, dict, list[dict]]]
 
 
-def compared(out: Path, size: int) -> list[Compared]:
-    """The saved runs, by pair, of the pairs whose single-scale run is saved."""
+def compared(out: Path, size: int, step_costs: dict[int, float] | None = None) -> list[Compared]:
+    """The saved runs, by pair, of the pairs whose single-scale run is saved. step_costs: L-BFGS-B's step
+    in evaluations by history (parse_step_costs), counted into each run's cost; a history not given
+    counts 0."""
+    from stylize_service.server.engine.optimizer import MAXCOR
+
     pairs: dict[tuple[str, str], dict[str, dict]] = {}
     for path in sorted(out.glob("*.json")):
         run = json.loads(path.read_text())
-        run["points"] = with_cost(run["points"])
+        history = Schedule.parse(run["schedule"]).history or MAXCOR
+        run["points"] = with_cost(run["points"], (step_costs or {}).get(history, 0.0))
         pairs.setdefault((run["content"], run["style"]), {})[run["schedule"]] = run
     result = []
     for (content, style), by_schedule in pairs.items():
@@ -253,10 +275,19 @@ def fraction(point: dict, reference: dict) -> str:
 
 
 def report(args: argparse.Namespace) -> None:
-    pairs = compared(args.out, args.size)
+    step_costs = parse_step_costs(args.step_cost)
+    pairs = compared(args.out, args.size, step_costs)
+    steps = (
+        ", L-BFGS-B's steps included at "
+        + ", ".join(
+            f"{cost:g} of an evaluation with {pairs} pairs" for pairs, cost in sorted(step_costs.items())
+        )
+        if step_costs
+        else ""
+    )
     print(
         "Time to come within 2% and 1% of L_ref and to reach it, as a fraction of the single-scale run's "
-        "time (in brackets: of its full-size evaluations)"
+        f"time (in brackets: of its cost, full-size evaluations{steps})"
     )
     print()
     print(
@@ -320,7 +351,7 @@ def plot(pairs: list[Compared], args: argparse.Namespace) -> None:
         axis.axvline(0.35, color="grey", linestyle=":", linewidth=0.8)
         axis.set_ylim(0.98, 1.3)
         axis.set_xlim(0, 1.02)
-        axis.set_xlabel(f"full-size evaluations / those of {args.iterations} single-scale iterations")
+        axis.set_xlabel(f"cost / that of {args.iterations} single-scale iterations")
         axis.set_ylabel("full-resolution loss / L_ref")
         axis.set_title(f"{pair.content} in the style of {pair.style}", fontsize=10)
         axis.legend(fontsize=8)
@@ -345,7 +376,15 @@ def main() -> None:
     parser.add_argument("--tolerances", type=float, nargs="+", default=[1e-2, 5e-3, 2e-3, 1e-3])
     parser.add_argument("--out", type=Path, default=Path("out/schedules"))
     parser.add_argument(
-        "--plot", type=Path, default=None, help="report: write the curves here (PNG), against evaluations"
+        "--plot", type=Path, default=None, help="report: write the curves here (PNG), against the cost"
+    )
+    parser.add_argument(
+        "--step-cost",
+        nargs="+",
+        default=[],
+        metavar="PAIRS=EVALUATIONS",
+        help="report: L-BFGS-B's step per iteration in evaluations, by correction pairs (scripts/"
+        "benchmark_overhead.py --parts 2 --iterations 60 --histories ..., its last column); default 0",
     )
     args = parser.parse_args()
     args.pair = args.pair or DEFAULT_PAIRS

@@ -30,6 +30,7 @@ def load_script(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -142,3 +143,26 @@ def test_readme_links_to_files_that_exist() -> None:
     assert any(t.startswith("docs/images/") for t in local)
     missing = [t for t in local if not (ROOT / t).exists()]
     assert not missing, f"README links to missing files: {missing}"
+
+
+def test_schedule_cost_weighs_evaluations_and_steps_by_their_stage_pixels() -> None:
+    # scripts/benchmark_schedules.py: a 256 px stage's work counts a quarter of a 512 px one's; an
+    # iteration's L-BFGS-B step adds step_cost evaluations of its stage.
+    schedules = load_script("benchmark_schedules")
+
+    def point(stage: int, side: int, iteration: int, evaluations: int) -> dict:
+        return {
+            "stage": stage,
+            "width": side,
+            "height": side,
+            "iteration": iteration,
+            "evaluations": evaluations,
+        }
+
+    points = [point(0, 256, 0, 1), point(0, 256, 4, 6), point(1, 512, 4, 7), point(1, 512, 6, 10)]
+    without = [p["cost"] for p in schedules.with_cost(points)]
+    assert without == pytest.approx([0.25, 1.5, 2.5, 5.5])
+    steps = [p["cost"] for p in schedules.with_cost(points, step_cost=0.5)]
+    assert steps == pytest.approx([0.25, 1.5 + 0.5 * 4 / 4, 3.0, 6.0 + 0.5 * 2])
+    assert schedules.parse_step_costs(["10=0.121", "20=0.223"]) == {10: 0.121, 20: 0.223}
+    assert schedules.Schedule.parse("512/m20").history == 20
