@@ -53,7 +53,7 @@ IterationCallback = Callable[[np.ndarray], bool]
 
 # L-BFGS-B correction pairs; server.engine.memory counts their memory. More pairs save evaluations but
 # not time: setulb's step grows with them (0.12 of an evaluation at 512 px with 10, 0.22 with 20), and
-# 20, 30 or 50 reached 2% of the 500-iteration loss within 6% of 10's time (README, Time to an image).
+# 20, 30 or 50 came within 2% of the 500-iteration loss at most 6% sooner than 10 (README, Time to an image).
 MAXCOR = 10
 CONVERGENCE_WINDOW = 10  # iterations over which Convergence measures the improvement
 
