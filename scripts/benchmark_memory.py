@@ -40,12 +40,17 @@ def peak_rss() -> int:
     the parent's peak across fork and exec, so a child of a large process (pytest with the model loaded)
     would report its parent's peak instead of its own."""
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return proc_status("self", "VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def proc_status(pid: int | str, key: str) -> int:
+    """A /proc/PID/status figure (VmHWM, VmRSS), bytes; pid "self" = this process."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1]) * 1024  # kB
+    raise KeyError(key)
 
 
 def load(path: Path, longest: int) -> np.ndarray:
@@ -132,20 +137,11 @@ def child_evaluation(size: int, kind: str) -> dict:
     return {"kind": kind, "size": size, "idle": idle, "peak": peak_rss()}
 
 
-def proc_status(pid: int, key: str) -> int:
-    """A /proc/PID/status figure (VmHWM, VmRSS), bytes."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def server_job(size: int, limit_mb: int, settle_seconds: float = 15.0) -> dict:
     """One single-stage, one-iteration job of `size` px through a real server with a memory limit."""
-    import re
-
     from stylize_service.client.api import StylizeClient
     from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
+    from stylize_service.server.main import listening_address
 
     content = SHARED / "tubingen.jpg"
     style = SHARED / "starry_night.jpg"
@@ -158,8 +154,7 @@ def server_job(size: int, limit_mb: int, settle_seconds: float = 15.0) -> dict:
         assert server.stderr is not None
         for line in server.stderr:
             log.append(line)
-            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-                address = f"127.0.0.1:{match.group(1)}"
+            if address := listening_address(line):
                 break
         else:
             return {"error": "the server did not start: " + "".join(log[-5:])}

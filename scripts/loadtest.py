@@ -54,6 +54,7 @@ from PIL import Image
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.server.main import listening_address
 
 BEHAVIOURS = ("complete", "cancel", "kill", "slow", "deadline")
 DEFAULT_MIX = "complete=4,cancel=2,kill=1,slow=1,deadline=2"
@@ -99,8 +100,8 @@ class ServerProcess:
             if self._log:
                 self._log.write(line)
                 self._log.flush()
-            if not self.address and (match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line)):
-                self.address = f"127.0.0.1:{match.group(1)}"
+            if not self.address and (address := listening_address(line)):
+                self.address = address
                 self._listening.set()
         self._listening.set()
 

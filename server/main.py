@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import sys
 import threading
@@ -26,6 +27,15 @@ logger = logging.getLogger("stylize.server")
 
 EXIT_CONFIG = 2  # bad flags or environment, missing model, unusable TLS or tokens file, provider not offered
 EXIT_START = 3  # cannot listen, the model failed to load, or the requested provider did not start
+# serve()'s start-up log line opens with this; tools that start a server on port 0 read its port there.
+LISTENING = "listening on %s:%d "
+_LISTENING_ADDRESS = re.compile(r"listening on (\S+):(\d+) ")
+
+
+def listening_address(log_line: str) -> str | None:
+    """HOST:PORT from the server's start-up log line (LISTENING), else None."""
+    match = _LISTENING_ADDRESS.search(log_line)
+    return f"{match.group(1)}:{match.group(2)}" if match else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,7 +90,7 @@ def serve(config: ServerConfig, security: ServerSecurity | None = None) -> int:
         logger.error("cannot start: %s", err)
         return EXIT_START
     logger.info(
-        "listening on %s:%d (%s; health NOT_SERVING until the model is loaded); concurrency=%d queue=%d "
+        LISTENING + "(%s; health NOT_SERVING until the model is loaded); concurrency=%d queue=%d "
         "threads/job=%d max_pixels=%d max_message=%dB",
         config.host,
         port,

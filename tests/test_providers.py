@@ -118,8 +118,7 @@ def test_server_on_auto_serves_on_what_started_and_says_so() -> None:
         address, log = None, []
         for line in process.stderr:
             log.append(line)
-            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-                address = f"127.0.0.1:{match.group(1)}"
+            address = address or server_main.listening_address(line)
             if "model loaded" in line:
                 break
         assert address is not None, "the server did not start: " + "".join(log)

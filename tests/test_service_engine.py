@@ -5,7 +5,6 @@ Skipped only when the model has not been built (`bash scripts/setup.sh` builds i
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from stylize_service.models.paths import default_model_path
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.app import SERVICE_NAME, StylizeServer
+from stylize_service.server.main import listening_address
 from stylize_service.server.servicer import EngineLike
 from tests.fakes import channel, decode_size, image_bytes, running_server
 
@@ -142,8 +142,7 @@ def test_server_process_serves_then_drains_on_sigterm() -> None:
         log = []
         for line in process.stderr:
             log.append(line)
-            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-                address = f"127.0.0.1:{match.group(1)}"
+            if address := listening_address(line):
                 break
         else:
             pytest.fail("the server did not start: " + "".join(log))

@@ -119,10 +119,11 @@ class CompiledChoice:
         choice: LayerChoice,
         targets: ort.InferenceSession,
         loss: ort.InferenceSession,
+        shrink: ort.RunOptions,
         nbytes: int = 0,
-        shrink: ort.RunOptions | None = None,
     ) -> None:
-        """shrink: run options that shrink the arenas (_shrink_options); targets passes run with them."""
+        """shrink: run options that shrink the arenas (_shrink_options); targets passes and
+        shrink_arenas run with them."""
         self.choice = choice
         self.nbytes = nbytes  # estimated resident memory of the two sessions
         self._targets = targets
@@ -140,7 +141,7 @@ class CompiledChoice:
         --child evaluation 1024 ours)."""
         return self._run_targets(image, self._shrink)
 
-    def _run_targets(self, image: np.ndarray, run_options: ort.RunOptions | None) -> Targets:
+    def _run_targets(self, image: np.ndarray, run_options: ort.RunOptions) -> Targets:
         outputs = dict(
             zip(
                 self._target_outputs,
@@ -172,15 +173,14 @@ class CompiledChoice:
             grad=out[graphs.GRAD],
         )
 
-    def shrink_arenas(self, shrink: ort.RunOptions) -> None:
-        """Run both sessions once on a tiny image with arena shrinkage (`shrink`, from _shrink_options), so
-        that their memory arenas give back what the last large image made them hold (onnxruntime shrinks
-        only at the end of a run)."""
+    def shrink_arenas(self) -> None:
+        """Run both sessions once on a tiny image with arena shrinkage, so that their memory arenas give
+        back what the last large image made them hold (onnxruntime shrinks only at the end of a run)."""
         tiny = np.zeros((1, 3, SHRINK_IMAGE_SIDE, SHRINK_IMAGE_SIDE), np.float32)
-        targets = self._run_targets(tiny, shrink)
+        targets = self._run_targets(tiny, self._shrink)
         ones = {term: 1.0 for term in TERMS}
         layer_ones = {term: dict.fromkeys(layers, 1.0) for term, layers in self.choice.layers}
-        self._loss.run(None, {**self.feeds(targets, ones, layer_ones), export.INPUT_NAME: tiny}, shrink)
+        self._loss.run(None, {**self.feeds(targets, ones, layer_ones), export.INPUT_NAME: tiny}, self._shrink)
 
     def feeds(
         self, targets: Targets, weights: dict[str, float], layer_weights: dict[str, dict[str, float]]
@@ -321,7 +321,7 @@ class FeatureNetwork:
             with self._lock:
                 self._evict(keep=0, reserve=nbytes)  # make room first: the new sessions are the peak
             compiled = CompiledChoice(
-                choice, self._session(targets), self._session(loss), nbytes=nbytes, shrink=self._shrink
+                choice, self._session(targets), self._session(loss), self._shrink, nbytes=nbytes
             )
             del targets, loss  # the graphs' own copy of the weights
             # Building and serialising the graphs leaves a few hundred MB free in the C heap, where
@@ -349,7 +349,7 @@ class FeatureNetwork:
         """Give the memory a job's evaluations used back to the operating system: shrink the arenas
         (a tiny run of the job's sessions with arena shrinkage, on the card too where they run on CUDA)
         and trim the C heap."""
-        compiled.shrink_arenas(self._shrink)
+        compiled.shrink_arenas()
         _trim_heap()
 
     def _evict(self, keep: int, reserve: int = 0) -> None:
