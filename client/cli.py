@@ -589,8 +589,11 @@ def run_job(
         print(f"stylize: error: {label}: invalid option: {err}", file=sys.stderr)
         return EXIT_USAGE
     outputs = JobOutputs(job.frames_dir, job.animation, duration)
+    heard_from_server = False  # an event came: a later UNAVAILABLE means the connection was lost
 
     def on_event(event: Event) -> None:
+        nonlocal heard_from_server
+        heard_from_server = True
         display.on_event(event)
         if isinstance(event, pb.Frame):
             outputs.on_frame(event)
@@ -618,7 +621,7 @@ def run_job(
         display.abort()
         if err.code is grpc.StatusCode.CANCELLED and running.cancelled:
             return EXIT_INTERRUPTED  # Ctrl-C during a parallel batch, already reported
-        return _report(err, client.address, label)
+        return _report(err, client.address, label, mid_job=heard_from_server)
     except OSError as err:
         display.abort()
         print(f"stylize: error: {label}: cannot write the output: {err}", file=sys.stderr)
@@ -627,9 +630,16 @@ def run_job(
     return EXIT_OK
 
 
-def _report(err: StylizeError, server: str, label: str = "") -> int:
+def _report(err: StylizeError, server: str, label: str = "", *, mid_job: bool = False) -> int:
+    """Print what went wrong and why it may have; mid_job: the server had answered the call already."""
     prefix = f"{label}: " if label else ""
-    if err.code is grpc.StatusCode.UNAVAILABLE:
+    if err.code is grpc.StatusCode.UNAVAILABLE and mid_job:
+        # Reached once, so neither the address nor TLS is the problem.
+        message = (
+            f"lost the connection to the stylize server at {server} during the job ({err.details}): "
+            "the server stopped or restarted, or the network failed; the job did not finish"
+        )
+    elif err.code is grpc.StatusCode.UNAVAILABLE:
         message = (
             f"cannot reach the stylize server at {server}, or it is shutting down ({err.details}); "
             "is it running? (--server, $STYLIZE_SERVER)"

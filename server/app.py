@@ -19,6 +19,7 @@ from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.config import ServerConfig
 from stylize_service.server.engine.memory import current_rss_bytes, megabytes
 from stylize_service.server.imageio import allow_pixels
+from stylize_service.server.logsafe import install_grpc_redaction
 from stylize_service.server.metrics import MetricsEndpoint, ServerMetrics
 from stylize_service.server.scheduler import Scheduler
 from stylize_service.server.security import ServerSecurity
@@ -46,6 +47,7 @@ class StylizeServer:
         """security: what from_config(config) gives (read here when None; raises ConfigError)."""
         self.config = config
         self.security = security if security is not None else ServerSecurity.from_config(config)
+        install_grpc_redaction()  # grpc's own log must not show a token that is not valid UTF-8
         allow_pixels(config.max_pixels)  # the limit GetInfo reports is the one in force
         # Memory for jobs is the budget less the idle server, known once the model is loaded (set_engine).
         self.scheduler = Scheduler(
@@ -64,6 +66,7 @@ class StylizeServer:
                 max_pixels=config.max_pixels,
                 max_message_bytes=config.max_message_bytes,
                 memory_budget_bytes=config.memory_budget_bytes,
+                stall_seconds=config.stall_seconds,
             ),
             version=package_version(),
             # With tokens checked, a call's token names its client for the per-client bound.
@@ -116,6 +119,7 @@ class StylizeServer:
                 raise OSError(f"cannot serve metrics on port {self.config.metrics_port}: {err}") from err
             logger.info("metrics at http://%s:%d/metrics", self.config.host, self._metrics_endpoint.port)
         self._server.start()
+        self.security.watch()
         warning = self.security.exposure_warning(self.config.host)
         if warning is not None:
             logger.warning(warning)
@@ -146,6 +150,7 @@ class StylizeServer:
         # server.stop cancelled what was left; give the workers a moment to see it and release.
         if not self.scheduler.wait_idle(timeout=10.0):
             logger.warning("draining: some job did not stop within 10s of being cancelled")
+        self.security.close()
         if self._metrics_endpoint is not None:  # last, so that the drain itself can be watched
             self._metrics_endpoint.stop()
             self._metrics_endpoint = None

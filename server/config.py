@@ -18,6 +18,8 @@ DEFAULT_MAX_MESSAGE_MB = 64
 DEFAULT_MAX_PIXELS = 25_000_000  # a 24-megapixel photo fits; decoded as float32 RGB that is 300 MB
 DEFAULT_QUEUE_SIZE = 8
 DEFAULT_GRACE_SECONDS = 30.0
+# A 64 MiB message (the largest) at about 1 MB/s: a client slower than that is taken to have stopped reading.
+DEFAULT_STALL_SECONDS = 60.0
 
 
 def available_cores() -> int:
@@ -51,6 +53,8 @@ class ServerConfig:
     max_jobs_per_client: int | None = None  # None = default_jobs_per_client(queue_size)
     threads: int | None = None  # onnxruntime intra-op threads; None = cores // concurrency
     grace_seconds: float = DEFAULT_GRACE_SECONDS
+    # A stream whose client has not taken a message for this long is cancelled, freeing its thread.
+    stall_seconds: float = DEFAULT_STALL_SECONDS
     log_level: str = "INFO"
     # Who may call (server/security.py reads and checks the files): TLS when tls_cert/tls_key are set,
     # mutual TLS with tls_client_ca, bearer tokens with auth_tokens_file.
@@ -153,6 +157,13 @@ _SETTINGS: tuple[tuple[str, str, type, str], ...] = (
         float,
         f"on SIGTERM/SIGINT, how long running jobs may finish before they are cancelled "
         f"(default: {DEFAULT_GRACE_SECONDS:g})",
+    ),
+    (
+        "--stall-seconds",
+        "STYLIZE_STALL_SECONDS",
+        float,
+        "cancel a stream whose client has not taken a message for this long, freeing its thread "
+        f"(default: {DEFAULT_STALL_SECONDS:g})",
     ),
     ("--log-level", "STYLIZE_LOG_LEVEL", str, "DEBUG, INFO, WARNING or ERROR (default: INFO)"),
     (
@@ -280,6 +291,10 @@ def _validate(config: ServerConfig) -> None:
         ),
         (config.threads is None or config.threads >= 1, f"threads must be >= 1, got {config.threads}"),
         (config.grace_seconds >= 0, f"grace seconds must be >= 0, got {config.grace_seconds}"),
+        (
+            config.stall_seconds > 0,
+            f"{setting_name('stall_seconds')} must be > 0, got {config.stall_seconds}",
+        ),
         (
             config.memory_limit_mb is None or config.memory_limit_mb >= 256,
             f"{setting_name('memory_limit_mb')} must be >= 256, got {config.memory_limit_mb}",

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError, features
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError, features
 
 from stylize_service.server.engine.resample import shrink_longest
 
@@ -111,6 +111,11 @@ def _reading(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
     except MemoryError:
         raise
     except Exception as err:
+        if "MAX_TEXT_CHUNK" in str(err):  # Pillow's words for an iCCP, zTXt or iTXt chunk over its bound
+            raise BadImage(
+                "has an embedded chunk (an ICC colour profile or compressed text) larger than the "
+                f"{PngImagePlugin.MAX_TEXT_CHUNK // 1024} KiB the decoder accepts"
+            ) from None
         # Decoders of corrupt data raise all sorts (OSError, SyntaxError, struct.error, ...): all mean
         # "bad input", which must be answered, never crash the server.
         raise BadImage(f"could not be decoded ({type(err).__name__}: {err})") from None

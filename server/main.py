@@ -18,6 +18,7 @@ from PIL import Image
 from stylize_service.server.app import SERVICE_NAME, StylizeServer
 from stylize_service.server.config import ConfigError, ServerConfig, load_config, setting_name
 from stylize_service.server.engine import providers
+from stylize_service.server.logsafe import EscapingFormatter
 from stylize_service.server.security import ServerSecurity
 
 if TYPE_CHECKING:
@@ -38,17 +39,20 @@ def listening_address(log_line: str) -> str | None:
     return f"{match.group(1)}:{match.group(2)}" if match else None
 
 
+def log_handler() -> logging.Handler:
+    """The server's log: stderr, one line per message whatever a client put in it (EscapingFormatter)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(argv)
     except ConfigError as err:
         print(f"stylize-server: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logging.basicConfig(level=config.log_level.upper(), handlers=[log_handler()])
     try:  # after logging is set up: reading the tokens file may warn about its lines
         security = ServerSecurity.from_config(config)
     except ConfigError as err:

@@ -8,8 +8,12 @@ several servers in one process (the tests) keep separate counts. Every metric is
 
 from __future__ import annotations
 
+import socket
+import threading
 from collections.abc import Callable, Iterable, Iterator
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from prometheus_client import (
@@ -21,7 +25,7 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     generate_latest,
-    start_http_server,
+    make_wsgi_app,
 )
 
 # The values of stylize_jobs_total's `outcome` label.
@@ -143,16 +147,67 @@ class ServerMetrics:
 
 
 class MetricsEndpoint:
-    """prometheus-client's HTTP server for one registry; stop() closes it."""
+    """/metrics over HTTP for one registry (prometheus-client's WSGI app) on a server that bounds what a
+    client can hold: at most MAX_CONNECTIONS connections at once (more are closed as soon as they are
+    accepted) and SOCKET_TIMEOUT_SECONDS of silence before one is dropped. prometheus-client's own
+    start_http_server keeps a thread and a descriptor per connection for as long as the client likes,
+    so a thousand silent connections would take every file descriptor, the gRPC port's too. stop() closes
+    it."""
+
+    MAX_CONNECTIONS = 16  # a scrape is one short request; Prometheus makes one at a time per target
+    SOCKET_TIMEOUT_SECONDS = 5.0
 
     def __init__(self, registry: CollectorRegistry, host: str, port: int) -> None:
-        self._httpd, self._thread = start_http_server(port, addr=host, registry=registry)
+        server_class = _BoundedWSGIServer
+        if ":" in host:  # an IPv6 address ("::", "::1")
+            server_class = _BoundedWSGIServer6
+        self._httpd = make_server(
+            host.strip("[]"), port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
+        )
+        self._httpd.connection_slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)
+        self._thread.start()
         self.port: int = self._httpd.server_port
 
     def stop(self) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = MetricsEndpoint.SOCKET_TIMEOUT_SECONDS  # socketserver applies it to the connection
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not worth a log line each."""
+
+
+class _BoundedWSGIServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    connection_slots: threading.BoundedSemaphore
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.connection_slots.acquire(blocking=False):
+            self.shutdown_request(request)  # over the bound: closed at once, holding nothing
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connection_slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that timed out or was reset is the client's doing, not worth a traceback."""
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connection_slots.release()
+
+
+class _BoundedWSGIServer6(_BoundedWSGIServer):
+    address_family = socket.AF_INET6
 
 
 class _CountingInterceptor(grpc.ServerInterceptor):
@@ -200,6 +255,36 @@ def _counted_handler(
 
         return wrapped
 
+    def non_blocking_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
+        # grpcio's non-blocking streams (health's Watch): the behaviour returns at once and answers later
+        # through send_response_callback, so the call holds no handler thread while it lasts. The wrapper
+        # must stay non-blocking (same attributes, same signature), or every Watch would hold a thread.
+        def wrapped(request: Any, context: grpc.ServicerContext, send_response_callback: Any) -> None:
+            recorded = threading.Event()
+
+            def record_once(code: grpc.StatusCode) -> None:
+                if not recorded.is_set():
+                    recorded.set()
+                    record(code)
+
+            def send(response: Any) -> None:
+                if response is None:  # the behaviour ends the call
+                    record_once(_final_code(context, grpc.StatusCode.OK))
+                send_response_callback(response)
+
+            context.add_callback(lambda: record_once(_final_code(context, grpc.StatusCode.CANCELLED)))
+            try:
+                behavior(request, context, send)
+            except Exception:
+                record_once(_final_code(context, grpc.StatusCode.UNKNOWN))
+                raise
+
+        wrapped.experimental_non_blocking = True  # type: ignore[attr-defined]
+        wrapped.experimental_thread_pool = getattr(  # type: ignore[attr-defined]
+            behavior, "experimental_thread_pool", None
+        )
+        return wrapped
+
     def stream_response(behavior: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
         def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
@@ -221,7 +306,10 @@ def _counted_handler(
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), **serializers)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(stream_response(handler.unary_stream), **serializers)
+        behavior = handler.unary_stream
+        if getattr(behavior, "experimental_non_blocking", False):
+            return grpc.unary_stream_rpc_method_handler(non_blocking_stream(behavior), **serializers)
+        return grpc.unary_stream_rpc_method_handler(stream_response(behavior), **serializers)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **serializers)
     return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), **serializers)

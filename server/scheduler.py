@@ -1,10 +1,14 @@
 """Admission of jobs: at most `concurrency` run at once and their predicted memory fits `memory_capacity`
-together, at most `queue_size` wait in FIFO order, and at most `max_per_client` of one client's jobs are
-running or waiting at any time.
+together, at most `queue_size` wait in FIFO order, and at most `max_per_client` of one client's calls are
+running, waiting or still sending their last messages at any time.
 
 The scheduler only counts slots; it runs nothing. A caller enqueues a Ticket, waits on it (learning its
-position as the queue moves) until it is admitted, runs its job, and releases it. A ticket that is
-cancelled while it waits leaves the queue at once, so the jobs behind it move up.
+position as the queue moves) until it is admitted, runs its job and releases it. A streaming call splits
+the release in two: finish() when its job ends (the worker slot and memory are free for the next job),
+end_call() when the call ends (the place, once the job is finished too). A ticket that is cancelled while it
+waits leaves the queue at once, so the jobs behind it move up. Between finish() and end_call() a ticket
+still counts against its client and against concurrency + queue_size calls in all, because its call still
+holds a handler thread (a client that stops reading holds it until the stall bound cancels the call).
 
 Seams: `enqueue` decides whether a job may wait at all (closed, per-client bound, queue bound) and
 `_fits` decides when a job may start (a free slot, and its memory beside the running jobs'). Every ticket
@@ -42,7 +46,9 @@ class Ticket:
         self.memory = memory  # bytes reserved while it runs
         self.position = 0
         self.cancelled = threading.Event()
-        self.released = False
+        self.finished = False  # the job ran and ended (its slot is free)
+        self.call_ended = False  # the call is over (its place is free once the job is finished too)
+        self.released = False  # both: the ticket has left the scheduler
 
     @property
     def admitted(self) -> bool:
@@ -58,8 +64,19 @@ class Ticket:
         self.cancelled.set()
         self._scheduler._wake()
 
+    def finish(self) -> None:
+        """The admitted job is over (or will never run): free the worker slot and the memory. Its call
+        may still be sending its last messages, so the place that the client's bound and the stream
+        bound count stays until release(); idempotent."""
+        self._scheduler._finish_running(self)
+
+    def end_call(self) -> None:
+        """The call is over: leave the queue if still waiting; else free the place once the job is
+        finished too (at once if it is); idempotent."""
+        self._scheduler._end_call(self)
+
     def release(self) -> None:
-        """Leave the queue or free the worker slot; idempotent."""
+        """Leave the scheduler now: the queue, or the worker slot and the place; idempotent."""
         self._scheduler._release(self)
 
 
@@ -84,6 +101,7 @@ class Scheduler:
         self.memory_capacity = memory_capacity
         self._cond = threading.Condition()
         self._running = 0
+        self._delivering = 0  # finished jobs whose calls are still sending (a slow or stopped reader)
         self._reserved = 0
         self._waiting: deque[Ticket] = deque()
         self._per_client: Counter[str] = Counter()  # running + waiting tickets by client
@@ -124,6 +142,10 @@ class Scheduler:
             if self.max_per_client is not None and self._per_client[client] >= self.max_per_client:
                 raise ClientLimit(self.max_per_client)
             ticket = Ticket(self, client, memory)
+            if self._running + len(self._waiting) + self._delivering >= self.concurrency + self.queue_size:
+                # Every call holds a handler thread until its stream ends, its job's or not: past this
+                # bound the threads kept for health checks and GetInfo would be taken too.
+                raise QueueFull()
             if not self._waiting and self._fits(ticket):
                 self._admit(ticket)
             elif len(self._waiting) >= self.queue_size:
@@ -164,17 +186,47 @@ class Scheduler:
         with self._cond:
             self._cond.notify_all()
 
+    def _finish_running(self, ticket: Ticket) -> None:
+        with self._cond:
+            if ticket.released or ticket.finished or ticket.position > 0:
+                return
+            ticket.finished = True
+            self._running -= 1
+            self._reserved -= ticket.memory
+            if ticket.call_ended:
+                self._finish(ticket)
+            else:
+                self._delivering += 1
+            self._promote()
+
+    def _end_call(self, ticket: Ticket) -> None:
+        with self._cond:
+            if ticket.released or ticket.call_ended:
+                return
+            ticket.call_ended = True
+            if ticket.position > 0:
+                self._remove(ticket)
+            elif ticket.finished:
+                self._delivering -= 1
+                self._finish(ticket)
+            # else its job still runs (a cancelled call's worker stops within one evaluation): its slot
+            # and place stay taken until the worker finishes it.
+            self._cond.notify_all()
+
     def _release(self, ticket: Ticket) -> None:
         with self._cond:
             if ticket.released:
                 return
             if ticket.position > 0:
                 self._remove(ticket)
+                return
+            if ticket.finished:
+                self._delivering -= 1
             else:
-                self._finish(ticket)
                 self._running -= 1
                 self._reserved -= ticket.memory
-                self._promote()
+            self._finish(ticket)
+            self._promote()
 
     def _remove(self, ticket: Ticket) -> None:
         """Take a queued ticket out of the queue (it never ran); the caller holds the lock."""

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import ipaddress
@@ -19,6 +20,7 @@ import logging
 import os
 import re
 import ssl
+import stat
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,12 +30,14 @@ from typing import Any
 import grpc
 
 from stylize_service.server.config import ConfigError, ServerConfig, setting_name
+from stylize_service.server.logsafe import LogThrottle
 
 logger = logging.getLogger("stylize.server")
 
 OPEN_SERVICE_PREFIX = "/grpc.health.v1.Health/"  # methods that need no token: load balancers probe them
 AUTHORIZATION = "authorization"  # gRPC metadata keys are lower case
 LABEL_HEX_DIGITS = 8
+MAX_FILE_BYTES = 1024 * 1024  # a tokens file larger than this is refused (thousands of tokens fit)
 # RFC 6750's b64token: the characters a bearer token may have.
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _CERTIFICATE_PEM = re.compile(rb"-----BEGIN (?:X509 |TRUSTED )?CERTIFICATE-----")
@@ -74,21 +78,26 @@ def client_label(context: grpc.ServicerContext) -> str:
 class TokenStore:
     """The accepted tokens, from a file of one token a line (blank lines and `#` comments ignored).
 
-    The file is re-read when its modification time, size or inode changes, checked with one stat() per
-    call. If it cannot be read any more, the last good set stays in force and a warning is logged (once
-    per failure). At construction an unreadable or empty file is a ConfigError.
+    verify() never touches the file: it runs on the thread that dispatches every call, where a slow or
+    hostile read (a FIFO, a symlink to /dev/zero, a hung mount) would stall the whole server. Instead,
+    once watch() has started it, a thread of the store's own checks the file every `poll_seconds` and
+    re-reads it when its modification time, size or inode changes. Only a regular file of at most
+    MAX_FILE_BYTES is read. If it cannot be read any more, the last good set stays in force and a warning
+    is logged (once per failure). At construction an unreadable or empty file is a ConfigError.
     """
 
-    def __init__(self, path: Path, name: str = "the tokens file") -> None:
+    def __init__(self, path: Path, name: str = "the tokens file", *, poll_seconds: float = 1.0) -> None:
         self.path = path
         self._name = name
+        self._poll_seconds = poll_seconds
         self._lock = threading.Lock()
         self._digests: tuple[bytes, ...] = ()
         self._stamp: tuple[int, ...] | None = None
         self._failing = False
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
         try:
-            stamp = self._stat()
-            digests = self._read()
+            stamp, digests = self._read()
         except OSError as err:
             raise ConfigError(f"{name} {path}: cannot read it: {err.strerror or err}") from None
         if not digests:
@@ -101,41 +110,51 @@ class TokenStore:
     def verify(self, token: str) -> bool:
         """Whether token is listed. Compares against every listed token so that the time taken does not
         depend on which one (if any) matches."""
-        self._refresh()
         presented = token_digest(token)
         found = False
         for digest in self._digests:
             found |= hmac.compare_digest(presented, digest)
         return found
 
-    def _stat(self) -> tuple[int, ...]:
-        st = os.stat(self.path)
-        return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
-
-    def _refresh(self) -> None:
-        try:
-            stamp = self._stat()
-            if stamp == self._stamp:
+    def watch(self) -> None:
+        """Start re-reading the file when it changes (idempotent); close() stops it."""
+        with self._lock:
+            if self._watcher is not None:
                 return
-            with self._lock:
-                if stamp == self._stamp:  # another call re-read it meanwhile
-                    return
-                digests = self._read()
-                self._digests, self._stamp, self._failing = digests, stamp, False
+            self._watcher = threading.Thread(target=self._watch, name="tokens-file", daemon=True)
+            self._watcher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        watcher = self._watcher
+        if watcher is not None and watcher is not threading.current_thread():
+            watcher.join(timeout=5.0)
+
+    def refresh(self) -> None:
+        """Re-read the file now if it changed (what the watcher does every poll_seconds)."""
+        try:
+            st = os.stat(self.path)
+            if _stamp(st) == self._stamp:
+                return
+            stamp, digests = self._read()
         except OSError as err:
             self._fail(err)
             return
+        self._digests, self._stamp, self._failing = digests, stamp, False
         if digests:
             logger.info("re-read %s %s: %d token(s)", self._name, self.path, len(digests))
         else:
             logger.warning("re-read %s %s: it has no tokens; every call is refused", self._name, self.path)
 
+    def _watch(self) -> None:
+        while not self._stop.wait(self._poll_seconds):
+            self.refresh()
+
     def _fail(self, err: OSError) -> None:
-        with self._lock:
-            if self._failing:
-                return
-            self._failing = True
-            self._stamp = None  # re-read once it is readable again, whatever its time stamp
+        if self._failing:
+            return
+        self._failing = True
+        self._stamp = None  # re-read once it is readable again, whatever its time stamp
         logger.warning(
             "cannot re-read %s %s (%s); keeping the %d token(s) read before",
             self._name,
@@ -144,10 +163,19 @@ class TokenStore:
             len(self._digests),
         )
 
-    def _read(self) -> tuple[bytes, ...]:
+    def _read(self) -> tuple[tuple[int, ...], tuple[bytes, ...]]:
+        """The file's stamp and digests. Opened without blocking (a FIFO must not hang the read) and read
+        only if it is a regular file of at most MAX_FILE_BYTES; raises OSError otherwise."""
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as file:
+            st = os.fstat(file.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(errno.EINVAL, "not a regular file")
+            data = file.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise OSError(errno.EFBIG, f"larger than {MAX_FILE_BYTES // 1024} KiB")
         digests = []
-        text = self.path.read_text(encoding="utf-8", errors="replace")
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
             token = line.strip()
             if not token or token.startswith("#"):
                 continue
@@ -161,7 +189,11 @@ class TokenStore:
                 )
                 continue
             digests.append(token_digest(token))
-        return tuple(digests)
+        return _stamp(st), tuple(digests)
+
+
+def _stamp(st: os.stat_result) -> tuple[int, ...]:
+    return (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_ino)
 
 
 class BearerTokenInterceptor(grpc.ServerInterceptor):
@@ -177,8 +209,11 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         method: str = handler_call_details.method  # type: ignore[attr-defined]
-        if method.startswith(OPEN_SERVICE_PREFIX):
-            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None or method.startswith(OPEN_SERVICE_PREFIX):
+            # An unknown method is gRPC's to answer (UNIMPLEMENTED), token or not: refusing it here would
+            # make a handler of it, and every made-up name a new metrics series and log line.
+            return handler
         token = bearer_token(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
         if token is None:
             problem = (
@@ -190,8 +225,16 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         elif not self._tokens.verify(token):
             problem = "the bearer token is not valid"
         else:
-            return continuation(handler_call_details)
+            return handler
         return _refusal(method, problem)
+
+
+# A client without a token can be refused hundreds of times a second; past this rate the log counts them.
+_refusal_log = LogThrottle()
+
+
+def _held_back_note(count: int) -> str:
+    return f" ({count} more refusals not logged)" if count else ""
 
 
 def _refusal(method: str, message: str) -> grpc.RpcMethodHandler:
@@ -200,7 +243,11 @@ def _refusal(method: str, message: str) -> grpc.RpcMethodHandler:
     the client cannot tell the difference."""
 
     def refuse(_requests: Any, context: grpc.ServicerContext) -> None:
-        logger.info("refused %s from %s: %s", method, context.peer(), message)
+        held_back = _refusal_log.admit("unauthenticated")
+        if held_back is not None:
+            logger.info(
+                "refused %s from %s: %s%s", method, context.peer(), message, _held_back_note(held_back)
+            )
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     return grpc.stream_stream_rpc_method_handler(refuse)
@@ -310,6 +357,15 @@ class ServerSecurity:
             tokens=tokens,
             mutual_tls=config.tls_client_ca is not None,
         )
+
+    def watch(self) -> None:
+        """Start following changes of the files that may change while serving (the tokens file)."""
+        if self.tokens is not None:
+            self.tokens.watch()
+
+    def close(self) -> None:
+        if self.tokens is not None:
+            self.tokens.close()
 
     def interceptors(self) -> list[grpc.ServerInterceptor]:
         return [BearerTokenInterceptor(self.tokens)] if self.tokens is not None else []

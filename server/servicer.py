@@ -27,6 +27,7 @@ import numpy as np
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.server.config import DEFAULT_STALL_SECONDS
 from stylize_service.server.engine.memory import JobMemory, MemoryExceeded, megabytes
 from stylize_service.server.engine.pyramid import style_longest
 from stylize_service.server.engine.resample import scaled_size
@@ -45,6 +46,7 @@ from stylize_service.server.engine.types import (
 from stylize_service.server.engine.validation import MAX_ITERATIONS, MAX_SIZE, MAX_STYLES, MAX_WEIGHT
 from stylize_service.server.identity import context_identity
 from stylize_service.server.imageio import BadImage, Encoding, decode_image, encode_image, probe_image
+from stylize_service.server.logsafe import LogThrottle
 from stylize_service.server.metrics import ServerMetrics, call_deadline_passed
 from stylize_service.server.options import (
     InvalidOption,
@@ -55,6 +57,7 @@ from stylize_service.server.options import (
 )
 from stylize_service.server.scheduler import ClientLimit, QueueFull, Scheduler, SchedulerClosed, Ticket
 from stylize_service.server.security import client_label
+from stylize_service.server.stalls import StallWatch
 
 logger = logging.getLogger("stylize.server")
 
@@ -62,6 +65,7 @@ POLL_SECONDS = 0.5  # how often waiting threads re-check the call's liveness (ca
 # Unsent frames (encoded) kept for a client that reads slowly, and always the newest one; older ones are
 # dropped beyond this rather than make the engine wait.
 PENDING_FRAME_BYTES = 64 * 1024 * 1024
+_refusal_log = LogThrottle()
 
 
 class EngineLike(Protocol):
@@ -103,6 +107,7 @@ class ServiceLimits:
     max_pixels: int
     max_message_bytes: int
     memory_budget_bytes: int = 0  # 0 = not budgeted
+    stall_seconds: float = DEFAULT_STALL_SECONDS  # a stream not read for this long is cancelled
 
 
 class _Abort(Exception):
@@ -278,6 +283,15 @@ class _JobLog:
             outcome = "deadline passed" + outcome.removeprefix("cancelled")
         started = self.started_at is not None
         self.metrics.job_finished(label, queue_wait=waited if started else None, ran=ran if started else None)
+        held_back = 0
+        if not started and label in ("invalid", "refused"):
+            # A greedy client is refused many times a second: past a rate its refusals are only counted.
+            admitted = _refusal_log.admit(label)
+            if admitted is None:
+                return
+            held_back = admitted
+        if held_back:
+            outcome += f" ({held_back} more {label} calls not logged)"
         logger.info(
             "job %s client=%s %s iterations=%d evaluations=%d queued=%.2fs ran=%.2fs outcome=%s",
             self.id,
@@ -311,6 +325,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         self._trust_tokens = trust_tokens
         self._metrics = metrics or ServerMetrics()
         self._ids = itertools.count(1)
+        self._stalls = StallWatch(limits.stall_seconds)
 
     def set_engine(self, engine: EngineLike) -> None:
         """Called once the model has loaded; until then calls are answered UNAVAILABLE."""
@@ -433,7 +448,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             )
             worker.start()
             worker_started = True
-            yield from self._stream(events, stop, context)
+            yield from self._stream(events, stop, context, job.id)
         except GeneratorExit:  # the client went away while we were yielding to it
             if not worker_started:
                 log.finish("cancelled while queued")
@@ -441,14 +456,18 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         finally:
             # Whatever ended the stream (including the client going away mid-yield), stop the engine.
             stop.set()
-            if not worker_started:
-                ticket.release()  # the worker releases the slot it ran in
+            if worker_started:
+                ticket.end_call()  # the place goes once the worker has finished the job (at once if it has)
+            else:
+                ticket.release()
 
     def _accept(self, request: pb.StylizeRequest, engine: EngineLike, job_id: str) -> _Job:
         """Every check that needs no decoding, before the job waits for a worker: the options by the
         engine's rules, each image's header (its format and pixel count), and the stages' sizes from the
         content's header. Bad requests fail fast, and a waiting job holds only its encoded bytes."""
         try:
+            if not request.content_image:
+                raise InvalidOption("content_image", "is empty: the request needs a content image")
             job_options = to_job_options(request.options)
             settings = job_options.settings
             style_weights = [style.blend_weight for style in request.styles]
@@ -534,7 +553,8 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 return
             if position != reported:
                 reported = position
-                yield pb.StylizeResponse(queued=pb.Queued(position=position))
+                with self._stalls.sending(context, "a queued job"):
+                    yield pb.StylizeResponse(queued=pb.Queued(position=position))
             try:
                 ticket.wait(reported, timeout=POLL_SECONDS)
             except SchedulerClosed:
@@ -588,7 +608,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             outcome = f"internal error: {type(err).__name__}: {err}"
             events.put(_Failed(grpc.StatusCode.INTERNAL, f"the engine failed: {type(err).__name__}: {err}"))
         finally:
-            ticket.release()
+            ticket.finish()  # the slot and memory are free; the call keeps its place until it ends
             if observer.last_progress is not None and outcome != "ok":
                 iterations = observer.last_progress.iteration
                 evaluations = observer.last_progress.evaluations
@@ -597,9 +617,11 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             log.finish(outcome, iterations, evaluations)
 
     def _stream(
-        self, events: _Events, stop: threading.Event, context: grpc.ServicerContext
+        self, events: _Events, stop: threading.Event, context: grpc.ServicerContext, job_id: str
     ) -> Iterator[pb.StylizeResponse]:
-        """Send the worker's messages as they come; everything was converted and encoded by the worker."""
+        """Send the worker's messages as they come; everything was converted and encoded by the worker.
+        A message that the client does not take within the stall bound cancels the call (StallWatch)."""
+        what = f"job {job_id}"
         while True:
             event = events.get(POLL_SECONDS)
             if event is None:
@@ -607,11 +629,14 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                     return  # the call is over; the worker stops at its next evaluation
                 continue
             if isinstance(event, Progress):
-                yield pb.StylizeResponse(progress=_progress_pb(event))
+                with self._stalls.sending(context, what):
+                    yield pb.StylizeResponse(progress=_progress_pb(event))
             elif isinstance(event, _FrameEvent):
-                yield pb.StylizeResponse(frame=event.frame)
+                with self._stalls.sending(context, what):
+                    yield pb.StylizeResponse(frame=event.frame)
             elif isinstance(event, _Done):
-                yield pb.StylizeResponse(result=event.result)
+                with self._stalls.sending(context, what):
+                    yield pb.StylizeResponse(result=event.result)
                 return
             elif isinstance(event, _Failed):
                 outcomes = {

@@ -12,7 +12,8 @@ import re
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -447,6 +448,16 @@ def test_tokens_file_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
     assert "not a token" not in caplog.text.replace("not a bearer token", "")  # the line is never echoed
 
 
+def _eventually(check: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """check() becomes true within `seconds` (the tokens file is re-read by a thread every second)."""
+    deadline = time.monotonic() + seconds
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def test_the_tokens_file_is_reread_after_a_change(
     pki: Pki, secure: tuple[StylizeServer, str], tokens_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -458,31 +469,75 @@ def test_the_tokens_file_is_reread_after_a_change(
                 return err.code
         return grpc.StatusCode.OK
 
+    def accepted(token: str) -> bool:
+        return info(token) is grpc.StatusCode.OK
+
     assert info(TOKEN) is grpc.StatusCode.OK
     assert info(OTHER_TOKEN) is grpc.StatusCode.UNAUTHENTICATED
 
     tokens_file.write_text(f"{OTHER_TOKEN}\n# {TOKEN} was revoked\n")  # edited in place
-    assert info(OTHER_TOKEN) is grpc.StatusCode.OK
+    assert _eventually(lambda: accepted(OTHER_TOKEN))
     assert info(TOKEN) is grpc.StatusCode.UNAUTHENTICATED
 
     replacement = tokens_file.with_name("tokens.new")  # replaced, as editors and secret stores do
     replacement.write_text(f"{TOKEN}\n")
     os.replace(replacement, tokens_file)
-    assert info(TOKEN) is grpc.StatusCode.OK
+    assert _eventually(lambda: accepted(TOKEN))
     assert info(OTHER_TOKEN) is grpc.StatusCode.UNAUTHENTICATED
 
-    # Gone: the last good set stays, with one warning however many calls come.
+    # Gone: the last good set stays, with one warning however long it stays gone.
     caplog.clear()
     tokens_file.unlink()
-    assert info(TOKEN) is grpc.StatusCode.OK
+    assert _eventually(lambda: "cannot re-read" in caplog.text)
+    time.sleep(2.5)  # two more polls
     assert info(TOKEN) is grpc.StatusCode.OK
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "cannot re-read" in r.message]
     assert len(warnings) == 1 and "keeping the 1 token(s)" in warnings[0].message
 
     tokens_file.write_text(f"{OTHER_TOKEN}\n")  # back: read again
-    assert info(OTHER_TOKEN) is grpc.StatusCode.OK
+    assert _eventually(lambda: accepted(OTHER_TOKEN))
     assert info(TOKEN) is grpc.StatusCode.UNAUTHENTICATED
     assert TOKEN not in caplog.text and OTHER_TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "too-large"])
+def test_a_hostile_tokens_file_never_blocks_a_call(
+    kind: str,
+    pki: Pki,
+    secure: tuple[StylizeServer, str],
+    tokens_file: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Defect: the tokens file was re-read on the thread that dispatches every call, with no file-type
+    or size check: a FIFO at the path froze the server, health included; a link to /dev/zero took 18 GB.
+    Now it is read by a thread of its own, only as a regular file of at most 1 MiB."""
+    tokens_file.unlink()
+    if kind == "fifo":
+        os.mkfifo(tokens_file)  # nobody ever writes to it: a blocking open or read would hang for good
+    elif kind == "dev-zero":
+        tokens_file.symlink_to("/dev/zero")
+    else:
+        tokens_file.write_text(f"{TOKEN}\n" + "#" * (2 * 1024 * 1024) + "\n")
+    with StylizeClient(secure[1], TIMEOUT, tls_ca=pki.ca, token=TOKEN) as client:
+        for _ in range(3):  # the watcher polls every second: calls keep being answered meanwhile
+            started = time.monotonic()
+            client.info()  # the last good set stays in force
+            assert time.monotonic() - started < 2.0
+            time.sleep(0.8)
+    channel = grpc.secure_channel(localhost(secure[1]), grpc.ssl_channel_credentials(pki.ca.read_bytes()))
+    with channel:
+        check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+    assert check.status == health_pb2.HealthCheckResponse.SERVING
+    reason = {"fifo": "not a regular file", "dev-zero": "not a regular file", "too-large": "larger than"}
+    assert _eventually(lambda: "cannot re-read" in caplog.text)
+    assert reason[kind] in caplog.text
+
+
+def test_a_tokens_file_that_is_no_regular_file_is_a_config_error(tmp_path: Path) -> None:
+    fifo = tmp_path / "tokens"
+    os.mkfifo(fifo)
+    with pytest.raises(ConfigError, match="not a regular file"):
+        TokenStore(fifo)
 
 
 # --- the warning of an open server -----------------------------------------------------------------

@@ -27,6 +27,17 @@ MAX_SEED = 2**63 - 1
 # terms gives 1.0e32, a margin of 3e6 below float32's largest value; tests/test_defects.py runs the
 # engine at the bound. Weights further apart than this are beyond what float32 resolves anyway.
 MAX_WEIGHT = 1e12
+# A client's string quoted in an error message (and so in the log) is cut to this many characters, with
+# its length: an 8 MB layer name must not make an 8 MB status message or log line.
+MAX_QUOTED_CHARS = 64
+
+
+def quote(value: str, limit: int = MAX_QUOTED_CHARS) -> str:
+    """A client's string for a message: repr-escaped (no newline gets through) and, when longer than
+    `limit` characters, cut with its length, e.g. 'aaaa...' (8388608 characters)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 def validate(
@@ -102,10 +113,10 @@ def _check_layers(field: str, layers: Layers, known_layers: Sequence[str]) -> No
         if layer not in known_layers:
             raise InvalidSettings(
                 f"{field}[{index}].layer",
-                f"names an unknown layer {layer!r}; known: {', '.join(known_layers)}",
+                f"names an unknown layer {quote(layer)}; known: {', '.join(known_layers)}",
             )
         if layer in seen:
-            raise InvalidSettings(field, f"lists layer {layer!r} twice")
+            raise InvalidSettings(field, f"lists layer {quote(layer)} twice")
         seen.add(layer)
         _check_weight(f"{field}[{index}].weight", weight)
 
