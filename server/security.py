@@ -7,7 +7,7 @@
   but grpc.health.v1's (probes stay open) with UNAUTHENTICATED unless it carries
   `authorization: Bearer TOKEN` with a listed token, before the request is even read. Tokens are
   compared as SHA-256 digests with hmac.compare_digest against every listed token, and never logged: logs
-  name a token by client_label(), the first hex digits of its SHA-256.
+  name a caller by server.identity (a token by the first hex digits of its SHA-256).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import re
 import ssl
 import stat
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,12 @@ from typing import Any
 import grpc
 
 from stylize_service.server.config import ConfigError, ServerConfig, setting_name
+from stylize_service.server.identity import bearer_token
 from stylize_service.server.logsafe import LogThrottle
 
 logger = logging.getLogger("stylize.server")
 
 OPEN_SERVICE_PREFIX = "/grpc.health.v1.Health/"  # methods that need no token: load balancers probe them
-AUTHORIZATION = "authorization"  # gRPC metadata keys are lower case
-LABEL_HEX_DIGITS = 8
 MAX_FILE_BYTES = 1024 * 1024  # a tokens file larger than this is refused (thousands of tokens fit)
 # RFC 6750's b64token: the characters a bearer token may have.
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -49,30 +48,6 @@ _KEY_PEM = re.compile(rb"-----BEGIN ((?:[A-Z0-9]+ )*)PRIVATE KEY-----")
 
 def token_digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8")).digest()
-
-
-def token_label(token: str) -> str:
-    """A name for a token that logs may show: "token:" and the first hex digits of its SHA-256."""
-    return f"token:{token_digest(token).hex()[:LABEL_HEX_DIGITS]}"
-
-
-def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
-    """The token of the call's `authorization: Bearer TOKEN` metadata; "" if the header is there but is
-    not a bearer token, None if there is no such header."""
-    for key, value in metadata or ():
-        if key.lower() != AUTHORIZATION:
-            continue
-        text = value.decode("latin-1") if isinstance(value, bytes) else value
-        scheme, _, token = text.strip().partition(" ")
-        return token.strip() if scheme.lower() == "bearer" else ""
-    return None
-
-
-def client_label(context: grpc.ServicerContext) -> str:
-    """Who made a call, for logs: its token's label (see token_label) if it sent one, else its peer
-    address. With --auth-tokens-file, calls that reach the servicer carry a valid token."""
-    token = bearer_token(context.invocation_metadata())
-    return token_label(token) if token else context.peer()
 
 
 class TokenStore:

@@ -56,7 +56,6 @@ from stylize_service.server.options import (
     to_job_options,
 )
 from stylize_service.server.scheduler import ClientLimit, QueueFull, Scheduler, SchedulerClosed, Ticket
-from stylize_service.server.security import client_label
 from stylize_service.server.stalls import StallWatch
 
 logger = logging.getLogger("stylize.server")
@@ -263,7 +262,7 @@ class _JobLog:
     id: str
     metrics: ServerMetrics
     deadline_passed: Callable[[], bool]  # the call's deadline has passed (gRPC reports it as a cancel)
-    client: str = "-"  # security.client_label: the token's short hash, else the peer address
+    client: str = "-"  # identity.context_identity: the name the per-client bound counts by
     queued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     sizes: str = "-"
@@ -381,7 +380,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             id=f"{next(self._ids):06d}",
             metrics=self._metrics,
             deadline_passed=lambda: call_deadline_passed(context),
-            client=client_label(context),
+            client=context_identity(context, trust_tokens=self._trust_tokens),
         )
         try:
             yield from self._stylize(request, context, log)
@@ -402,9 +401,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly", "refused")
         job = self._accept(request, engine, log.id)
         try:
-            ticket = self._scheduler.enqueue(
-                context_identity(context, trust_tokens=self._trust_tokens), job.memory.peak_bytes
-            )
+            ticket = self._scheduler.enqueue(log.client, job.memory.peak_bytes)
         except ClientLimit as err:
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,

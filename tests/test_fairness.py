@@ -130,6 +130,17 @@ def test_identity_is_the_address_unless_tokens_are_verified() -> None:
     )
 
 
+def test_identity_under_mutual_tls_is_the_certificate_unless_a_token_is_verified() -> None:
+    cert = [b"client.example"]
+    named = client_identity("ipv4:10.0.0.7:1", None, trust_tokens=False, certificate=cert)
+    assert named.startswith("cert:") and len(named) == len("cert:") + 12
+    # The same certificate from another address is the same client; another certificate is not.
+    assert client_identity("ipv4:10.9.9.9:2", None, trust_tokens=False, certificate=cert) == named
+    assert client_identity("ipv4:10.0.0.7:1", None, trust_tokens=False, certificate=[b"other"]) != named
+    token = [("authorization", "Bearer s3cret")]
+    assert client_identity("ipv4:10.0.0.7:1", token, trust_tokens=True, certificate=cert).startswith("token:")
+
+
 # --- the per-client bound through the RPC ------------------------------------------------------
 
 

@@ -30,7 +30,8 @@ from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server import main as server_main
 from stylize_service.server.app import SERVICE_NAME, StylizeServer
 from stylize_service.server.config import ConfigError, load_config
-from stylize_service.server.security import ServerSecurity, TokenStore, token_label
+from stylize_service.server.identity import token_label
+from stylize_service.server.security import ServerSecurity, TokenStore
 from tests.fakes import FakeEngine, encode, gradient, image_bytes, running_server
 from tests.test_scripts import load_script
 
@@ -431,6 +432,20 @@ def test_mutual_tls_refuses_a_client_without_a_certificate_from_the_ca(
     assert cli.main(base) == cli.EXIT_UNAVAILABLE
     assert "--tls-cert" in capsys.readouterr().err
     assert cli.main([*base, "--tls-cert", str(pki.client_cert), "--tls-key", str(pki.client_key)]) == 0
+
+
+def test_under_mutual_tls_a_job_is_logged_and_bounded_by_its_certificate(
+    pki: Pki, mutual: tuple[StylizeServer, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    server, address = mutual
+    with StylizeClient(
+        address, TIMEOUT, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key
+    ) as client:
+        client.run(image_bytes(48, 32), [image_bytes(32, 32, seed=1)], max_size=32, iterations=2)
+    job_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("job ")]
+    assert len(job_lines) == 1 and "client=cert:" in job_lines[0], job_lines
+    assert server.scheduler.jobs_of(job_lines[0].split("client=", 1)[1].split()[0]) == 0
 
 
 # --- the tokens file -------------------------------------------------------------------------------
