@@ -40,6 +40,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -49,12 +50,11 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
-from stylize_service.server.main import listening_address
+from stylize_service.server.readiness import wait_for_ready_file
 
 BEHAVIOURS = ("complete", "cancel", "kill", "slow", "deadline")
 DEFAULT_MIX = "complete=4,cancel=2,kill=1,slow=1,deadline=2"
@@ -79,8 +79,9 @@ class ServerProcess:
             if executable.is_file()
             else [sys.executable, "-m", "stylize_service.server.main"]
         )
+        self._ready = Path(tempfile.mkdtemp(prefix="stylize-loadtest-")) / "ready.json"
         self.process = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", "0", *flags],
+            [*command, "--host", "127.0.0.1", "--port", "0", "--ready-file", str(self._ready), *flags],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,
@@ -88,7 +89,6 @@ class ServerProcess:
         )
         self.lines: list[str] = []
         self._log = log_path.open("w") if log_path else None
-        self._listening = threading.Event()
         self.address = ""
         self._reader = threading.Thread(target=self._read, name="server-log", daemon=True)
         self._reader.start()
@@ -100,28 +100,13 @@ class ServerProcess:
             if self._log:
                 self._log.write(line)
                 self._log.flush()
-            if not self.address and (address := listening_address(line)):
-                self.address = address
-                self._listening.set()
-        self._listening.set()
 
     def wait_serving(self, timeout: float = START_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        if not self._listening.wait(timeout) or not self.address:
-            raise RuntimeError("the server did not start:\n" + "\n".join(self.lines[-20:]))
-        with grpc.insecure_channel(self.address) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                try:
-                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
-                except grpc.RpcError:
-                    status = None
-                if status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                if self.process.poll() is not None:
-                    break
-                time.sleep(0.2)
-        raise RuntimeError("the server never became SERVING:\n" + "\n".join(self.lines[-20:]))
+        """Until the server has written its ready file (it does once SERVING)."""
+        try:
+            self.address = wait_for_ready_file(self._ready, self.process, timeout).address
+        except (RuntimeError, TimeoutError) as err:
+            raise RuntimeError(f"{err}:\n" + "\n".join(self.lines[-20:])) from None
 
     def proc_status(self, key: str) -> int:
         """A memory figure of /proc/PID/status in bytes (e.g. VmHWM, the peak resident set size)."""

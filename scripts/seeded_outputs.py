@@ -17,7 +17,7 @@ import hashlib
 import json
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from stylize_service.client.api import StylizeClient  # noqa: E402
+from stylize_service.server.readiness import wait_for_ready_file  # noqa: E402
 
 SAMPLES = ROOT / "client" / "samples"
 CONTENT = SAMPLES / "coffee.png"
@@ -42,25 +43,11 @@ REQUESTS: dict[str, tuple[list[str], list[Any], dict[str, Any]]] = {
 }
 
 
-def start_server(extra: list[str]) -> tuple[subprocess.Popen[str], str]:
-    from stylize_service.server.main import listening_address
-
-    command = [str(ROOT / ".venv" / "bin" / "stylize-server"), "--host", "127.0.0.1", "--port", "0", *extra]
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    assert process.stderr is not None
-    deadline = time.monotonic() + 120
-    address = None
-    while time.monotonic() < deadline:
-        line = process.stderr.readline()
-        if not line:
-            break
-        address = address or listening_address(line)
-        if "model loaded" in line:
-            break
-    if address is None:
-        process.kill()
-        raise SystemExit(f"stylize-server {' '.join(extra)} did not start")
-    return process, address
+def start_server(extra: list[str], ready: Path) -> subprocess.Popen[bytes]:
+    command = [str(ROOT / ".venv" / "bin" / "stylize-server"), "--host", "127.0.0.1", "--port", "0"]
+    return subprocess.Popen(
+        [*command, "--ready-file", str(ready), *extra], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+    )
 
 
 def fingerprints() -> dict[str, dict[str, Any]]:
@@ -69,8 +56,10 @@ def fingerprints() -> dict[str, dict[str, Any]]:
     for name, (flags, _, _) in REQUESTS.items():
         by_flags.setdefault(tuple(flags), []).append(name)
     for flags, names in by_flags.items():
-        process, address = start_server(list(flags))
+        ready = Path(tempfile.mkdtemp()) / "ready.json"
+        process = start_server(list(flags), ready)
         try:
+            address = wait_for_ready_file(ready, process).address
             with StylizeClient(address) as client:
                 for name in names:
                     _, styles, options = REQUESTS[name]

@@ -70,6 +70,8 @@ class ServerConfig:
     metrics_port: int | None = None
     # onnxruntime execution provider (server/engine/providers.py): auto = CUDA when onnxruntime offers it.
     provider: str = "auto"
+    # Where to write host, port and pid once SERVING (server/readiness.py), for tools that start a server.
+    ready_file: Path | None = None
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -213,6 +215,13 @@ _SETTINGS: tuple[tuple[str, str, type, str], ...] = (
         str,
         "onnxruntime execution provider: auto (CUDA when onnxruntime offers it, else the CPU), cpu, or "
         "cuda (refuse to start without it) (default: auto)",
+    ),
+    (
+        "--ready-file",
+        "STYLIZE_READY_FILE",
+        Path,
+        "once the model is loaded, write JSON with host, port, metrics_port and pid here (removed at "
+        "exit), for tools that start a server on port 0 (default: none)",
     ),
 )
 

@@ -88,14 +88,17 @@ def _reading(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
         raise BadImage("is empty")
     try:
         with Image.open(io.BytesIO(data)) as image:
-            # Image.open reads only the header: refuse decompression bombs before decoding a pixel.
+            # The image-safety rule, the same on every path (the server, an embedded one, the tests) and
+            # whatever the process's warning filters make of Pillow's own guard (which only warns below
+            # twice its limit): Image.open reads only the header, and a decompression bomb is refused
+            # here, against the server's limit, before a pixel is decoded.
             _check_pixels(image.size, max_pixels)
             yield image
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # Pillow's own global guard fires inside Image.open, before our check can see the size: its
-        # header announces more than Pillow's limit (main.py turns the warning into an error too).
+        # header announces more than twice Pillow's limit.
         pillow_limit = pillow_pixel_limit()
         if max_pixels <= pillow_limit:
             raise BadImage(

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-import re
+import os
 import signal
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from PIL import Image
-
+from stylize_service.server import readiness
 from stylize_service.server.app import SERVICE_NAME, StylizeServer
 from stylize_service.server.config import ConfigError, ServerConfig, load_config, setting_name
 from stylize_service.server.engine import providers
@@ -28,15 +26,6 @@ logger = logging.getLogger("stylize.server")
 
 EXIT_CONFIG = 2  # bad flags or environment, missing model, unusable TLS or tokens file, provider not offered
 EXIT_START = 3  # cannot listen, the model failed to load, or the requested provider did not start
-# serve()'s start-up log line opens with this; tools that start a server on port 0 read its port there.
-LISTENING = "listening on %s:%d "
-_LISTENING_ADDRESS = re.compile(r"listening on (\S+):(\d+) ")
-
-
-def listening_address(log_line: str) -> str | None:
-    """HOST:PORT from the server's start-up log line (LISTENING), else None."""
-    match = _LISTENING_ADDRESS.search(log_line)
-    return f"{match.group(1)}:{match.group(2)}" if match else None
 
 
 def log_handler() -> logging.Handler:
@@ -58,9 +47,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         print(f"stylize-server: error: {err}", file=sys.stderr)
         return EXIT_CONFIG
-    # Pillow only warns about images over its global pixel limit; make that an error that the image
-    # decoder turns into INVALID_ARGUMENT (our own, stricter per-call limit is checked first anyway).
-    warnings.simplefilter("error", Image.DecompressionBombWarning)
 
     try:  # what the installed onnxruntime offers is known now; whether a GPU answers, only at load
         providers.execution_providers(config.provider)
@@ -94,7 +80,7 @@ def serve(config: ServerConfig, security: ServerSecurity | None = None) -> int:
         logger.error("cannot start: %s", err)
         return EXIT_START
     logger.info(
-        LISTENING + "(%s; health NOT_SERVING until the model is loaded); concurrency=%d queue=%d "
+        "listening on %s:%d (%s; health NOT_SERVING until the model is loaded); concurrency=%d queue=%d "
         "threads/job=%d max_pixels=%d max_message=%dB",
         config.host,
         port,
@@ -137,7 +123,26 @@ def serve(config: ServerConfig, security: ServerSecurity | None = None) -> int:
         return 0
     server.set_engine(engine)
     logger.info("model loaded; health SERVING for '' and %r", SERVICE_NAME)
+    if config.ready_file is not None:
+        try:
+            readiness.write_ready_file(
+                config.ready_file, readiness.ReadyInfo(config.host, port, os.getpid(), server.metrics_port)
+            )
+        except OSError as err:
+            logger.error("cannot write %s %s: %s", setting_name("ready_file"), config.ready_file, err)
+            server.drain(0)
+            return EXIT_START
+    try:
+        _serve_until_signalled(server, stop, hurry)
+    finally:
+        if config.ready_file is not None:
+            readiness.remove_ready_file(config.ready_file)
+    logger.info("stopped")
+    return 0
 
+
+def _serve_until_signalled(server: StylizeServer, stop: threading.Event, hurry: threading.Event) -> None:
+    """Serve until the first signal, then drain; a second signal cuts the drain's grace short."""
     while not stop.wait(1.0):  # a timed wait, so that the signal handler runs promptly
         pass
     drainer = threading.Thread(target=server.drain, name="drain")
@@ -147,8 +152,6 @@ def serve(config: ServerConfig, security: ServerSecurity | None = None) -> int:
         if hurry.is_set():
             server.cancel_all()
             hurry.clear()
-    logger.info("stopped")
-    return 0
 
 
 def _load_engine(config: ServerConfig) -> Engine:

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -24,6 +25,7 @@ from stylize_service.server.engine import providers
 from stylize_service.server.engine.engine import Engine
 from stylize_service.server.engine.providers import CPU, CUDA, CUDA_OPTIONS
 from stylize_service.server.engine.types import Progress, StyleSource, StylizeSettings
+from stylize_service.server.readiness import wait_for_ready_file
 from tests.fakes import channel
 
 CUDA_OFFERED = CUDA in ort.get_available_providers()
@@ -105,23 +107,20 @@ def test_server_refuses_cuda_when_onnxruntime_lacks_it(
     assert "offers CPUExecutionProvider" in err and "gpu extra" in err
 
 
-def test_server_on_auto_serves_on_what_started_and_says_so() -> None:
+def test_server_on_auto_serves_on_what_started_and_says_so(tmp_path: Path) -> None:
     """Without CUDA in onnxruntime (here): the CPU. With onnxruntime-gpu but no GPU answering: the CPU,
     after a warning. With a GPU: CUDA first. The log line and GetInfo name the same providers."""
     if not default_model_path().is_file():
         pytest.skip("the model is not built; run `bash scripts/setup.sh`")
+    ready, log_path = tmp_path / "ready.json", tmp_path / "server.log"
     command = [sys.executable, "-m", "stylize_service.server.main", "--host", "127.0.0.1", "--port", "0"]
     env = {**_environ(), "STYLIZE_PROVIDER": "auto"}
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    with log_path.open("w") as log_file:
+        process = subprocess.Popen(
+            [*command, "--ready-file", str(ready)], stderr=log_file, text=True, env=env
+        )
     try:
-        assert process.stderr is not None
-        address, log = None, []
-        for line in process.stderr:
-            log.append(line)
-            address = address or server_main.listening_address(line)
-            if "model loaded" in line:
-                break
-        assert address is not None, "the server did not start: " + "".join(log)
+        address = wait_for_ready_file(ready, process, timeout=LIVENESS * 4).address
         with channel(address) as ch:
             health = health_pb2_grpc.HealthStub(ch)
             assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == (
@@ -136,7 +135,7 @@ def test_server_on_auto_serves_on_what_started_and_says_so() -> None:
         if process.poll() is None:
             process.kill()
             process.wait()
-    text = "".join(log)
+    text = log_path.read_text()
     assert f"execution providers {', '.join(in_use)} (--provider auto)" in text, text
     if not CUDA_OFFERED:
         assert in_use == [CPU]

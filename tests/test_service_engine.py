@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -19,7 +20,7 @@ from stylize_service.models.paths import default_model_path
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.app import SERVICE_NAME, StylizeServer
-from stylize_service.server.main import listening_address
+from stylize_service.server.readiness import wait_for_ready_file
 from stylize_service.server.servicer import EngineLike
 from tests.fakes import channel, decode_size, image_bytes, running_server
 
@@ -131,42 +132,39 @@ def test_losses_report_every_term_by_name(stub: pb_grpc.StyleTransferStub) -> No
     assert losses.terms["style"] == losses.style and losses.terms["tv"] == losses.tv
 
 
-def test_server_process_serves_then_drains_on_sigterm() -> None:
+def test_server_process_serves_then_drains_on_sigterm(tmp_path: Path) -> None:
     """stylize-server end to end: health SERVING once loaded; SIGTERM drains, a second one cancels."""
     if not default_model_path().is_file():
         pytest.skip("the model is not built; run `bash scripts/setup.sh`")
+    ready, log_path = tmp_path / "ready.json", tmp_path / "server.log"
     command = [sys.executable, "-m", "stylize_service.server.main", "--host", "127.0.0.1", "--port", "0"]
-    process = subprocess.Popen([*command, "--grace-seconds", "600"], stderr=subprocess.PIPE, text=True)
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [*command, "--grace-seconds", "600", "--ready-file", str(ready)], stderr=log, text=True
+        )
     try:
-        assert process.stderr is not None
-        log = []
-        for line in process.stderr:
-            log.append(line)
-            if address := listening_address(line):
-                break
-        else:
-            pytest.fail("the server did not start: " + "".join(log))
-        with channel(address) as ch:
+        info = wait_for_ready_file(ready, process, timeout=LIVENESS * 4)
+        assert info.pid == process.pid
+        with channel(info.address) as ch:
             health = health_pb2_grpc.HealthStub(ch)
-            deadline = time.monotonic() + LIVENESS
-            status = None
-            while status != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
-                time.sleep(0.1)
-                status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status
-            assert status == health_pb2.HealthCheckResponse.SERVING
+            status = health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status
+            assert status == health_pb2.HealthCheckResponse.SERVING  # the ready file comes once SERVING
 
             call = pb_grpc.StyleTransferStub(ch).Stylize(request(iterations=5000), timeout=LIVENESS * 4)
             assert next(call).HasField("progress")  # the job runs
             process.send_signal(signal.SIGTERM)  # drain: the job could run for the 600 s grace period...
-            time.sleep(0.5)
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=LIVENESS)
+            assert any(r.status == health_pb2.HealthCheckResponse.NOT_SERVING for r in watch)
+            assert next(call).HasField("progress")  # ... and goes on while draining
             assert process.poll() is None
             process.send_signal(signal.SIGTERM)  # ... but a second signal cancels it at once
             with pytest.raises(grpc.RpcError):
                 for _ in call:
                     pass
         assert process.wait(LIVENESS) == 0
-        rest = process.stderr.read()
+        rest = log_path.read_text()
         assert "outcome=cancelled" in rest and "stopped" in rest
+        assert not ready.exists()  # removed at exit
     finally:
         if process.poll() is None:
             process.kill()
