@@ -40,13 +40,12 @@ from stylize_service.client.request import ImageInput, StyleInput, build_request
 from stylize_service.client.security import PemInput, open_channel, token_metadata
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.protos.stylize.v1.contract import DEFAULT_MAX_MESSAGE_MB, SERVICE_NAME
 
 DEFAULT_ADDRESS = "localhost:50051"
-DEFAULT_MAX_MESSAGE_MB = 64  # the server's default limit too
 DEFAULT_RETRY_BACKOFF = 1.0  # seconds before the first retry; it doubles for each further one ...
 MAX_RETRY_BACKOFF = 30.0  # ... up to this (a job takes seconds to an hour to free its worker)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StyleTransfer"].full_name  # "stylize.v1.StyleTransfer"
 # The channel's gRPC service config: round robin over every address the target resolves to (gRPC's
 # default, pick_first, would send every call to one replica), and client-side health checking, so that
 # replicas whose grpc.health.v1 status for the service is NOT_SERVING (loading the model, or draining)

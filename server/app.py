@@ -14,8 +14,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.protos.stylize.v1.contract import SERVICE_NAME
 from stylize_service.server.config import ServerConfig
 from stylize_service.server.engine.memory import current_rss_bytes, megabytes
 from stylize_service.server.imageio import allow_pixels
@@ -27,7 +27,6 @@ from stylize_service.server.servicer import EngineLike, ServiceLimits, StyleTran
 
 logger = logging.getLogger("stylize.server")
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["StyleTransfer"].full_name  # "stylize.v1.StyleTransfer"
 OVERALL = ""  # grpc.health.v1's name for the server as a whole
 EXTRA_THREADS = 8  # handler threads beyond running + queued jobs: health checks, GetInfo, refusals
 

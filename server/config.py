@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from stylize_service.models.paths import default_model_path
+from stylize_service.protos.stylize.v1.contract import DEFAULT_MAX_MESSAGE_MB
 from stylize_service.server.engine.memory import default_budget_bytes
 from stylize_service.server.engine.providers import PROVIDER_CHOICES
 
 DEFAULT_PORT = 50051
-DEFAULT_MAX_MESSAGE_MB = 64
 DEFAULT_MAX_PIXELS = 25_000_000  # a 24-megapixel photo fits; decoded as float32 RGB that is 300 MB
 DEFAULT_QUEUE_SIZE = 8
 DEFAULT_GRACE_SECONDS = 30.0
