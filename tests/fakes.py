@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.server.app import StylizeServer
 from stylize_service.server.config import ServerConfig
 from stylize_service.server.engine.engine import check_request, plan_job_memory
@@ -279,3 +280,32 @@ def channel(address: str, max_message_mb: float = 64) -> grpc.Channel:
         address,
         options=[("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)],
     )
+
+
+# --- helpers every service test uses ----------------------------------------------------------------
+
+# A generous bound for "happens promptly", never a performance assertion: the machine may be busy.
+LIVENESS = 30.0
+
+
+def stylize_request(
+    content: bytes | None = None, styles: Sequence[bytes] | None = None, **options: object
+) -> pb.StylizeRequest:
+    """A small valid request: a 48x32 content, one 32x32 style (unless given), these options."""
+    return pb.StylizeRequest(
+        content_image=content if content is not None else image_bytes(48, 32),
+        styles=[
+            pb.StyleImage(image=s) for s in (styles if styles is not None else [image_bytes(32, 32, seed=1)])
+        ],
+        options=pb.StylizeOptions(**options),  # type: ignore[arg-type]
+    )
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = LIVENESS) -> bool:
+    """Poll predicate until it is true (True) or the timeout passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True

@@ -16,9 +16,8 @@ from stylize_service.client import cli
 from stylize_service.client.api import StylizeCall, StylizeClient, StylizeError
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.server.app import StylizeServer
-from tests.fakes import FakeEngine, encode, gradient, image_bytes, running_server
+from tests.fakes import LIVENESS, FakeEngine, encode, gradient, image_bytes, running_server
 
-LIVENESS = 30.0  # generous bound for "happens promptly"; never a performance assertion
 SMALL = ["--max-size", "64", "--iterations", "4"]
 
 

@@ -23,10 +23,9 @@ from stylize_service.server.engine.engine import Engine
 from stylize_service.server.engine.types import StyleSource, StylizeCancelled, StylizeSettings
 from stylize_service.server.engine.validation import MAX_WEIGHT
 from stylize_service.server.imageio import BadImage, decode_image, probe_image
-from tests.fakes import FakeEngine, channel, encode, image_bytes, running_server
+from tests.fakes import LIVENESS, FakeEngine, channel, encode, running_server, stylize_request
 from tests.test_service_imageio import png_header_only
 
-LIVENESS = 30.0
 LAYERS = ("relu1_1", "relu1_2", "relu2_1", "relu2_2", "relu3_1", "relu3_2", "relu3_3", "relu4_1")
 
 
@@ -43,11 +42,7 @@ def stub(fake_server: tuple[StylizeServer, str]) -> Iterator[pb_grpc.StyleTransf
 
 
 def _request(content: bytes | None = None, **options: object) -> pb.StylizeRequest:
-    return pb.StylizeRequest(
-        content_image=content if content is not None else image_bytes(48, 32),
-        styles=[pb.StyleImage(image=image_bytes(32, 32, seed=1))],
-        options=pb.StylizeOptions(**{"max_size": 32, "iterations": 1, **options}),  # type: ignore[arg-type]
-    )
+    return stylize_request(content, **{"max_size": 32, "iterations": 1, **options})
 
 
 def _refusal(stub: pb_grpc.StyleTransferStub, req: pb.StylizeRequest) -> grpc.RpcError:

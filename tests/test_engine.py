@@ -30,21 +30,29 @@ from stylize_service.server.engine.types import (
 
 
 class Recorder:
-    def __init__(self, stop_after_evaluations: int | None = None) -> None:
+    """An observer that keeps every event; with cancel_at_iteration it asks to stop once it has seen the
+    Progress of that iteration, and counts the polls that answered "stop"."""
+
+    def __init__(self, cancel_at_iteration: int | None = None) -> None:
         self.progress: list[Progress] = []
         self.frames: list[tuple[int, np.ndarray]] = []
-        self.polls = 0
-        self.stop_after = stop_after_evaluations
+        self.cancel_at = cancel_at_iteration
+        self.cancelled = False
+        self.stops_answered = 0
 
     def on_progress(self, progress: Progress) -> None:
+        assert not self.cancelled, "no progress may follow a cancellation"
         self.progress.append(progress)
+        if self.cancel_at is not None and progress.iteration >= self.cancel_at:
+            self.cancelled = True
 
     def on_frame(self, iteration: int, image: np.ndarray) -> None:
         self.frames.append((iteration, image))
 
     def should_stop(self) -> bool:
-        self.polls += 1
-        return self.stop_after is not None and self.polls > self.stop_after
+        if self.cancelled:
+            self.stops_answered += 1
+        return self.cancelled
 
 
 @pytest.fixture
@@ -96,10 +104,13 @@ def test_same_seed_gives_identical_output(engine):
 
 
 def test_cancel_stops_within_one_evaluation(engine):
-    recorder = Recorder(stop_after_evaluations=3)
+    """Cancelled mid-stage (after iteration 3's evaluation), the engine stops at its very next check,
+    before another evaluation: no Progress follows, and only one poll had to say "stop"."""
+    recorder = Recorder(cancel_at_iteration=3)
     with pytest.raises(StylizeCancelled):
         engine.stylize(CONTENT, STYLE, replace(SMALL, iterations=50), recorder)
-    assert recorder.polls == 4
+    assert recorder.progress[-1].iteration == 3
+    assert recorder.stops_answered == 1
 
 
 def test_multiscale_reports_stages(engine):

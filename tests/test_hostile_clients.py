@@ -13,7 +13,6 @@ import secrets
 import socket
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -26,7 +25,7 @@ from stylize_service.server import main as server_main
 from stylize_service.server.app import EXTRA_THREADS, StylizeServer
 from stylize_service.server.logsafe import EscapingFormatter, LogThrottle
 from stylize_service.server.metrics import MetricsEndpoint
-from tests.fakes import FakeEngine, channel, image_bytes, running_server
+from tests.fakes import FakeEngine, channel, image_bytes, running_server, wait_until
 from tests.raw_http2 import raw_call
 
 TOKEN = secrets.token_urlsafe(24)
@@ -41,15 +40,6 @@ def _answers(address: str) -> None:
         assert check.status == health_pb2.HealthCheckResponse.SERVING
         pb_grpc.StyleTransferStub(ch).GetInfo(pb.GetInfoRequest(), timeout=ANSWER_SECONDS)
         assert time.monotonic() - started < ANSWER_SECONDS
-
-
-def _eventually(check: Callable[[], bool], seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def _handler_threads(server: StylizeServer) -> int:
@@ -76,7 +66,7 @@ def test_health_watches_hold_no_handler_thread() -> None:
             for stream in streams:
                 stream.cancel()
             counted = f'code="CANCELLED",method="/grpc.health.v1.Health/Watch"}} {len(streams)}.0'
-            assert _eventually(lambda: counted in server.metrics.exposition().decode())
+            assert wait_until(lambda: counted in server.metrics.exposition().decode())
         finally:
             for ch in watchers:
                 ch.close()
@@ -114,7 +104,7 @@ def test_streams_nobody_reads_neither_starve_the_server_nor_outlive_the_stall_bo
                 calls.append(pb_grpc.StyleTransferStub(ch).Stylize(_frame_heavy_request()))
                 # Its job ends (or the call is refused) before the next call: only the unread streams
                 # are left holding the server, and the bound on running and queued jobs never applies.
-                assert _eventually(
+                assert wait_until(
                     lambda: calls[-1].done() or engine.completed + engine.cancelled == len(calls)
                 )
             _answers(address)
@@ -123,11 +113,11 @@ def test_streams_nobody_reads_neither_starve_the_server_nor_outlive_the_stall_bo
             # Past the stall bound the unread streams are cancelled, and their places come back (the
             # clients learn it only once they read: their status is queued behind the messages).
             accepted = len(calls) - len(refused)
-            assert _eventually(lambda: server.servicer._stalls.cancelled == accepted, seconds=30), (
+            assert wait_until(lambda: server.servicer._stalls.cancelled == accepted, timeout=30), (
                 server.servicer._stalls.cancelled,
                 accepted,
             )
-            assert _eventually(lambda: server.scheduler.jobs_of("peer:127.0.0.1") == 0)
+            assert wait_until(lambda: server.scheduler.jobs_of("peer:127.0.0.1") == 0)
             with channel(address) as ch:  # and the server serves again
                 responses = list(pb_grpc.StyleTransferStub(ch).Stylize(_frame_heavy_request(), timeout=30))
                 assert responses[-1].HasField("result")
@@ -184,10 +174,10 @@ def test_metrics_endpoint_bounds_and_times_out_silent_connections(monkeypatch: p
                     return True
 
             # Beyond the bound they are closed at once; within it, after the timeout.
-            assert _eventually(
+            assert wait_until(
                 lambda: sum(map(closed_by_server, silent)) >= 60 - MetricsEndpoint.MAX_CONNECTIONS
             )
-            assert _eventually(lambda: all(map(closed_by_server, silent)), seconds=10)
+            assert wait_until(lambda: all(map(closed_by_server, silent)), timeout=10)
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
                 assert b"stylize_jobs_total" in response.read()
             _answers(address)

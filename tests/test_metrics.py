@@ -20,9 +20,8 @@ from stylize_service.server.app import StylizeServer
 from stylize_service.server.config import ConfigError, load_config
 from stylize_service.server.metrics import OUTCOMES, ServerMetrics
 from stylize_service.server.servicer import EngineLike
-from tests.fakes import FakeEngine, channel, image_bytes, running_server
+from tests.fakes import LIVENESS, FakeEngine, channel, image_bytes, running_server, stylize_request
 
-LIVENESS = 30.0  # generous bound for "happens promptly"; never a performance assertion
 STYLIZE = "/stylize.v1.StyleTransfer/Stylize"
 GET_INFO = "/stylize.v1.StyleTransfer/GetInfo"
 
@@ -58,10 +57,8 @@ def eventually(read: Callable[[], Samples], check: Callable[[Samples], bool]) ->
 
 
 def request(**options: object) -> pb.StylizeRequest:
-    return pb.StylizeRequest(
-        content_image=image_bytes(96, 64),
-        styles=[pb.StyleImage(image=image_bytes(64, 64, seed=3))],
-        options=pb.StylizeOptions(**{"max_size": 64, "iterations": 4, **options}),  # type: ignore[arg-type]
+    return stylize_request(
+        image_bytes(96, 64), [image_bytes(64, 64, seed=3)], **{"max_size": 64, "iterations": 4, **options}
     )
 
 

@@ -13,7 +13,7 @@ import secrets
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from stylize_service.server.app import SERVICE_NAME, StylizeServer
 from stylize_service.server.config import ConfigError, load_config
 from stylize_service.server.identity import token_label
 from stylize_service.server.security import ServerSecurity, TokenStore
-from tests.fakes import FakeEngine, encode, gradient, image_bytes, running_server
+from tests.fakes import FakeEngine, encode, gradient, image_bytes, running_server, wait_until
 from tests.test_scripts import load_script
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -463,16 +463,6 @@ def test_tokens_file_lines(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
     assert "not a token" not in caplog.text.replace("not a bearer token", "")  # the line is never echoed
 
 
-def _eventually(check: Callable[[], bool], seconds: float = 10.0) -> bool:
-    """check() becomes true within `seconds` (the tokens file is re-read by a thread every second)."""
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
-
-
 def test_the_tokens_file_is_reread_after_a_change(
     pki: Pki, secure: tuple[StylizeServer, str], tokens_file: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -491,26 +481,26 @@ def test_the_tokens_file_is_reread_after_a_change(
     assert info(OTHER_TOKEN) is grpc.StatusCode.UNAUTHENTICATED
 
     tokens_file.write_text(f"{OTHER_TOKEN}\n# {TOKEN} was revoked\n")  # edited in place
-    assert _eventually(lambda: accepted(OTHER_TOKEN))
+    assert wait_until(lambda: accepted(OTHER_TOKEN))
     assert info(TOKEN) is grpc.StatusCode.UNAUTHENTICATED
 
     replacement = tokens_file.with_name("tokens.new")  # replaced, as editors and secret stores do
     replacement.write_text(f"{TOKEN}\n")
     os.replace(replacement, tokens_file)
-    assert _eventually(lambda: accepted(TOKEN))
+    assert wait_until(lambda: accepted(TOKEN))
     assert info(OTHER_TOKEN) is grpc.StatusCode.UNAUTHENTICATED
 
     # Gone: the last good set stays, with one warning however long it stays gone.
     caplog.clear()
     tokens_file.unlink()
-    assert _eventually(lambda: "cannot re-read" in caplog.text)
+    assert wait_until(lambda: "cannot re-read" in caplog.text)
     time.sleep(2.5)  # two more polls
     assert info(TOKEN) is grpc.StatusCode.OK
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "cannot re-read" in r.message]
     assert len(warnings) == 1 and "keeping the 1 token(s)" in warnings[0].message
 
     tokens_file.write_text(f"{OTHER_TOKEN}\n")  # back: read again
-    assert _eventually(lambda: accepted(OTHER_TOKEN))
+    assert wait_until(lambda: accepted(OTHER_TOKEN))
     assert info(TOKEN) is grpc.StatusCode.UNAUTHENTICATED
     assert TOKEN not in caplog.text and OTHER_TOKEN not in caplog.text
 
@@ -544,7 +534,7 @@ def test_a_hostile_tokens_file_never_blocks_a_call(
         check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2.0)
     assert check.status == health_pb2.HealthCheckResponse.SERVING
     reason = {"fifo": "not a regular file", "dev-zero": "not a regular file", "too-large": "larger than"}
-    assert _eventually(lambda: "cannot re-read" in caplog.text)
+    assert wait_until(lambda: "cannot re-read" in caplog.text)
     assert reason[kind] in caplog.text
 
 

@@ -22,9 +22,7 @@ from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.app import SERVICE_NAME, StylizeServer
 from stylize_service.server.readiness import wait_for_ready_file
 from stylize_service.server.servicer import EngineLike
-from tests.fakes import channel, decode_size, image_bytes, running_server
-
-LIVENESS = 30.0
+from tests.fakes import LIVENESS, channel, decode_size, image_bytes, running_server, stylize_request
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +38,7 @@ def stub(real_server: tuple[StylizeServer, str]) -> Iterator[pb_grpc.StyleTransf
 
 
 def request(**options: object) -> pb.StylizeRequest:
-    return pb.StylizeRequest(
-        content_image=image_bytes(96, 64),
-        styles=[pb.StyleImage(image=image_bytes(64, 64, seed=3))],
-        options=pb.StylizeOptions(**{"max_size": 64, **options}),  # type: ignore[arg-type]
-    )
+    return stylize_request(image_bytes(96, 64), [image_bytes(64, 64, seed=3)], **{"max_size": 64, **options})
 
 
 def test_get_info_describes_the_real_model(stub: pb_grpc.StyleTransferStub) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import math
 import threading
-import time
 from collections.abc import Iterator
 
 import grpc
@@ -23,10 +22,20 @@ from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.app import SERVICE_NAME, StylizeServer
 from stylize_service.server.engine.types import Losses, Progress
 from stylize_service.server.servicer import _Events, _FrameEvent
-from tests.fakes import FakeEngine, channel, decode_size, encode, gradient, image_bytes, running_server
+from tests.fakes import (
+    LIVENESS,
+    FakeEngine,
+    channel,
+    decode_size,
+    encode,
+    gradient,
+    image_bytes,
+    running_server,
+    stylize_request,
+    wait_until,
+)
 from tests.test_service_imageio import png_header_only
 
-LIVENESS = 10.0  # generous bound for "happens promptly"; never a performance assertion
 LOSSES = Losses(1.0, {"content": 0.5, "style": 0.5, "tv": 0.0}, {"content": {}, "style": {}})
 
 
@@ -48,24 +57,11 @@ def stub(server: tuple[StylizeServer, str]) -> Iterator[pb_grpc.StyleTransferStu
 
 
 def request(**options: object) -> pb.StylizeRequest:
-    return pb.StylizeRequest(
-        content_image=image_bytes(48, 32),
-        styles=[pb.StyleImage(image=image_bytes(32, 32, seed=1))],
-        options=pb.StylizeOptions(**{"max_size": 64, "iterations": 6, **options}),  # type: ignore[arg-type]
-    )
+    return stylize_request(**{"max_size": 64, "iterations": 6, **options})
 
 
 def kinds(responses: list[pb.StylizeResponse]) -> list[str]:
     return [str(r.WhichOneof("event")) for r in responses]
-
-
-def wait_until(predicate: object, timeout: float = LIVENESS) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return True
-        time.sleep(0.01)
-    return False
 
 
 class Collector:
