@@ -29,36 +29,41 @@ def stage(width: int, height: int) -> Stage:
     return Stage(0, 1, width, height, iterations=10)
 
 
+def plan_content(stages: list[Stage], budget: int | None, forced_tile: int = 0) -> memory.JobMemory:
+    """The plan of the content's stages alone (no style image)."""
+    return plan_job(stages, CHOICE, budget, forced_tile, style_sizes=(), style_scale=1.0)
+
+
 def test_untiled_where_it_fits_else_the_largest_tile_that_fits():
     big = stage(2048, 1536)
     untiled = stage_bytes(big, CHOICE, 0)
     headroom = 1 - memory.PLAN_HEADROOM
-    assert plan_job([big], CHOICE, None).tiles == (0,)
-    assert plan_job([big], CHOICE, int(untiled / headroom) + 1).tiles == (0,)
+    assert plan_content([big], None).tiles == (0,)
+    assert plan_content([big], int(untiled / headroom) + 1).tiles == (0,)
     # Untiled would fill the budget, so tiles that leave the headroom free are taken.
-    tiled = plan_job([big], CHOICE, untiled)
+    tiled = plan_content([big], untiled)
     assert tiled.tiles[0] in memory.TILE_SIZES and tiled.peak_bytes <= untiled * headroom
     # Smaller budgets, smaller tiles; the L-BFGS state itself is never tiled.
-    smaller = plan_job([big], CHOICE, stage_bytes(big, CHOICE, 256))
+    smaller = plan_content([big], stage_bytes(big, CHOICE, 256))
     assert smaller.tiles[0] <= tiled.tiles[0]
     assert tiled.histories == smaller.histories == (memory.MAXCOR,)
     # Below what the smallest tile needs with the full history, a shorter history; below the shortest
     # one's L-BFGS state alone, nothing fits.
     smallest = min(memory.TILE_SIZES)
-    squeezed = plan_job([big], CHOICE, stage_bytes(big, CHOICE, smallest) - 1)
+    squeezed = plan_content([big], stage_bytes(big, CHOICE, smallest) - 1)
     assert squeezed.histories[0] < memory.MAXCOR and squeezed.histories[0] in memory.HISTORIES
     assert squeezed.peak_bytes == stage_bytes(big, CHOICE, squeezed.tiles[0], squeezed.histories[0])
     shortest = min(memory.HISTORIES)
     # Where nothing leaves the headroom free, the whole budget is used rather than the job refused.
     tightest = stage_bytes(big, CHOICE, smallest, shortest)
-    assert plan_job([big], CHOICE, tightest).peak_bytes == tightest
+    assert plan_content([big], tightest).peak_bytes == tightest
     with pytest.raises(MemoryExceeded, match="MB of memory"):
-        plan_job([big], CHOICE, memory.lbfgs_bytes_per_variable(shortest) * 3 * 2048 * 1536)
+        plan_content([big], memory.lbfgs_bytes_per_variable(shortest) * 3 * 2048 * 1536)
 
 
 def test_the_peak_is_the_largest_stage_and_forced_tiles_apply_above_their_size():
     stages = [Stage(0, 2, 256, 192, 10), Stage(1, 2, 512, 384, 10)]
-    job = plan_job(stages, CHOICE, None, forced_tile=256)
+    job = plan_content(stages, None, forced_tile=256)
     assert job.tiles == (0, 256)
     assert job.histories == (memory.MAXCOR, memory.MAXCOR)
     assert job.peak_bytes == max(stage_bytes(stages[0], CHOICE, 0), stage_bytes(stages[1], CHOICE, 256))
@@ -146,7 +151,9 @@ def test_a_job_too_large_for_the_full_history_runs_with_a_shorter_one_and_says_s
         assert capacity is not None
         # The smallest output of the 48x32 content image whose plan must shorten L-BFGS-B's history.
         for size in range(1024, 4097, 32):
-            plan = plan_job_memory((48, 32), StylizeSettings(max_size=size, iterations=1), 1, capacity)
+            plan = plan_job_memory(
+                (48, 32), StylizeSettings(max_size=size, iterations=1), [(32, 32)], capacity
+            )
             if plan.histories[-1] < memory.MAXCOR:
                 break
         else:
