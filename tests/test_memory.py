@@ -12,9 +12,10 @@ from stylize_service.models.graphs import LayerChoice
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.engine import memory
-from stylize_service.server.engine.engine import plan_job_memory
+from stylize_service.server.engine.engine import layer_choice, plan_job_memory
 from stylize_service.server.engine.memory import MemoryExceeded, plan_job, stage_bytes
 from stylize_service.server.engine.pyramid import Stage
+from stylize_service.server.engine.tiling import TileLayout
 from stylize_service.server.engine.types import StylizeSettings
 from stylize_service.server.scheduler import Scheduler
 from tests.fakes import FakeEngine, channel, image_bytes, running_server
@@ -168,3 +169,54 @@ def test_a_job_too_large_for_the_full_history_runs_with_a_shorter_one_and_says_s
     progress = [e.progress for e in events if e.HasField("progress")]
     assert progress and all(p.correction_pairs == plan.histories[-1] for p in progress)
     assert events[-1].HasField("result")
+
+
+def test_the_plan_counts_a_style_pass_larger_than_the_content_and_tiles_it():
+    # Reported: a 256 px content at style_scale 8 takes its 2048x2048 style whole (about 4 GB), which a
+    # plan of the content's pixels alone put at 169 MB.
+    settings = StylizeSettings(max_size=256, style_scale=8, iterations=2)
+    styles = [(2048, 2048)]
+    untiled_pass = memory.style_pass_bytes((2048, 2048), (2048, 2048))
+    assert plan_job_memory((1024, 768), settings, styles, None).peak_bytes >= untiled_pass > 4000 * MB
+    # 2000 MB beside a 500 MB idle server: the style pass runs in tiles, within the budget.
+    budget = 1500 * MB
+    plan = plan_job_memory((1024, 768), settings, styles, budget)
+    assert plan.tiles == (0,) and plan.style_tiles[0] in memory.TILE_SIZES
+    assert plan.peak_bytes <= budget
+    layout = TileLayout(2048, 2048, plan.style_tiles[0], layer_choice(settings, 1))
+    rows, cols = layout.largest_window()
+    assert plan.peak_bytes >= memory.style_pass_bytes((2048, 2048), (2048, 2048), rows * cols)
+    # Below what its smallest tiles need, refused naming the style image and its size.
+    with pytest.raises(MemoryExceeded, match=r"the style image styles\[0\], scaled to 2048x2048 px"):
+        plan_job_memory((1024, 768), settings, styles, 300 * MB)
+
+
+def test_every_stage_counts_its_own_style_pass():
+    # Reported: a 512x32 content at max_size 4096 peaked in its 2048x128 stage, whose style pass (the
+    # style scaled to 2048 px) the plan did not count.
+    settings = StylizeSettings(max_size=4096, iterations=3)
+    budget = 1500 * MB
+    plan = plan_job_memory((512, 32), settings, [(1024, 640)], budget)
+    assert len(plan.tiles) == 3 and plan.peak_bytes <= budget
+    assert plan.style_tiles[1] > 0  # the 2048x128 stage is untiled, its 2048x1280 style pass is not
+    assert plan.tiles[1] == 0
+
+
+def test_style_passes_that_fit_keep_the_stage_s_own_tiles():
+    # Outputs stay those of before: untiled stages run their style passes whole, tiled ones in their tiles.
+    settings = StylizeSettings(max_size=160, iterations=2)
+    assert plan_job_memory((48, 32), settings, [(64, 64)], None).style_tiles == (0,)
+    tiled = plan_job_memory((48, 32), settings, [(64, 64)], None, forced_tile=64)
+    assert tiled.tiles == tiled.style_tiles == (64,)
+    # The plan of the worker's decoded styles is the admission's for an image no larger than it uses.
+    assert plan_job_memory((48, 32), settings, [(2000, 1000)], None) == plan_job_memory(
+        (48, 32), settings, [(160, 80)], None
+    )
+
+
+def test_the_decoded_styles_are_held_for_the_whole_job():
+    settings = StylizeSettings(max_size=256, iterations=2)
+    small = plan_job_memory((256, 256), settings, [(64, 64)], None)
+    two = plan_job_memory((256, 256), settings, [(64, 64), (256, 256)], None)
+    # Both are scaled to 256 px for their pass; only the decoded arrays differ (64x64 is never enlarged).
+    assert two.peak_bytes - small.peak_bytes == memory.STYLE_ARRAY_BYTES_PER_PIXEL * 256 * 256
