@@ -13,6 +13,13 @@ With --server SIZE (and --server-limit-mb, default 3000), one such job goes thro
 real `stylize-server --memory-limit-mb LIMIT` process runs it, and its peak resident memory (VmHWM) and
 its resident memory 15 s after the Result are read from /proc.
 
+With --targets SIZE [SIZE ...] (and --targets-tiles, default 0 256 512), one style target pass of The Starry
+Night at SIZE px (its longest side) is measured in a fresh process per row: untiled (tile 0), as
+Engine._targets runs it, or in tiles of that size, as TiledEvaluator's statistics pass runs it. The style is
+held decoded at twice the pass size, so that the pass also resizes it, as every stage but a single-stage
+job's does. Its peak is read after resetting the process's high-water mark once the network is ready;
+"sessions" is what building the tile sessions added.
+
 With --torch, the same loss and gradient in PyTorch eager (one evaluation, in its own process; `pip install
 torch==2.13.0`) and our one untiled evaluation (also in its own process) are measured side by side; that
 compares the evaluations alone, without L-BFGS-B's state, which the two would share.
@@ -21,6 +28,8 @@ compares the evaluations alone, without L-BFGS-B's state, which the two would sh
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import json
 import resource
 import subprocess
@@ -73,7 +82,8 @@ def child_job(size: int, budget_mb: int) -> dict:
     settings = StylizeSettings(max_size=size, min_size=size, iterations=1, init=Init.CONTENT)
     row: dict = {"size": size, "budget": budget, "idle": idle, "pixels": content.shape[0] * content.shape[1]}
     try:
-        plan = engine.plan_memory((content.shape[1], content.shape[0]), settings, 1, budget - idle)
+        style_sizes = [(style.shape[1], style.shape[0])]
+        plan = engine.plan_memory((content.shape[1], content.shape[0]), settings, style_sizes, budget - idle)
     except MemoryExceeded as err:
         return {**row, "refused": str(err)}
     started = time.perf_counter()
@@ -87,6 +97,58 @@ def child_job(size: int, budget_mb: int) -> dict:
         "peak": peak_rss(),
         "seconds_per_evaluation": seconds / result.evaluations,
         "after": current_rss_bytes(),
+    }
+
+
+def reset_peak() -> bool:
+    """Reset this process's VmHWM to its current resident memory (Linux clear_refs 5)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def child_targets(size: int, tile: int) -> dict:
+    """One style target pass at `size` px, untiled (tile 0) or in tiles of `tile` px, in this process."""
+    from stylize_service.models.paths import default_model_path
+    from stylize_service.server.engine.engine import layer_choice
+    from stylize_service.server.engine.memory import current_rss_bytes
+    from stylize_service.server.engine.network import FeatureNetwork
+    from stylize_service.server.engine.resample import resize_longest
+    from stylize_service.server.engine.tiling import TiledEvaluator
+    from stylize_service.server.engine.types import StylizeSettings
+
+    network = FeatureNetwork(default_model_path())
+    choice = layer_choice(StylizeSettings(), 1)
+    compiled = network.compiled(choice)
+    compiled.targets(network.to_network(load(SHARED / "starry_night.jpg", 64)))  # warm, as the server is
+    compiled.shrink_arenas()
+    style = load(SHARED / "starry_night.jpg", 2 * size)
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # as tile_sessions() does, so "sessions" is theirs alone
+    before_sessions = current_rss_bytes()
+    tiled = TiledEvaluator(network.tile_sessions(choice), tile) if tile else None
+    idle = current_rss_bytes()
+    if not reset_peak():
+        return {"error": "cannot reset VmHWM (/proc/self/clear_refs)"}
+    x = network.to_network(resize_longest(style, size))
+    if tiled is None:
+        compiled.targets(x)
+        window = (x.shape[-2], x.shape[-1])
+    else:
+        tiled.targets(x[..., :32, :32], [(1.0, x)])
+        window = tiled.layout(x).largest_window()
+    return {
+        "size": size,
+        "tile": tile,
+        "width": x.shape[-1],
+        "height": x.shape[-2],
+        "pixels": x.shape[-2] * x.shape[-1],
+        "window_pixels": window[0] * window[1],
+        "sessions": idle - before_sessions,
+        "idle": idle,
+        "peak": peak_rss(),
     }
 
 
@@ -205,6 +267,32 @@ def spawn(*args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def targets_table(sizes: list[int], tiles: list[int]) -> None:
+    """One style target pass per row, each in a fresh process, against server.engine.memory's model."""
+    from stylize_service.server.engine.memory import TILE_SESSIONS_BYTES, style_pass_bytes
+
+    print("| style px | tile | sessions MB | above idle MB | predicted MB | bytes/px | bytes/window px |")
+    print("|---|---|---|---|---|---|---|")
+    for size in sizes:
+        for tile in tiles:
+            if tile >= size:
+                continue
+            row = spawn("targets", str(size), str(tile))
+            if "error" in row:
+                print(f"| {size} | {tile} | error: {row['error']} |||||", flush=True)
+                continue
+            above = row["peak"] - row["idle"] + row["sessions"]
+            shape = (row["width"], row["height"])
+            decoded = (2 * row["width"], 2 * row["height"])  # as child_targets holds it (near enough)
+            predicted = style_pass_bytes(shape, decoded, row["window_pixels"] if tile else 0)
+            predicted += TILE_SESSIONS_BYTES if tile else 0
+            print(
+                f"| {size} | {tile or 'none'} | {mb(row['sessions'])} | {mb(above)} | {mb(predicted)} | "
+                f"{above / row['pixels']:.0f} | {above / row['window_pixels']:.0f} |",
+                flush=True,
+            )
+
+
 def mb(value: float) -> str:
     return f"{value / MiB:.0f}"
 
@@ -223,6 +311,8 @@ def main() -> None:
     )
     parser.add_argument("--server", type=int, metavar="SIZE", help="one job of SIZE px through the RPC")
     parser.add_argument("--server-limit-mb", type=int, default=3000)
+    parser.add_argument("--targets", type=int, nargs="+", metavar="SIZE", help="style target passes")
+    parser.add_argument("--targets-tiles", type=int, nargs="+", default=[0, 256, 512])
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.server:
@@ -239,8 +329,16 @@ def main() -> None:
         return
     if args.child:
         kind, size, extra = args.child[0], int(args.child[1]), args.child[2]
-        row = child_job(size, int(extra)) if kind == "job" else child_evaluation(size, extra)
+        if kind == "job":
+            row = child_job(size, int(extra))
+        elif kind == "targets":
+            row = child_targets(size, int(extra))
+        else:
+            row = child_evaluation(size, extra)
         print(json.dumps(row))
+        return
+    if args.targets:
+        targets_table(args.targets, args.targets_tiles)
         return
 
     print(

@@ -252,7 +252,7 @@ def job_table(
     for name in ways:
         for history in histories:
             # The memory plan is where a job's history comes from (server.engine.memory), one stage here.
-            plan = JobMemory(tiles=(0,), histories=(history,), peak_bytes=0)
+            plan = JobMemory(tiles=(0,), histories=(history,), peak_bytes=0, style_tiles=(0,))
             before = benchmark()
             watch = Stopwatch()
             with instrumented(watch, WAYS[name]):

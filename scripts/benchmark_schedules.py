@@ -166,7 +166,12 @@ def run_curves(args: argparse.Namespace) -> None:
                 Stage(i, len(schedule.coarse) + 1, *scaled_size(width, height, size), iterations=n)
                 for i, (size, n) in enumerate([*schedule.coarse, (schedule.final, final_iterations)])
             ]
-            plan = JobMemory((0,) * len(stages), (schedule.history or MAXCOR,) * len(stages), peak_bytes=0)
+            plan = JobMemory(
+                (0,) * len(stages),
+                (schedule.history or MAXCOR,) * len(stages),
+                peak_bytes=0,
+                style_tiles=(0,) * len(stages),
+            )
             recorder = Recorder(len(stages), target, cap)
             load_before = os.getloadavg()[0]
             try:

@@ -86,7 +86,11 @@ class EngineLike(Protocol):
     ) -> None: ...
 
     def plan_memory(
-        self, content_size: tuple[int, int], settings: StylizeSettings, styles: int, budget: int | None
+        self,
+        content_size: tuple[int, int],
+        settings: StylizeSettings,
+        style_sizes: Sequence[tuple[int, int]],
+        budget: int | None,
     ) -> JobMemory: ...
 
     def stylize(
@@ -473,8 +477,10 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             width, height = self._probe(request.content_image, "content_image")
             if has_init_image:
                 self._probe(request.options.init_image, "options.init_image")
-            for index, style in enumerate(request.styles):
+            style_sizes = [
                 self._probe(style.image, f"styles[{index}].image")
+                for index, style in enumerate(request.styles)
+            ]
             # The stages' sizes from the header's size, which has the image's true aspect ratio (once
             # shrunk to max_size a thin side is rounded up to 1 px, and the advice would be wrong).
             # The EXIF orientation may swap the sides, which changes no stage's short side.
@@ -484,9 +490,10 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 has_init_image=has_init_image,
                 content_size=(width, height),
             )
-            # The memory the job will reserve while it runs, from the same header size.
+            # The memory the job will reserve while it runs, from the same header sizes (the style passes
+            # can be far larger than the content's stages).
             job_memory = engine.plan_memory(
-                (width, height), settings, len(request.styles), self._scheduler.memory_capacity
+                (width, height), settings, style_sizes, self._scheduler.memory_capacity
             )
         except InvalidSettings as err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(invalid_option(err)), "invalid") from None
@@ -529,7 +536,10 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             content_size=(content.shape[1], content.shape[0]),
         )
         memory_plan = engine.plan_memory(
-            (content.shape[1], content.shape[0]), settings, len(styles), self._scheduler.memory_capacity
+            (content.shape[1], content.shape[0]),
+            settings,
+            [(style.image.shape[1], style.image.shape[0]) for style in styles],
+            self._scheduler.memory_capacity,
         )
         return _Inputs(content, styles, init_image, memory_plan)
 
@@ -659,10 +669,12 @@ def _describe_sizes(inputs: _Inputs, job: _Job) -> str:
     out_w, out_h = scaled_size(width, height, job.options.settings.max_size)
     styles = ",".join(f"{s.image.shape[1]}x{s.image.shape[0]}" for s in inputs.styles) or "none"
     tiles = ",".join(str(t) for t in inputs.memory_plan.tiles)
+    style_tiles = ",".join(str(t) for t in inputs.memory_plan.style_tiles)
     histories = ",".join(str(h) for h in inputs.memory_plan.histories)
     return (
         f"content={width}x{height} styles={styles} output={out_w}x{out_h} "
-        f"memory={megabytes(job.memory.peak_bytes)}MB tiles={tiles} correction_pairs={histories}"
+        f"memory={megabytes(job.memory.peak_bytes)}MB tiles={tiles} style_tiles={style_tiles} "
+        f"correction_pairs={histories}"
     )
 
 

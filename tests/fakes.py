@@ -100,10 +100,14 @@ class FakeEngine:
         )
 
     def plan_memory(
-        self, content_size: tuple[int, int], settings: StylizeSettings, styles: int, budget: int | None
+        self,
+        content_size: tuple[int, int],
+        settings: StylizeSettings,
+        style_sizes: Sequence[tuple[int, int]],
+        budget: int | None,
     ) -> JobMemory:
         # The real model's plan (it needs no ONNX), so that admission sees real figures.
-        return plan_job_memory(content_size, settings, styles, budget)
+        return plan_job_memory(content_size, settings, style_sizes, budget)
 
     def stylize(
         self,

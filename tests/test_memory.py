@@ -12,9 +12,10 @@ from stylize_service.models.graphs import LayerChoice
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.engine import memory
-from stylize_service.server.engine.engine import plan_job_memory
+from stylize_service.server.engine.engine import layer_choice, plan_job_memory
 from stylize_service.server.engine.memory import MemoryExceeded, plan_job, stage_bytes
 from stylize_service.server.engine.pyramid import Stage
+from stylize_service.server.engine.tiling import TileLayout
 from stylize_service.server.engine.types import StylizeSettings
 from stylize_service.server.scheduler import Scheduler
 from tests.fakes import FakeEngine, channel, image_bytes, running_server
@@ -29,36 +30,41 @@ def stage(width: int, height: int) -> Stage:
     return Stage(0, 1, width, height, iterations=10)
 
 
+def plan_content(stages: list[Stage], budget: int | None, forced_tile: int = 0) -> memory.JobMemory:
+    """The plan of the content's stages alone (no style image)."""
+    return plan_job(stages, CHOICE, budget, forced_tile, style_sizes=(), style_scale=1.0)
+
+
 def test_untiled_where_it_fits_else_the_largest_tile_that_fits():
     big = stage(2048, 1536)
     untiled = stage_bytes(big, CHOICE, 0)
     headroom = 1 - memory.PLAN_HEADROOM
-    assert plan_job([big], CHOICE, None).tiles == (0,)
-    assert plan_job([big], CHOICE, int(untiled / headroom) + 1).tiles == (0,)
+    assert plan_content([big], None).tiles == (0,)
+    assert plan_content([big], int(untiled / headroom) + 1).tiles == (0,)
     # Untiled would fill the budget, so tiles that leave the headroom free are taken.
-    tiled = plan_job([big], CHOICE, untiled)
+    tiled = plan_content([big], untiled)
     assert tiled.tiles[0] in memory.TILE_SIZES and tiled.peak_bytes <= untiled * headroom
     # Smaller budgets, smaller tiles; the L-BFGS state itself is never tiled.
-    smaller = plan_job([big], CHOICE, stage_bytes(big, CHOICE, 256))
+    smaller = plan_content([big], stage_bytes(big, CHOICE, 256))
     assert smaller.tiles[0] <= tiled.tiles[0]
     assert tiled.histories == smaller.histories == (memory.MAXCOR,)
     # Below what the smallest tile needs with the full history, a shorter history; below the shortest
     # one's L-BFGS state alone, nothing fits.
     smallest = min(memory.TILE_SIZES)
-    squeezed = plan_job([big], CHOICE, stage_bytes(big, CHOICE, smallest) - 1)
+    squeezed = plan_content([big], stage_bytes(big, CHOICE, smallest) - 1)
     assert squeezed.histories[0] < memory.MAXCOR and squeezed.histories[0] in memory.HISTORIES
     assert squeezed.peak_bytes == stage_bytes(big, CHOICE, squeezed.tiles[0], squeezed.histories[0])
     shortest = min(memory.HISTORIES)
     # Where nothing leaves the headroom free, the whole budget is used rather than the job refused.
     tightest = stage_bytes(big, CHOICE, smallest, shortest)
-    assert plan_job([big], CHOICE, tightest).peak_bytes == tightest
+    assert plan_content([big], tightest).peak_bytes == tightest
     with pytest.raises(MemoryExceeded, match="MB of memory"):
-        plan_job([big], CHOICE, memory.lbfgs_bytes_per_variable(shortest) * 3 * 2048 * 1536)
+        plan_content([big], memory.lbfgs_bytes_per_variable(shortest) * 3 * 2048 * 1536)
 
 
 def test_the_peak_is_the_largest_stage_and_forced_tiles_apply_above_their_size():
     stages = [Stage(0, 2, 256, 192, 10), Stage(1, 2, 512, 384, 10)]
-    job = plan_job(stages, CHOICE, None, forced_tile=256)
+    job = plan_content(stages, None, forced_tile=256)
     assert job.tiles == (0, 256)
     assert job.histories == (memory.MAXCOR, memory.MAXCOR)
     assert job.peak_bytes == max(stage_bytes(stages[0], CHOICE, 0), stage_bytes(stages[1], CHOICE, 256))
@@ -146,7 +152,9 @@ def test_a_job_too_large_for_the_full_history_runs_with_a_shorter_one_and_says_s
         assert capacity is not None
         # The smallest output of the 48x32 content image whose plan must shorten L-BFGS-B's history.
         for size in range(1024, 4097, 32):
-            plan = plan_job_memory((48, 32), StylizeSettings(max_size=size, iterations=1), 1, capacity)
+            plan = plan_job_memory(
+                (48, 32), StylizeSettings(max_size=size, iterations=1), [(32, 32)], capacity
+            )
             if plan.histories[-1] < memory.MAXCOR:
                 break
         else:
@@ -161,3 +169,54 @@ def test_a_job_too_large_for_the_full_history_runs_with_a_shorter_one_and_says_s
     progress = [e.progress for e in events if e.HasField("progress")]
     assert progress and all(p.correction_pairs == plan.histories[-1] for p in progress)
     assert events[-1].HasField("result")
+
+
+def test_the_plan_counts_a_style_pass_larger_than_the_content_and_tiles_it():
+    # Reported: a 256 px content at style_scale 8 takes its 2048x2048 style whole (about 4 GB), which a
+    # plan of the content's pixels alone put at 169 MB.
+    settings = StylizeSettings(max_size=256, style_scale=8, iterations=2)
+    styles = [(2048, 2048)]
+    untiled_pass = memory.style_pass_bytes((2048, 2048), (2048, 2048))
+    assert plan_job_memory((1024, 768), settings, styles, None).peak_bytes >= untiled_pass > 4000 * MB
+    # 2000 MB beside a 500 MB idle server: the style pass runs in tiles, within the budget.
+    budget = 1500 * MB
+    plan = plan_job_memory((1024, 768), settings, styles, budget)
+    assert plan.tiles == (0,) and plan.style_tiles[0] in memory.TILE_SIZES
+    assert plan.peak_bytes <= budget
+    layout = TileLayout(2048, 2048, plan.style_tiles[0], layer_choice(settings, 1))
+    rows, cols = layout.largest_window()
+    assert plan.peak_bytes >= memory.style_pass_bytes((2048, 2048), (2048, 2048), rows * cols)
+    # Below what its smallest tiles need, refused naming the style image and its size.
+    with pytest.raises(MemoryExceeded, match=r"the style image styles\[0\], scaled to 2048x2048 px"):
+        plan_job_memory((1024, 768), settings, styles, 300 * MB)
+
+
+def test_every_stage_counts_its_own_style_pass():
+    # Reported: a 512x32 content at max_size 4096 peaked in its 2048x128 stage, whose style pass (the
+    # style scaled to 2048 px) the plan did not count.
+    settings = StylizeSettings(max_size=4096, iterations=3)
+    budget = 1500 * MB
+    plan = plan_job_memory((512, 32), settings, [(1024, 640)], budget)
+    assert len(plan.tiles) == 3 and plan.peak_bytes <= budget
+    assert plan.style_tiles[1] > 0  # the 2048x128 stage is untiled, its 2048x1280 style pass is not
+    assert plan.tiles[1] == 0
+
+
+def test_style_passes_that_fit_keep_the_stage_s_own_tiles():
+    # Outputs stay those of before: untiled stages run their style passes whole, tiled ones in their tiles.
+    settings = StylizeSettings(max_size=160, iterations=2)
+    assert plan_job_memory((48, 32), settings, [(64, 64)], None).style_tiles == (0,)
+    tiled = plan_job_memory((48, 32), settings, [(64, 64)], None, forced_tile=64)
+    assert tiled.tiles == tiled.style_tiles == (64,)
+    # The plan of the worker's decoded styles is the admission's for an image no larger than it uses.
+    assert plan_job_memory((48, 32), settings, [(2000, 1000)], None) == plan_job_memory(
+        (48, 32), settings, [(160, 80)], None
+    )
+
+
+def test_the_decoded_styles_are_held_for_the_whole_job():
+    settings = StylizeSettings(max_size=256, iterations=2)
+    small = plan_job_memory((256, 256), settings, [(64, 64)], None)
+    two = plan_job_memory((256, 256), settings, [(64, 64), (256, 256)], None)
+    # Both are scaled to 256 px for their pass; only the decoded arrays differ (64x64 is never enlarged).
+    assert two.peak_bytes - small.peak_bytes == memory.STYLE_ARRAY_BYTES_PER_PIXEL * 256 * 256

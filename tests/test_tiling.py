@@ -135,3 +135,18 @@ def test_real_vgg16_avg_pooling_deep_content(real_network):
     compare(
         real_network, 70, 95, 48, content=("relu5_3", "relu2_2"), style=("relu1_1", "relu3_1"), pooling="avg"
     )
+
+
+@pytest.mark.parametrize("tile", [32, 48])
+def test_style_targets_in_tiles_are_the_untiled_ones(random_network, tile):
+    # The style passes that the memory plan tiles (an untiled stage with a large style) use these.
+    choice = LayerChoice.of({"content": ("relu4_2",), "style": STYLE})
+    style = np.random.default_rng(4).uniform(-110, 140, (1, 3, 101, 77)).astype(np.float32)
+    untiled = random_network.compiled(choice).targets(style).by_term["style"]
+    tiled = TiledEvaluator(random_network.tile_sessions(choice), tile)
+    assert len(tiled.layout(style)) > 1
+    targets = tiled.statistic_targets(style)
+    assert set(targets) == {"style"} and set(targets["style"]) == set(STYLE)
+    for layer, expected in untiled.items():
+        error = np.linalg.norm(targets["style"][layer] - expected) / np.linalg.norm(expected)
+        assert error < 1e-5, layer

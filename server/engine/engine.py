@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from stylize_service.models.graphs import POOLS_BEFORE, LayerChoice
+from stylize_service.models.terms import TERMS
 
 from . import color, memory, pyramid, validation
-from .network import CompiledChoice, Evaluation, FeatureNetwork, Targets
+from .network import CompiledChoice, Evaluation, FeatureNetwork, Targets, TileSessions
 from .optimizer import Convergence, Step, run_lbfgs
 from .providers import ProviderSpec
 from .pyramid import Stage
@@ -97,12 +98,17 @@ class Engine:
         )
 
     def plan_memory(
-        self, content_size: tuple[int, int], settings: StylizeSettings, styles: int, budget: int | None
+        self,
+        content_size: tuple[int, int],
+        settings: StylizeSettings,
+        style_sizes: Sequence[tuple[int, int]],
+        budget: int | None,
     ) -> memory.JobMemory:
-        """Each stage's tile size and the job's predicted peak (bytes above the idle server) for a content
-        image of content_size = (width, height), within `budget` bytes (None = no limit); raises
-        memory.MemoryExceeded when it fits in no way. Pass the plan on to stylize(memory_plan=...)."""
-        return plan_job_memory(content_size, settings, styles, budget, forced_tile=self.tile_size)
+        """Each stage's tile sizes and the job's predicted peak (bytes above the idle server) for a content
+        image of content_size = (width, height) and style images of style_sizes (each (width, height)),
+        within `budget` bytes (None = no limit); raises memory.MemoryExceeded when it fits in no way. Pass
+        the plan on to stylize(memory_plan=...)."""
+        return plan_job_memory(content_size, settings, style_sizes, budget, forced_tile=self.tile_size)
 
     def stylize(
         self,
@@ -136,7 +142,14 @@ class Engine:
             else plan_stages((content.shape[1], content.shape[0]), settings, choice)
         )
         if memory_plan is None:
-            memory_plan = memory.plan_job(stages, choice, None, forced_tile=self.tile_size)
+            memory_plan = memory.plan_job(
+                stages,
+                choice,
+                None,
+                forced_tile=self.tile_size,
+                style_sizes=[(s.image.shape[1], s.image.shape[0]) for s in styles],
+                style_scale=settings.style_scale,
+            )
         run = _Run(
             observer,
             settings,
@@ -152,21 +165,23 @@ class Engine:
         blend = _blend_weights([s.blend_weight for s in styles])
         previous: tuple[np.ndarray, np.ndarray | None] | None = None  # the last stage's result and base
         last: Step | None = None
-        tile_sessions = self._network.tile_sessions(choice) if any(memory_plan.tiles) else None
+        # Built at the first stage that tiles its evaluations or its style passes, kept to the job's end
+        # (a later stage, larger, needs them too); memory.plan_job counts them from then on.
+        tile_sessions: TileSessions | None = None
         try:
             for stage in stages:
                 stage_content = resize(net_content, stage.width, stage.height)
-                if memory_plan.tiles[stage.index]:
-                    assert tile_sessions is not None
-                    tiled = TiledEvaluator(
-                        tile_sessions,
-                        memory_plan.tiles[stage.index],
-                        functools.partial(_stop_if_asked, observer),
-                    )
-                    targets = self._tiled_targets(tiled, stage_content, net_styles, blend, stage, settings)
+                tile, style_tile = memory_plan.tiles[stage.index], memory_plan.style_tiles[stage.index]
+                if (tile or style_tile) and tile_sessions is None:
+                    tile_sessions = self._network.tile_sessions(choice)
+                tiled = self._tiled(tile_sessions, tile, observer)
+                style_tiled = (
+                    tiled if style_tile == tile else self._tiled(tile_sessions, style_tile, observer)
+                )
+                targets = self._targets(run, stage_content, net_styles, blend, stage, tiled, style_tiled)
+                if tiled is not None:
                     evaluate = tiled.evaluator(targets, *_weights(settings))
                 else:
-                    targets = self._targets(run, stage_content, net_styles, blend, stage)
                     feeds = run.compiled.feeds(targets, *_weights(settings))
                     evaluate = functools.partial(run.compiled.evaluate, feeds=feeds)
                 base = self._base(settings, stage, stage_content, init_image)
@@ -186,6 +201,14 @@ class Engine:
             elapsed_seconds=time.perf_counter() - run.started,
         )
 
+    @staticmethod
+    def _tiled(sessions: TileSessions | None, tile: int, observer: StylizeObserver) -> TiledEvaluator | None:
+        """A tiled evaluator of `tile` px (None for 0: untiled)."""
+        if not tile:
+            return None
+        assert sessions is not None
+        return TiledEvaluator(sessions, tile, functools.partial(_stop_if_asked, observer))
+
     def _targets(
         self,
         run: _Run,
@@ -193,41 +216,41 @@ class Engine:
         styles: list[np.ndarray],
         blend: np.ndarray,
         stage: Stage,
+        tiled: TiledEvaluator | None,
+        style_tiled: TiledEvaluator | None,
     ) -> Targets:
-        """Content targets from the stage's content image; style targets blended over the style images,
-        each scaled to the stage's longest side times style_scale. Each pass is a whole network run (many
-        seconds at 4096 px), so a cancelled job stops before each one rather than after them all."""
+        """Content targets from the stage's content image (in tiles where the stage is tiled); style
+        targets blended over the style images, each scaled to the stage's longest side times style_scale,
+        one at a time, and run whole or, where the memory plan says so, in tiles (exact: a Gram matrix is
+        a sum over the tiles). Each pass is a whole network run (many seconds at 4096 px), so a cancelled
+        job stops before each one rather than after them all."""
         compiled = run.compiled
         _stop_if_asked(run.observer)
-        by_term = {"content": compiled.targets(self._network.to_network(stage_content)).by_term["content"]}
-        grams: dict[str, np.ndarray] = {}
+        content = self._network.to_network(stage_content)
+        if tiled is None:
+            by_term = {"content": compiled.targets(content).by_term["content"]}
+        else:
+            by_term = tiled.separable_targets(content)
+        del content
+        # Blended in the style images' order, as a sum of weight x target per layer.
+        for name, _ in compiled.choice.layers:
+            if not TERMS[name].region_separable:
+                by_term[name] = {}
         style_size = pyramid.style_longest(stage.longest, run.settings.style_scale)
         for weight, style in zip(blend, styles, strict=True):
             _stop_if_asked(run.observer)
-            style_targets = compiled.targets(self._network.to_network(resize_longest(style, style_size)))
-            for layer, gram in style_targets.by_term["style"].items():
-                grams[layer] = grams.get(layer, 0) + np.float32(weight) * gram
-        by_term["style"] = grams
+            image = self._network.to_network(resize_longest(style, style_size))
+            if style_tiled is None:
+                one = compiled.targets(image).by_term
+                one = {name: one[name] for name in by_term if not TERMS[name].region_separable}
+            else:
+                one = style_tiled.statistic_targets(image)
+            del image  # before the next style is scaled: one pass's input at a time
+            for name, layers in one.items():
+                for layer, target in layers.items():
+                    by_term[name][layer] = by_term[name].get(layer, 0) + np.float32(weight) * target
         _stop_if_asked(run.observer)  # before the stage's first evaluation
         return Targets(by_term)
-
-    def _tiled_targets(
-        self,
-        tiled: TiledEvaluator,
-        stage_content: np.ndarray,
-        styles: list[np.ndarray],
-        blend: np.ndarray,
-        stage: Stage,
-        settings: StylizeSettings,
-    ) -> Targets:
-        style_size = pyramid.style_longest(stage.longest, settings.style_scale)
-        return tiled.targets(
-            self._network.to_network(stage_content),
-            [
-                (float(weight), self._network.to_network(resize_longest(style, style_size)))
-                for weight, style in zip(blend, styles, strict=True)
-            ],
-        )
 
     @staticmethod
     def _base(
@@ -356,13 +379,20 @@ def check_request(
 def plan_job_memory(
     content_size: tuple[int, int],
     settings: StylizeSettings,
-    styles: int,
+    style_sizes: Sequence[tuple[int, int]],
     budget: int | None,
     forced_tile: int = 0,
 ) -> memory.JobMemory:
     """The memory plan of a request (Engine.plan_memory without an engine; the tests' fake uses it)."""
-    choice = layer_choice(settings, styles)
-    return memory.plan_job(plan_stages(content_size, settings, choice), choice, budget, forced_tile)
+    choice = layer_choice(settings, len(style_sizes))
+    return memory.plan_job(
+        plan_stages(content_size, settings, choice),
+        choice,
+        budget,
+        forced_tile,
+        style_sizes=style_sizes,
+        style_scale=settings.style_scale,
+    )
 
 
 def layer_choice(settings: StylizeSettings, styles: int) -> LayerChoice:

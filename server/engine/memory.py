@@ -6,7 +6,12 @@ The model counts what a job holds above the idle server at its peak, the largest
   lbfgs_bytes_per_variable(history) per variable, three variables (colour channels) per pixel;
 - the stage's own arrays (content, start point, gradient, targets at full size);
 - one loss-and-gradient evaluation: EVAL_BYTES_PER_PIXEL of the stage's pixels untiled, or, tiled, the
-  tile sessions and TILE_EVAL_BYTES_PER_PIXEL of the largest tile window.
+  tile sessions and TILE_EVAL_BYTES_PER_PIXEL of the largest tile window;
+and, before the optimisation, the stage's target passes: the content's, then each style image's, one at a
+time, at the stage's longest side times style_scale in the style's own aspect ratio, which can be far
+larger than the stage (a 256 px stage at style_scale 8 takes a 2048 px style). A style pass too large for
+the budget runs in tiles of its own (exact: its Gram matrices are sums over the tiles). The decoded style
+images are held for the whole job.
 The per-pixel figures were measured with the default layers (the deepest, relu5_1, with five style
 layers) by scripts/benchmark_memory.py, which also prints predicted against measured peaks; deeper or
 fewer layers need no more.
@@ -14,8 +19,10 @@ fewer layers need no more.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +30,8 @@ from stylize_service.models.graphs import POOLS_BEFORE, LayerChoice
 from stylize_service.models.onnx_builder import CHANNELS
 
 from .optimizer import MAXCOR
-from .pyramid import Stage
+from .pyramid import Stage, style_longest
+from .resample import scaled_size
 from .tiling import TileLayout
 
 MiB = 2**20
@@ -55,6 +63,23 @@ EVAL_BYTES_PER_PIXEL = 1880
 TILE_EVAL_BYTES_PER_PIXEL = 5000
 TILE_SESSIONS_BYTES = 100 * MiB
 STAGE_ARRAY_BYTES_PER_PIXEL = 64  # float32 RGB content, start, point and gradient copies
+# Target passes (forward only), measured by scripts/benchmark_memory.py --targets (one style pass of The
+# Starry Night per fresh process, scaled from a decoded copy twice its size; peak above the ready network).
+# Untiled, as CompiledChoice.targets runs it: 92, 578, 2447 and 3410 MB at 512, 1024, 2048 and 3072 px
+# (164K to 5.9M pixels: 586, 924, 979 and 606 bytes per pixel), which 40 MB and 1 KB per pixel covers. Tiled,
+# as TiledEvaluator's statistics pass runs it (2048 px in 128, 256, 512 px tiles; 4096 px in 256 and 1024 px
+# tiles): 2400 to 2760 bytes per pixel of the largest window where there are 12 tiles or more, 900 with 4
+# (the arena, never shrunk between tiles, fragments over windows of different shapes): 3000 covers them.
+TARGETS_FIXED_BYTES = 40 * MiB
+TARGETS_BYTES_PER_PIXEL = 1024
+TILE_STATISTICS_BYTES_PER_PIXEL = 3000
+NETWORK_INPUT_BYTES_PER_PIXEL = 12  # float32, (1, 3, h, w): a tiled pass holds the whole input
+# Scaling a style image to a stage's size (resample.resize, channel by channel through Pillow): measured
+# 7.4 bytes per source pixel and 23 per result pixel shrinking, 47 to 48 per result pixel enlarging.
+RESIZE_BYTES_PER_SOURCE_PIXEL = 8
+RESIZE_BYTES_PER_PIXEL = 48
+# The decoded style images (float32 RGB) and the copies the colour modes make of them, for the whole job.
+STYLE_ARRAY_BYTES_PER_PIXEL = 24
 PLAN_HEADROOM = 0.1  # measured: a server's job peaked 9% above the one-process prediction (README, Memory)
 TILE_SIZES = (1024, 768, 512, 384, 256, 128)  # tried largest first when a stage does not fit untiled
 DEFAULT_MARGIN_FRACTION = 0.1  # of the machine's or container's memory, left to the kernel and others
@@ -62,25 +87,120 @@ MIN_MARGIN_BYTES = 512 * MiB
 
 
 class MemoryExceeded(Exception):
-    """A job cannot fit the memory budget at any tile size."""
+    """A job cannot fit the memory budget at any tile size. `cause` names what does not fit where that is
+    not the job's own size (a style image at the size a stage scales it to)."""
 
-    def __init__(self, needed: int, budget: int) -> None:
-        super().__init__(
-            f"the job needs about {needed / MiB:.0f} MB of memory even in the smallest tiles, more than "
-            f"the {budget / MiB:.0f} MB this server has for a job; use a smaller max_size"
-        )
+    def __init__(self, needed: int, budget: int, cause: str = "") -> None:
+        if cause:
+            message = (
+                f"{cause} needs about {needed / MiB:.0f} MB of memory even in the smallest tiles, more than "
+                f"the {budget / MiB:.0f} MB this server has for a job; use a smaller style_scale, style "
+                "image or max_size"
+            )
+        else:
+            message = (
+                f"the job needs about {needed / MiB:.0f} MB of memory even in the smallest tiles, more than "
+                f"the {budget / MiB:.0f} MB this server has for a job; use a smaller max_size"
+            )
+        super().__init__(message)
         self.needed = needed
         self.budget = budget
 
 
 @dataclass(frozen=True)
 class JobMemory:
-    """The plan of one job: each stage's tile size (0 = untiled) and L-BFGS-B history (correction
-    pairs), and the predicted peak above idle."""
+    """The plan of one job: each stage's tile size for its evaluations (0 = untiled) and L-BFGS-B history
+    (correction pairs), the predicted peak above idle, and each stage's tile size for its style target
+    passes (0 = untiled; in a tiled stage the stage's own tile size unless a smaller one is needed)."""
 
     tiles: tuple[int, ...]
     histories: tuple[int, ...]
     peak_bytes: int
+    style_tiles: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StylePass:
+    """One style image's target pass in a stage: the image as the worker holds it and as the stage runs
+    it, (width, height) each."""
+
+    index: int  # in the request's styles
+    decoded: tuple[int, int]
+    size: tuple[int, int]
+
+    @property
+    def pixels(self) -> int:
+        return self.size[0] * self.size[1]
+
+
+def decoded_style_size(size: tuple[int, int], longest: int) -> tuple[int, int]:
+    """A style image's (width, height) once decoded: shrunk, never enlarged, to `longest`
+    (servicer._decode_inputs; pyramid.style_longest of the output's size)."""
+    return size if max(size) <= longest else scaled_size(*size, longest)
+
+
+def style_passes(stage: Stage, decoded: Sequence[tuple[int, int]], style_scale: float) -> list[StylePass]:
+    """The stage's style passes: each decoded style scaled (up or down) to the stage's style size."""
+    longest = style_longest(stage.longest, style_scale)
+    return [StylePass(index, size, scaled_size(*size, longest)) for index, size in enumerate(decoded)]
+
+
+@functools.lru_cache(maxsize=256)
+def _largest_window(height: int, width: int, tile: int, choice: LayerChoice) -> int:
+    rows, cols = TileLayout(height, width, tile, choice).largest_window()
+    return rows * cols
+
+
+def style_pass_bytes(size: tuple[int, int], decoded: tuple[int, int], window_pixels: int = 0) -> int:
+    """Predicted bytes above idle of one style target pass at size = (width, height), scaled from the
+    decoded style: untiled (window_pixels 0), or tile by tile with window_pixels the largest tile
+    window (the tile sessions not included)."""
+    pixels = size[0] * size[1]
+    if not window_pixels:
+        return TARGETS_FIXED_BYTES + TARGETS_BYTES_PER_PIXEL * pixels  # measured with the resize in it
+    resize = (
+        RESIZE_BYTES_PER_SOURCE_PIXEL * decoded[0] * decoded[1] + RESIZE_BYTES_PER_PIXEL * pixels
+        if size != decoded
+        else 0
+    )
+    # The resize's temporaries are gone before the network runs; its result (the input) is not.
+    return max(
+        resize, NETWORK_INPUT_BYTES_PER_PIXEL * pixels + TILE_STATISTICS_BYTES_PER_PIXEL * window_pixels
+    )
+
+
+def _content_target_bytes(stage: Stage, choice: LayerChoice) -> int:
+    """The separable terms' targets, kept whole (float32) at their layers' resolutions."""
+    return sum(
+        4 * CHANNELS[layer] * stage.pixels // 4 ** POOLS_BEFORE[layer]
+        for layer in choice.layers_of("content")
+    )
+
+
+def targets_bytes(
+    stage: Stage, choice: LayerChoice, tile: int, style_tile: int, passes: Sequence[StylePass]
+) -> int:
+    """Predicted bytes above idle while the stage's targets are computed (tile sessions and the decoded
+    styles not included): the content pass, untiled or in the stage's tiles, then, holding the content's
+    targets, the largest style pass, untiled or in tiles of style_tile px."""
+    content_targets = _content_target_bytes(stage, choice)
+    if tile:
+        window = _largest_window(stage.height, stage.width, tile, choice)
+        content_pass = content_targets + TILE_STATISTICS_BYTES_PER_PIXEL * window
+    else:
+        content_pass = TARGETS_FIXED_BYTES + TARGETS_BYTES_PER_PIXEL * stage.pixels
+    style_pass = max(
+        (
+            style_pass_bytes(
+                p.size,
+                p.decoded,
+                _largest_window(p.size[1], p.size[0], style_tile, choice) if style_tile else 0,
+            )
+            for p in passes
+        ),
+        default=0,
+    )
+    return STAGE_ARRAY_BYTES_PER_PIXEL * stage.pixels + max(content_pass, content_targets + style_pass)
 
 
 def stage_bytes(stage: Stage, choice: LayerChoice, tile: int, history: int = MAXCOR) -> int:
@@ -90,43 +210,83 @@ def stage_bytes(stage: Stage, choice: LayerChoice, tile: int, history: int = MAX
     held = lbfgs_bytes_per_variable(history) * 3 * pixels + STAGE_ARRAY_BYTES_PER_PIXEL * pixels
     if not tile:
         return held + EVAL_FIXED_BYTES + EVAL_BYTES_PER_PIXEL * pixels
-    window_rows, window_cols = TileLayout(stage.height, stage.width, tile, choice).largest_window()
-    # The separable terms' targets are kept whole (float32), at their layers' resolutions.
-    targets = sum(
-        4 * CHANNELS[layer] * pixels // 4 ** POOLS_BEFORE[layer] for layer in choice.layers_of("content")
-    )
-    return held + targets + TILE_SESSIONS_BYTES + TILE_EVAL_BYTES_PER_PIXEL * window_rows * window_cols
+    window = _largest_window(stage.height, stage.width, tile, choice)
+    targets = _content_target_bytes(stage, choice)
+    return held + targets + TILE_SESSIONS_BYTES + TILE_EVAL_BYTES_PER_PIXEL * window
 
 
-def plan_job(stages: list[Stage], choice: LayerChoice, budget: int | None, forced_tile: int = 0) -> JobMemory:
+def plan_job(
+    stages: list[Stage],
+    choice: LayerChoice,
+    budget: int | None,
+    forced_tile: int = 0,
+    *,
+    style_sizes: Sequence[tuple[int, int]],
+    style_scale: float,
+) -> JobMemory:
     """Tile sizes and histories per stage so that the job's predicted peak fits `budget` (bytes above
     idle; None = no limit): the full history where it fits at some tile size, untiled where that fits,
     else the largest tile that fits; only then a shorter history (HISTORIES). forced_tile > 0 tiles
-    every stage larger than it. Raises MemoryExceeded when a stage fits in no way."""
+    every stage larger than it. style_sizes: each style image's (width, height) as received (header or
+    decoded); its passes run untiled in an untiled stage and in the stage's tiles in a tiled one, or in
+    the largest smaller tiles that fit. A stage's peak is the larger of its target passes' and its
+    optimisation's. Raises MemoryExceeded when a stage fits in no way."""
+    final = stages[-1].longest if stages else 0
+    decoded = [decoded_style_size(size, style_longest(final, style_scale)) for size in style_sizes]
+    held = STYLE_ARRAY_BYTES_PER_PIXEL * sum(width * height for width, height in decoded)
     tiles: list[int] = []
+    style_tiles: list[int] = []
     histories: list[int] = []
     peak = 0
+    sessions_built = False  # the engine builds the tile sessions at the first stage that needs them
     for stage in stages:
+        passes = style_passes(stage, decoded, style_scale)
         if forced_tile and max(stage.width, stage.height) > forced_tile:
             candidates: tuple[int, ...] = (forced_tile,)
         else:
             candidates = (0, *(t for t in TILE_SIZES if t < max(stage.width, stage.height)))
-        needs = [
-            (tile, history, stage_bytes(stage, choice, tile, history))
-            for history in HISTORIES
-            for tile in candidates
-        ]
+        ways: list[tuple[int, int, int, int, int]] = []  # tile, history, style tile, need, optimisation's
+        for history in HISTORIES:
+            for tile in candidates:
+                optimisation = stage_bytes(stage, choice, tile, history)
+                for style_tile in _style_tile_candidates(tile, passes):
+                    sessions = TILE_SESSIONS_BYTES if sessions_built or tile or style_tile else 0
+                    untiled_sessions = 0 if tile else sessions  # stage_bytes counts a tiled stage's
+                    targets = targets_bytes(stage, choice, tile, style_tile, passes) + sessions
+                    need = held + max(optimisation + untiled_sessions, targets)
+                    ways.append((tile, history, style_tile, need, held + optimisation + untiled_sessions))
         # Leave PLAN_HEADROOM of the budget unplanned where some way does (the model was measured in one
         # process; a server also holds requests, threads' heaps and encoded images); else use it all.
-        roomy = [need for need in needs if budget is None or need[2] <= budget * (1 - PLAN_HEADROOM)]
-        fitting = roomy or [need for need in needs if budget is None or need[2] <= budget]
+        roomy = [way for way in ways if budget is None or way[3] <= budget * (1 - PLAN_HEADROOM)]
+        fitting = roomy or [way for way in ways if budget is None or way[3] <= budget]
         if not fitting:
-            raise MemoryExceeded(min(need for _, _, need in needs), budget or 0)
-        tile, history, need = fitting[0]
+            needed = min(way[3] for way in ways)
+            if budget is not None and passes and min(way[4] for way in ways) <= budget:
+                raise MemoryExceeded(needed, budget, _style_cause(stage, passes, style_scale))
+            raise MemoryExceeded(needed, budget or 0)
+        tile, history, style_tile, need, _ = fitting[0]
         tiles.append(tile)
         histories.append(history)
+        style_tiles.append(style_tile)
+        sessions_built = sessions_built or bool(tile or style_tile)
         peak = max(peak, need)
-    return JobMemory(tuple(tiles), tuple(histories), peak)
+    return JobMemory(tuple(tiles), tuple(histories), peak, tuple(style_tiles))
+
+
+def _style_tile_candidates(tile: int, passes: Sequence[StylePass]) -> tuple[int, ...]:
+    """Tile sizes for a stage's style passes, largest first: the stage's own (0 = untiled), then smaller
+    tiles where the largest pass is larger than them."""
+    longest = max((max(p.size) for p in passes), default=0)
+    return (tile, *(t for t in TILE_SIZES if t < (tile or longest)))
+
+
+def _style_cause(stage: Stage, passes: Sequence[StylePass], style_scale: float) -> str:
+    largest = max(passes, key=lambda p: p.pixels)
+    width, height = largest.size
+    return (
+        f"the style image styles[{largest.index}], scaled to {width}x{height} px for the "
+        f"{stage.width}x{stage.height} stage (style_scale {style_scale:g}),"
+    )
 
 
 def default_budget_bytes() -> int:

@@ -13,7 +13,7 @@ gradient equal the untiled ones up to float rounding.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,24 +224,41 @@ class TiledEvaluator:
                 part[..., own_rows, own_cols] = tile_features[..., own_rows, own_cols]
         return sums, whole
 
-    def targets(self, content: np.ndarray, styles: list[tuple[float, np.ndarray]]) -> Targets:
+    def targets(self, content: np.ndarray, styles: Iterable[tuple[float, np.ndarray]]) -> Targets:
         """Separable terms' targets from `content`; the others' blended over the (weight, style image)
         pairs; images are network inputs (1, 3, h, w)."""
-        _, features = self._whole_image(content, statistics=False, features=True)
-        by_term: dict[str, dict[str, np.ndarray]] = {}
-        for name, layers in self._choice.layers:
-            if TERMS[name].region_separable:
-                by_term[name] = {layer: features[layer] for layer in layers}
-            else:
+        by_term = self.separable_targets(content)
+        for name, _ in self._choice.layers:
+            if not TERMS[name].region_separable:
                 by_term[name] = {}
         for weight, style in styles:
-            sums, _ = self._whole_image(style, statistics=True, features=False)
-            for name, layers in sums.items():
-                for layer, total in layers.items():
-                    count = _map_count(layer, total.shape[0], style.shape[-2], style.shape[-1])
-                    part = np.float32(weight) * TERMS[name].target_from_statistic(total, count)
-                    by_term[name][layer] = by_term[name].get(layer, 0) + part
+            for name, layers in self.statistic_targets(style).items():
+                for layer, target in layers.items():
+                    by_term[name][layer] = by_term[name].get(layer, 0) + np.float32(weight) * target
         return Targets(by_term)
+
+    def separable_targets(self, content: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        """The separable layered terms' targets (whole feature maps) of a network input (1, 3, h, w)."""
+        _, features = self._whole_image(content, statistics=False, features=True)
+        return {
+            name: {layer: features[layer] for layer in layers}
+            for name, layers in self._choice.layers
+            if TERMS[name].region_separable
+        }
+
+    def statistic_targets(self, image: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+        """The non-separable terms' targets (style: Gram matrices) of one network input (1, 3, h, w), from
+        their statistics summed over the tiles: those of the untiled image, up to float rounding."""
+        sums, _ = self._whole_image(image, statistics=True, features=False)
+        return {
+            name: {
+                layer: TERMS[name].target_from_statistic(
+                    total, _map_count(layer, total.shape[0], image.shape[-2], image.shape[-1])
+                )
+                for layer, total in layers.items()
+            }
+            for name, layers in sums.items()
+        }
 
     def evaluator(
         self, targets: Targets, weights: dict[str, float], layer_weights: dict[str, dict[str, float]]

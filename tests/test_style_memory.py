@@ -1,0 +1,102 @@
+"""Style target passes within the memory budget: tiled where the plan says so, with the untiled targets,
+and through a real server whose resident memory stays within its --memory-limit-mb."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
+from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.server.engine.memory import JobMemory, current_rss_bytes
+from stylize_service.server.engine.optimizer import MAXCOR
+from stylize_service.server.engine.types import (
+    Init,
+    Progress,
+    StyleSource,
+    StylizeSettings,
+)
+from tests.fakes import channel, gradient, image_bytes, running_server
+
+MB = 2**20
+
+
+class Losses:
+    """Records every reported total loss."""
+
+    def __init__(self) -> None:
+        self.totals: list[float] = []
+
+    def on_progress(self, progress: Progress) -> None:
+        self.totals.append(progress.losses.total)
+
+    def on_frame(self, iteration: int, image: np.ndarray) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False
+
+
+def test_a_tiled_style_pass_gives_the_untiled_job_s_losses(real_engine):
+    # An untiled 64 px stage whose 192 px style pass (style_scale 3) runs in 64 px tiles, as the plan
+    # chooses where the whole pass would not fit: the same loss at every iteration, up to float rounding.
+    content = gradient(64, 48, seed=1).astype(np.float32) / 255.0
+    style = gradient(192, 160, seed=2).astype(np.float32) / 255.0
+    settings = StylizeSettings(max_size=64, style_scale=3, iterations=3, init=Init.CONTENT)
+
+    def run(style_tile: int) -> list[float]:
+        plan = JobMemory(tiles=(0,), histories=(MAXCOR,), peak_bytes=0, style_tiles=(style_tile,))
+        observer = Losses()
+        real_engine.stylize(content, [StyleSource(style)], settings, observer, memory_plan=plan)
+        return observer.totals
+
+    untiled, tiled = run(0), run(64)
+    assert len(untiled) == len(tiled) == settings.iterations + 1
+    assert tiled == pytest.approx(untiled, rel=1e-5)
+
+
+def _reset_peak() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise KeyError("VmHWM")
+
+
+def test_a_large_style_under_a_tight_budget_stays_within_it_or_is_refused_naming_memory(real_engine):
+    # A 128 px output at style_scale 8 takes its 1024x1024 style whole: about 1 GB untiled, beside 600 MB
+    # for jobs. The server runs the style pass in tiles (or refuses the job); its resident memory, this
+    # process's, stays within --memory-limit-mb.
+    if not _reset_peak():
+        pytest.skip("this kernel does not let a process reset its VmHWM (/proc/self/clear_refs)")
+    limit_mb = math.ceil(current_rss_bytes() / MB) + 600
+    request = pb.StylizeRequest(
+        content_image=image_bytes(128, 96),
+        styles=[pb.StyleImage(image=image_bytes(1024, 1024, fmt="JPEG", seed=3))],
+        options=pb.StylizeOptions(max_size=128, style_scale=8, iterations=2, seed=1),
+    )
+    with (
+        running_server(real_engine, memory_limit_mb=limit_mb, max_pixels=2_000_000) as (_, address),
+        channel(address) as ch,
+    ):
+        _reset_peak()
+        try:
+            responses = list(pb_grpc.StyleTransferStub(ch).Stylize(request, timeout=600))
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
+            assert err.details().startswith("memory: "), err.details()
+            return
+        peak = _peak_rss()
+    assert responses[-1].HasField("result") and responses[-1].result.width == 128
+    assert peak <= limit_mb * MB, f"peak {peak / MB:.0f} MB over the {limit_mb} MB budget"
