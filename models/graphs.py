@@ -16,20 +16,17 @@ convention (README, proto):
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-
 import onnx
 from onnx import TensorProto, helper
 
 from .autodiff import add_gradient
 from .export import INPUT_NAME, OPSET
+from .layers import LayerChoice
 from .onnx_builder import GraphBuilder
-from .terms import LAYERED_TERMS, TERMS
-from .vgg16 import CONVS, RELU_LAYERS
+from .terms import TERMS
+from .vgg16 import RELU_LAYERS
 
-POOLING_OPS = {"max": "MaxPool", "avg": "AveragePool"}
-POOLS_BEFORE: dict[str, int] = {spec.relu: spec.block - 1 for spec in CONVS}  # 2x2 pools above a layer
+POOLING_OPS = {"max": "MaxPool", "avg": "AveragePool"}  # by LayerChoice.pooling (layers.POOLINGS)
 
 # Names of the loss graph's inputs and outputs.
 LOSS = "loss"
@@ -93,49 +90,6 @@ def term_output(term: str) -> str:
 def layer_losses_output(term: str) -> str:
     """Output: a layered term's weighted per-layer values, a vector in the choice's layer order."""
     return f"layer_losses/{term}"
-
-
-@dataclass(frozen=True)
-class LayerChoice:
-    """The layers of each layered term and the pooling one request uses; the key its graphs are cached by.
-
-    `layers` pairs every layered term (models.terms.LAYERED_TERMS, in that order) with its layers; a term
-    may have none (it then contributes 0)."""
-
-    layers: tuple[tuple[str, tuple[str, ...]], ...]
-    pooling: str = "max"
-
-    @classmethod
-    def of(cls, layers: Mapping[str, Sequence[str]], pooling: str = "max") -> LayerChoice:
-        unknown = set(layers) - set(LAYERED_TERMS)
-        if unknown:
-            raise ValueError(f"unknown layered term(s) {', '.join(sorted(unknown))}; known: {LAYERED_TERMS}")
-        return cls(tuple((term, tuple(layers.get(term, ()))) for term in LAYERED_TERMS), pooling)
-
-    def __post_init__(self) -> None:
-        if tuple(term for term, _ in self.layers) != LAYERED_TERMS:
-            raise ValueError(f"layers must name the layered terms {LAYERED_TERMS} in order")
-        for term, layers in self.layers:
-            for layer in layers:
-                if layer not in POOLS_BEFORE:
-                    raise ValueError(f"unknown layer {layer!r}; known layers: {', '.join(RELU_LAYERS)}")
-            if len(set(layers)) != len(layers):
-                raise ValueError(f"{term} layers repeat: {', '.join(layers)}")
-        if not self.used:
-            raise ValueError("at least one layer is needed")
-        if self.pooling not in POOLING_OPS:
-            raise ValueError(f"pooling must be one of {', '.join(POOLING_OPS)}, got {self.pooling!r}")
-
-    def layers_of(self, term: str) -> tuple[str, ...]:
-        return dict(self.layers)[term]
-
-    @property
-    def used(self) -> set[str]:
-        return {layer for _, layers in self.layers for layer in layers}
-
-    @property
-    def deepest(self) -> str:
-        return max(self.used, key=RELU_LAYERS.index)
 
 
 def _network(features: onnx.ModelProto, choice: LayerChoice, builder: GraphBuilder) -> None:

@@ -7,9 +7,7 @@ from collections.abc import Sequence
 import onnx
 from onnx import TensorProto, helper
 
-from .vgg16 import CONVS
-
-CHANNELS: dict[str, int] = {spec.relu: spec.out_channels for spec in CONVS}
+from .vgg16 import CHANNELS
 
 
 class GraphBuilder:
@@ -31,6 +29,12 @@ class GraphBuilder:
         vals = [values] if isinstance(values, float | int) else list(values)
         self.initializers.append(helper.make_tensor(name, dtype, dims, vals))
         return name
+
+    def float_const(self, name: str, value: float) -> str:
+        return self.const(name, value, TensorProto.FLOAT)
+
+    def int64_const(self, name: str, values: Sequence[int]) -> str:
+        return self.const(name, values, TensorProto.INT64)
 
     def zero(self) -> str:
         return self.const(f"zero_{len(self.initializers)}", 0.0, TensorProto.FLOAT)

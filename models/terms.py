@@ -21,12 +21,14 @@ position of every feature map owned by one tile (a 0/1 mask marks a tile's owned
 from __future__ import annotations
 
 from abc import ABC
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
-from onnx import TensorProto
 
-from .onnx_builder import CHANNELS, GraphBuilder
+from .vgg16 import CHANNELS
+
+if TYPE_CHECKING:  # graphs are built by models.graphs; the terms need no onnx to be named and planned
+    from .onnx_builder import GraphBuilder
 
 
 class LossTerm(ABC):
@@ -163,7 +165,7 @@ class TotalVariationTerm(LossTerm):
     region_separable = True
 
     def image_loss(self, b: GraphBuilder, image: str) -> str:
-        half = b.const("tv/half", 0.5, TensorProto.FLOAT)
+        half = b.float_const("tv/half", 0.5)
         return b.op("Mul", [half, b.op("ReduceSum", [self._squares(b, image)], keepdims=0)])
 
     def region_image_loss(self, b: GraphBuilder, image: str, mask: str) -> str:
@@ -191,9 +193,9 @@ def _window(b: GraphBuilder, source: str, start: list[int], end: list[int], tag:
         "Slice",
         [
             source,
-            b.const(b.unique(f"{tag}_start"), start, TensorProto.INT64),
-            b.const(b.unique(f"{tag}_end"), end, TensorProto.INT64),
-            b.const(b.unique(f"{tag}_axes"), [2, 3], TensorProto.INT64),
+            b.int64_const(b.unique(f"{tag}_start"), start),
+            b.int64_const(b.unique(f"{tag}_end"), end),
+            b.int64_const(b.unique(f"{tag}_axes"), [2, 3]),
         ],
     )
 

@@ -38,6 +38,17 @@ def _specs() -> tuple[ConvSpec, ...]:
 
 CONVS: tuple[ConvSpec, ...] = _specs()
 RELU_LAYERS: tuple[str, ...] = tuple(spec.relu for spec in CONVS)
+# The 2x2 pools above each ReLU layer, and its channels: a layer's map is 2 ** pools times smaller than
+# the image on each side (downsampling), and the tiles and the pyramid align to that grid.
+POOLS_BEFORE: dict[str, int] = {spec.relu: spec.block - 1 for spec in CONVS}
+CHANNELS: dict[str, int] = {spec.relu: spec.out_channels for spec in CONVS}
+
+
+def downsampling(layer: str) -> int:
+    """How many image pixels one position of `layer`'s map spans along each side: 2 ** its pools."""
+    return 2 ** POOLS_BEFORE[layer]
+
+
 # The last conv of each block is followed by pool{block}.
 BLOCK_ENDS: frozenset[str] = frozenset(
     spec.name

@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 
 from stylize_service.models import export
-from stylize_service.models.graphs import LayerChoice
+from stylize_service.models.layers import LayerChoice
 from stylize_service.models.paths import default_model_path
 from stylize_service.models.vgg16 import BLOCK_ENDS, CONVS
 from stylize_service.server.engine import providers

@@ -22,8 +22,8 @@ import numpy as np
 
 from stylize_service.models import graphs
 from stylize_service.models.paths import default_model_path
-from stylize_service.server.engine.engine import layer_choice
 from stylize_service.server.engine.network import FeatureNetwork
+from stylize_service.server.engine.plan import layer_choice
 from stylize_service.server.engine.types import StylizeSettings
 
 ROOT = Path(__file__).resolve().parents[1]

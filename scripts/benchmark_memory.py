@@ -83,11 +83,11 @@ def child_job(size: int, budget_mb: int) -> dict:
     row: dict = {"size": size, "budget": budget, "idle": idle, "pixels": content.shape[0] * content.shape[1]}
     try:
         style_sizes = [(style.shape[1], style.shape[0])]
-        plan = engine.plan_memory((content.shape[1], content.shape[0]), settings, style_sizes, budget - idle)
+        plan = engine.plan((content.shape[1], content.shape[0]), style_sizes, settings, budget=budget - idle)
     except MemoryExceeded as err:
         return {**row, "refused": str(err)}
     started = time.perf_counter()
-    result = engine.stylize(content, [StyleSource(style)], settings, SilentObserver(), memory_plan=plan)
+    result = engine.stylize(content, [StyleSource(style)], settings, SilentObserver(), plan=plan)
     seconds = time.perf_counter() - started
     return {
         **row,
@@ -112,9 +112,9 @@ def reset_peak() -> bool:
 def child_targets(size: int, tile: int) -> dict:
     """One style target pass at `size` px, untiled (tile 0) or in tiles of `tile` px, in this process."""
     from stylize_service.models.paths import default_model_path
-    from stylize_service.server.engine.engine import layer_choice
     from stylize_service.server.engine.memory import current_rss_bytes
     from stylize_service.server.engine.network import FeatureNetwork
+    from stylize_service.server.engine.plan import layer_choice
     from stylize_service.server.engine.resample import resize_longest
     from stylize_service.server.engine.tiling import TiledEvaluator
     from stylize_service.server.engine.types import StylizeSettings
@@ -156,7 +156,7 @@ def child_evaluation(size: int, kind: str) -> dict:
     """One untiled loss-and-gradient evaluation, ours or PyTorch's, in this process."""
     import onnx
 
-    from stylize_service.models.graphs import LayerChoice
+    from stylize_service.models.layers import LayerChoice
     from stylize_service.models.paths import default_model_path
     from stylize_service.server.engine.network import FeatureNetwork
 
@@ -179,7 +179,7 @@ def child_evaluation(size: int, kind: str) -> dict:
     import torch
     from benchmark_gradient import torch_evaluation
 
-    from stylize_service.models.onnx_builder import CHANNELS
+    from stylize_service.models.vgg16 import CHANNELS
     from stylize_service.server.engine.network import Targets
 
     features = onnx.load(str(default_model_path()))

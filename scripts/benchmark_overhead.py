@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import importlib.util
 import time
@@ -252,13 +253,14 @@ def job_table(
     for name in ways:
         for history in histories:
             # The memory plan is where a job's history comes from (server.engine.memory), one stage here.
-            plan = JobMemory(tiles=(0,), histories=(history,), peak_bytes=0, style_tiles=(0,))
+            memory = JobMemory(tiles=(0,), histories=(history,), peak_bytes=0, style_tiles=(0,))
+            plan = dataclasses.replace(
+                engine.plan((width, height), [(style.shape[1], style.shape[0])], settings), memory=memory
+            )
             before = benchmark()
             watch = Stopwatch()
             with instrumented(watch, WAYS[name]):
-                result = engine.stylize(
-                    content, [StyleSource(style)], settings, SilentObserver(), memory_plan=plan
-                )
+                result = engine.stylize(content, [StyleSource(style)], settings, SilentObserver(), plan=plan)
             reference = (before + benchmark()) / 2
             evaluations, targets = watch.total("evaluation"), watch.total("targets")
             other = result.elapsed_seconds - evaluations - targets

@@ -29,6 +29,7 @@ samples from client/samples; add pairs with --pair CONTENT STYLE.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
@@ -90,8 +91,8 @@ def run_curves(args: argparse.Namespace) -> None:
     # Imported here so that `report` works without the model.
     from stylize_service.models.paths import default_model_path
     from stylize_service.server.engine.engine import Engine
+    from stylize_service.server.engine.lbfgs_workspace import MAXCOR
     from stylize_service.server.engine.memory import JobMemory
-    from stylize_service.server.engine.optimizer import MAXCOR
     from stylize_service.server.engine.pyramid import Stage
     from stylize_service.server.engine.resample import scaled_size
     from stylize_service.server.engine.types import (
@@ -166,16 +167,19 @@ def run_curves(args: argparse.Namespace) -> None:
                 Stage(i, len(schedule.coarse) + 1, *scaled_size(width, height, size), iterations=n)
                 for i, (size, n) in enumerate([*schedule.coarse, (schedule.final, final_iterations)])
             ]
-            plan = JobMemory(
+            memory = JobMemory(
                 (0,) * len(stages),
                 (schedule.history or MAXCOR,) * len(stages),
                 peak_bytes=0,
                 style_tiles=(0,) * len(stages),
             )
+            style_sizes = [(s.image.shape[1], s.image.shape[0]) for s in style]
+            planned = engine.plan((width, height), style_sizes, settings, schedule=stages)
+            plan = dataclasses.replace(planned, memory=memory)
             recorder = Recorder(len(stages), target, cap)
             load_before = os.getloadavg()[0]
             try:
-                engine.stylize(content, style, settings, recorder, memory_plan=plan, schedule=stages)
+                engine.stylize(content, style, settings, recorder, plan=plan)
                 ended = "iterations"
             except StylizeCancelled:
                 ended = "target" if target is not None and recorder.points[-1]["loss"] <= target else "cap"
@@ -242,7 +246,7 @@ def compared(out: Path, size: int, step_costs: dict[int, float] | None = None) -
     """The saved runs, by pair, of the pairs whose single-scale run is saved. step_costs: L-BFGS-B's step
     in evaluations by history (parse_step_costs), counted into each run's cost; a history not given
     counts 0."""
-    from stylize_service.server.engine.optimizer import MAXCOR
+    from stylize_service.server.engine.lbfgs_workspace import MAXCOR
 
     pairs: dict[tuple[str, str], dict[str, dict]] = {}
     for path in sorted(out.glob("*.json")):

@@ -60,7 +60,7 @@ def network(model: Path | None):
 def cache_one(layer: str, model: Path | None) -> dict[str, float]:
     """In this (fresh) process: compile one choice, evaluate it once at 32 px, measure what RSS grew by."""
     from stylize_service.models import graphs
-    from stylize_service.models.graphs import LayerChoice
+    from stylize_service.models.layers import LayerChoice
     from stylize_service.server.engine.network import estimated_session_bytes, initializer_bytes
 
     net = network(model)
@@ -120,7 +120,7 @@ def extreme_images(size: int = 64) -> dict[str, np.ndarray]:
 
 
 def measure_weights(model: Path | None) -> int:
-    from stylize_service.models.graphs import LayerChoice
+    from stylize_service.models.layers import LayerChoice
     from stylize_service.server.engine.validation import MAX_WEIGHT
 
     net = network(model)

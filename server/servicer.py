@@ -28,9 +28,9 @@ import numpy as np
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.config import DEFAULT_STALL_SECONDS
-from stylize_service.server.engine.memory import JobMemory, MemoryExceeded, megabytes
-from stylize_service.server.engine.pyramid import style_longest
-from stylize_service.server.engine.resample import scaled_size
+from stylize_service.server.engine.memory import MemoryExceeded, megabytes
+from stylize_service.server.engine.plan import JobPlan, check_settings
+from stylize_service.server.engine.plan import plan as plan_job
 from stylize_service.server.engine.types import (
     GraphCacheStats,
     InvalidSettings,
@@ -76,22 +76,8 @@ class EngineLike(Protocol):
     @property
     def graph_cache(self) -> GraphCacheStats: ...
 
-    def check(
-        self,
-        settings: StylizeSettings,
-        *,
-        style_weights: Sequence[float],
-        has_init_image: bool,
-        content_size: tuple[int, int] | None = None,
-    ) -> None: ...
-
-    def plan_memory(
-        self,
-        content_size: tuple[int, int],
-        settings: StylizeSettings,
-        style_sizes: Sequence[tuple[int, int]],
-        budget: int | None,
-    ) -> JobMemory: ...
+    # Evaluate every stage larger than this in tiles of this size (--tile-size); 0 = where memory needs.
+    tile_size: int
 
     def stylize(
         self,
@@ -101,7 +87,7 @@ class EngineLike(Protocol):
         observer: StylizeObserver,
         *,
         init_image: np.ndarray | None = None,
-        tiles: Sequence[int] | None = None,
+        plan: JobPlan | None = None,
     ) -> StylizeResult: ...
 
 
@@ -130,7 +116,7 @@ class _Job:
     id: str
     request: pb.StylizeRequest
     options: JobOptions
-    memory: JobMemory
+    plan: JobPlan  # from the headers' sizes: what the job reserves while it waits and runs
 
 
 @dataclass(frozen=True)
@@ -140,10 +126,9 @@ class _Inputs:
     content: np.ndarray
     styles: list[StyleSource]
     init_image: np.ndarray | None
-    # Each stage's tile size and L-BFGS-B history, planned for the decoded content: its stages can differ
-    # from those of the header's size, which the job's reservation was planned from (a 601x31 header,
-    # 600x31 decoded).
-    memory_plan: JobMemory
+    # Planned again for the decoded images: their sizes can differ from the headers', which the job's
+    # reservation was planned from (a 601x31 header, 600x31 decoded).
+    plan: JobPlan
 
 
 # What the worker thread hands to the handler thread: messages ready to send.
@@ -405,7 +390,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             raise _Abort(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry shortly", "refused")
         job = self._accept(request, engine, log.id)
         try:
-            ticket = self._scheduler.enqueue(log.client, job.memory.peak_bytes)
+            ticket = self._scheduler.enqueue(log.client, job.plan.memory.peak_bytes)
         except ClientLimit as err:
             raise _Abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -473,7 +458,9 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             settings = job_options.settings
             style_weights = [style.blend_weight for style in request.styles]
             has_init_image = bool(request.options.init_image)
-            engine.check(settings, style_weights=style_weights, has_init_image=has_init_image)
+            check_settings(
+                settings, engine.info.layers, style_weights=style_weights, has_init_image=has_init_image
+            )
             width, height = self._probe(request.content_image, "content_image")
             if has_init_image:
                 self._probe(request.options.init_image, "options.init_image")
@@ -481,27 +468,34 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                 self._probe(style.image, f"styles[{index}].image")
                 for index, style in enumerate(request.styles)
             ]
-            # The stages' sizes from the header's size, which has the image's true aspect ratio (once
-            # shrunk to max_size a thin side is rounded up to 1 px, and the advice would be wrong).
-            # The EXIF orientation may swap the sides, which changes no stage's short side.
-            engine.check(
-                settings,
-                style_weights=style_weights,
-                has_init_image=has_init_image,
-                content_size=(width, height),
-            )
-            # The memory the job will reserve while it runs, from the same header sizes (the style passes
-            # can be far larger than the content's stages).
-            job_memory = engine.plan_memory(
-                (width, height), settings, style_sizes, self._scheduler.memory_capacity
-            )
+            # The stages from the header's size, which has the image's true aspect ratio (once shrunk to
+            # max_size a thin side is rounded up to 1 px, and the advice would be wrong); the EXIF
+            # orientation may swap the sides, which changes no stage's short side. The memory the job
+            # will reserve, from the same header sizes (style passes can be far larger than the stages).
+            job_plan = self._plan(engine, (width, height), style_sizes, job_options)
         except InvalidSettings as err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(invalid_option(err)), "invalid") from None
         except InvalidOption as err:
             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(err), "invalid") from None
         except MemoryExceeded as err:
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"memory: {err}", "refused") from None
-        return _Job(job_id, request, job_options, job_memory)
+        return _Job(job_id, request, job_options, job_plan)
+
+    def _plan(
+        self,
+        engine: EngineLike,
+        content_size: tuple[int, int],
+        style_sizes: Sequence[tuple[int, int]],
+        options: JobOptions,
+    ) -> JobPlan:
+        return plan_job(
+            content_size,
+            style_sizes,
+            options.settings,
+            budget=self._scheduler.memory_capacity,
+            forced_tile=engine.tile_size,
+            frame_max_size=options.frame_max_size,
+        )
 
     def _probe(self, data: bytes, field_name: str) -> tuple[int, int]:
         try:
@@ -513,14 +507,14 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         """Decode in the worker (raises InvalidOption naming the image, StylizeCancelled if the call
         ended). Images are shrunk to the sizes the engine will use; the content's decoded size is checked
         against the stages again (a format may decode to another size than its header said)."""
-        request, settings = job.request, job.options.settings
+        request, admitted = job.request, job.plan
         observer.stop_if_asked()
-        content = self._decode(request.content_image, "content_image", settings.max_size)
+        content = self._decode(request.content_image, "content_image", admitted.content_side)
         init_image = None
         if request.options.init_image:
             observer.stop_if_asked()
-            init_image = self._decode(request.options.init_image, "options.init_image", settings.max_size)
-        style_side = style_longest(settings.max_size, settings.style_scale)
+            init_image = self._decode(request.options.init_image, "options.init_image", admitted.content_side)
+        style_side = admitted.style_side
         styles = []
         for index, style in enumerate(request.styles):
             observer.stop_if_asked()
@@ -529,19 +523,13 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
                     self._decode(style.image, f"styles[{index}].image", style_side), style.blend_weight
                 )
             )
-        engine.check(
-            settings,
-            style_weights=[style.blend_weight for style in styles],
-            has_init_image=init_image is not None,
-            content_size=(content.shape[1], content.shape[0]),
-        )
-        memory_plan = engine.plan_memory(
+        decoded_plan = self._plan(
+            engine,
             (content.shape[1], content.shape[0]),
-            settings,
             [(style.image.shape[1], style.image.shape[0]) for style in styles],
-            self._scheduler.memory_capacity,
+            job.options,
         )
-        return _Inputs(content, styles, init_image, memory_plan)
+        return _Inputs(content, styles, init_image, decoded_plan)
 
     def _decode(self, data: bytes, field_name: str, max_side: int) -> np.ndarray:
         try:
@@ -587,16 +575,15 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
         try:
             inputs = self._decode_inputs(job, engine, observer)
             log.sizes = _describe_sizes(inputs, job)
-            height, width = inputs.content.shape[:2]
             observer.frame_encoding = job.options.frame_encoding
-            observer.frame_size = scaled_size(width, height, job.options.frame_max_size)
+            observer.frame_size = inputs.plan.frame_size
             result = engine.stylize(
                 inputs.content,
                 inputs.styles,
                 job.options.settings,
                 observer,
                 init_image=inputs.init_image,
-                memory_plan=inputs.memory_plan,
+                plan=inputs.plan,
             )
             iterations, evaluations = result.iterations, result.evaluations
             events.put(_Done(_result_pb(result, job.options)))
@@ -666,14 +653,14 @@ def _outcome_label(outcome: str, deadline_passed: bool) -> str:
 
 def _describe_sizes(inputs: _Inputs, job: _Job) -> str:
     height, width = inputs.content.shape[:2]
-    out_w, out_h = scaled_size(width, height, job.options.settings.max_size)
+    out_w, out_h = inputs.plan.output_size
     styles = ",".join(f"{s.image.shape[1]}x{s.image.shape[0]}" for s in inputs.styles) or "none"
-    tiles = ",".join(str(t) for t in inputs.memory_plan.tiles)
-    style_tiles = ",".join(str(t) for t in inputs.memory_plan.style_tiles)
-    histories = ",".join(str(h) for h in inputs.memory_plan.histories)
+    tiles = ",".join(str(t) for t in inputs.plan.memory.tiles)
+    style_tiles = ",".join(str(t) for t in inputs.plan.memory.style_tiles)
+    histories = ",".join(str(h) for h in inputs.plan.memory.histories)
     return (
         f"content={width}x{height} styles={styles} output={out_w}x{out_h} "
-        f"memory={megabytes(job.memory.peak_bytes)}MB tiles={tiles} style_tiles={style_tiles} "
+        f"memory={megabytes(job.plan.memory.peak_bytes)}MB tiles={tiles} style_tiles={style_tiles} "
         f"correction_pairs={histories}"
     )
 

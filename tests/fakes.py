@@ -23,9 +23,8 @@ from PIL import Image
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.server.app import StylizeServer
 from stylize_service.server.config import ServerConfig
-from stylize_service.server.engine.engine import check_request, plan_job_memory
-from stylize_service.server.engine.memory import JobMemory
-from stylize_service.server.engine.optimizer import MAXCOR
+from stylize_service.server.engine.plan import JobPlan, check_settings
+from stylize_service.server.engine.plan import plan as plan_job
 from stylize_service.server.engine.resample import scaled_size
 from stylize_service.server.engine.types import (
     GraphCacheStats,
@@ -50,6 +49,8 @@ LAYERS = tuple(
 class FakeEngine:
     """Engine-shaped and fast. Set `gate` (an unset Event) to hold every job before each iteration until
     the test sets it; `on_frame_sent` runs in the worker thread right after each on_frame call."""
+
+    tile_size = 0  # like an engine without --tile-size
 
     def __init__(self, seconds_per_iteration: float = 0.0, fail_with: Exception | None = None) -> None:
         self.seconds_per_iteration = seconds_per_iteration
@@ -82,33 +83,6 @@ class FakeEngine:
     def graph_cache(self) -> GraphCacheStats:
         return GraphCacheStats(budget_bytes=0, used_bytes=0, entries=0, evictions=0)  # it compiles nothing
 
-    def check(
-        self,
-        settings: StylizeSettings,
-        *,
-        style_weights: Sequence[float],
-        has_init_image: bool,
-        content_size: tuple[int, int] | None = None,
-    ) -> None:
-        # The real engine's rules, not a copy of some of them.
-        check_request(
-            settings,
-            LAYERS,
-            style_weights=style_weights,
-            has_init_image=has_init_image,
-            content_size=content_size,
-        )
-
-    def plan_memory(
-        self,
-        content_size: tuple[int, int],
-        settings: StylizeSettings,
-        style_sizes: Sequence[tuple[int, int]],
-        budget: int | None,
-    ) -> JobMemory:
-        # The real model's plan (it needs no ONNX), so that admission sees real figures.
-        return plan_job_memory(content_size, settings, style_sizes, budget)
-
     def stylize(
         self,
         content: np.ndarray,
@@ -117,16 +91,22 @@ class FakeEngine:
         observer: StylizeObserver,
         *,
         init_image: np.ndarray | None = None,
-        memory_plan: JobMemory | None = None,
+        plan: JobPlan | None = None,
     ) -> StylizeResult:
         with self._lock:
             self.stylize_calls += 1  # before any check: tests can tell that a request never got here
-        self.check(
-            settings,
-            style_weights=[s.blend_weight for s in styles],
-            has_init_image=init_image is not None,
-            content_size=(content.shape[1], content.shape[0]),
-        )
+        if plan is None:  # the real planning, which needs no ONNX: the same rules and figures
+            check_settings(
+                settings,
+                LAYERS,
+                style_weights=[s.blend_weight for s in styles],
+                has_init_image=init_image is not None,
+            )
+            plan = plan_job(
+                (content.shape[1], content.shape[0]),
+                [(s.image.shape[1], s.image.shape[0]) for s in styles],
+                settings,
+            )
         with self._lock:
             index = self.jobs_started
             self.jobs_started += 1
@@ -135,7 +115,7 @@ class FakeEngine:
         if index < len(self.started):
             self.started[index].set()
         try:
-            history = memory_plan.histories[-1] if memory_plan is not None else MAXCOR
+            history = plan.memory.histories[-1]
             return self._run(content, styles, settings, observer, history)
         except StylizeCancelled:
             with self._lock:

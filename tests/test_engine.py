@@ -252,7 +252,7 @@ def test_too_thin_image_is_invalid(engine):
 
 def test_image_too_thin_at_any_size_does_not_advise_a_larger_size(engine):
     with pytest.raises(InvalidSettings) as error:
-        engine.check(SMALL, style_weights=[1.0], has_init_image=False, content_size=(5000, 1))
+        engine.plan((5000, 1), [(40, 40)], SMALL)
     assert error.value.field == "max_size"
     assert "too thin" in str(error.value) and "raise the size" not in str(error.value)
 

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from stylize_service.models import export
-from stylize_service.models.graphs import LayerChoice
+from stylize_service.models.layers import LayerChoice
 from stylize_service.models.paths import default_model_path
 from stylize_service.models.vgg16 import CAFFE_PREPROCESSING, CONVS, VGGWeights
 from stylize_service.server.engine.network import CompiledChoice, FeatureNetwork, Targets

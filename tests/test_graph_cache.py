@@ -9,7 +9,7 @@ import pytest
 from onnx import numpy_helper
 
 from stylize_service.models import graphs
-from stylize_service.models.graphs import LayerChoice
+from stylize_service.models.layers import LayerChoice
 from stylize_service.models.paths import default_model_path
 from stylize_service.server.engine.network import (
     SESSION_BYTES_PER_INITIALIZER_BYTE,

@@ -8,14 +8,14 @@ from pathlib import Path
 import grpc
 import pytest
 
-from stylize_service.models.graphs import LayerChoice
+from stylize_service.models.layers import LayerChoice
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.engine import memory
-from stylize_service.server.engine.engine import layer_choice, plan_job_memory
 from stylize_service.server.engine.memory import MemoryExceeded, plan_job, stage_bytes
+from stylize_service.server.engine.plan import layer_choice, plan
 from stylize_service.server.engine.pyramid import Stage
-from stylize_service.server.engine.tiling import TileLayout
+from stylize_service.server.engine.tile_layout import TileLayout
 from stylize_service.server.engine.types import StylizeSettings
 from stylize_service.server.scheduler import Scheduler
 from tests.fakes import FakeEngine, channel, image_bytes, running_server
@@ -24,6 +24,17 @@ CHOICE = LayerChoice.of(
     {"content": ("relu4_2",), "style": ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")}
 )
 MB = 2**20
+
+
+def plan_job_memory(
+    content: tuple[int, int],
+    settings: StylizeSettings,
+    styles: list[tuple[int, int]],
+    budget: int | None,
+    forced_tile: int = 0,
+) -> memory.JobMemory:
+    """The memory part of the job's plan."""
+    return plan(content, styles, settings, budget=budget, forced_tile=forced_tile).memory
 
 
 def stage(width: int, height: int) -> Stage:

@@ -443,9 +443,13 @@ def test_under_mutual_tls_a_job_is_logged_and_bounded_by_its_certificate(
         address, TIMEOUT, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key
     ) as client:
         client.run(image_bytes(48, 32), [image_bytes(32, 32, seed=1)], max_size=32, iterations=2)
-    job_lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("job ")]
-    assert len(job_lines) == 1 and "client=cert:" in job_lines[0], job_lines
-    assert server.scheduler.jobs_of(job_lines[0].split("client=", 1)[1].split()[0]) == 0
+
+    def job_lines() -> list[str]:  # the worker logs the job's end just after its Result is sent
+        return [r.getMessage() for r in caplog.records if r.getMessage().startswith("job ")]
+
+    assert wait_until(lambda: len(job_lines()) == 1), job_lines()
+    assert "client=cert:" in job_lines()[0], job_lines()
+    assert server.scheduler.jobs_of(job_lines()[0].split("client=", 1)[1].split()[0]) == 0
 
 
 # --- the tokens file -------------------------------------------------------------------------------

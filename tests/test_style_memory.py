@@ -3,6 +3,7 @@ and through a real server whose resident memory stays within its --memory-limit-
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -12,8 +13,8 @@ import pytest
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.server.engine.lbfgs_workspace import MAXCOR
 from stylize_service.server.engine.memory import JobMemory, current_rss_bytes
-from stylize_service.server.engine.optimizer import MAXCOR
 from stylize_service.server.engine.types import (
     Init,
     Progress,
@@ -49,9 +50,16 @@ def test_a_tiled_style_pass_gives_the_untiled_job_s_losses(real_engine):
     settings = StylizeSettings(max_size=64, style_scale=3, iterations=3, init=Init.CONTENT)
 
     def run(style_tile: int) -> list[float]:
-        plan = JobMemory(tiles=(0,), histories=(MAXCOR,), peak_bytes=0, style_tiles=(style_tile,))
+        planned = real_engine.plan((64, 48), [(192, 160)], settings)
+        memory = JobMemory(tiles=(0,), histories=(MAXCOR,), peak_bytes=0, style_tiles=(style_tile,))
         observer = Losses()
-        real_engine.stylize(content, [StyleSource(style)], settings, observer, memory_plan=plan)
+        real_engine.stylize(
+            content,
+            [StyleSource(style)],
+            settings,
+            observer,
+            plan=dataclasses.replace(planned, memory=memory),
+        )
         return observer.totals
 
     untiled, tiled = run(0), run(64)

@@ -9,10 +9,11 @@ import onnx
 import pytest
 
 from stylize_service.models import export
-from stylize_service.models.graphs import LayerChoice
+from stylize_service.models.layers import LayerChoice
 from stylize_service.models.paths import default_model_path
 from stylize_service.server.engine.network import FeatureNetwork, Targets
-from stylize_service.server.engine.tiling import TiledEvaluator, TileLayout, halo, receptive_radius, spans
+from stylize_service.server.engine.tile_layout import TileLayout, halo, receptive_radius, spans
+from stylize_service.server.engine.tiling import TiledEvaluator
 from tests.test_gradients import random_weights
 
 STYLE = ("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1")

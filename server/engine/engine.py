@@ -10,16 +10,19 @@ from pathlib import Path
 
 import numpy as np
 
-from stylize_service.models.graphs import POOLS_BEFORE, LayerChoice
 from stylize_service.models.terms import TERMS
 
-from . import color, memory, pyramid, validation
+from . import color, memory, pyramid
+from .evaluators import StageEvaluator, WholeImageEvaluator
 from .network import CompiledChoice, Evaluation, FeatureNetwork, Targets, TileSessions
 from .optimizer import Convergence, Step, run_lbfgs
+from .plan import JobPlan, check_settings, layer_choice
+from .plan import plan as plan_job
 from .providers import ProviderSpec
 from .pyramid import Stage
 from .resample import resize, resize_longest
-from .tiling import TiledEvaluator, TileLayout
+from .tile_layout import TileLayout
+from .tiling import TiledEvaluator
 from .types import (
     GraphCacheStats,
     Init,
@@ -79,36 +82,33 @@ class Engine:
         """Compile the default layer choice's graphs now rather than on the first request."""
         self._network.compiled(layer_choice(settings or StylizeSettings(), styles=1))
 
-    def check(
-        self,
-        settings: StylizeSettings,
-        *,
-        style_weights: Sequence[float],
-        has_init_image: bool,
-        content_size: tuple[int, int] | None = None,
-    ) -> None:
-        """Raise InvalidSettings naming the first setting or input that cannot be honoured. With
-        content_size = (width, height) the stages' sizes are checked too."""
-        check_request(
-            settings,
-            self._network.layers,
-            style_weights=style_weights,
-            has_init_image=has_init_image,
-            content_size=content_size,
-        )
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The layers the model offers (the names the settings' layers must use)."""
+        return tuple(self._network.layers)
 
-    def plan_memory(
+    def plan(
         self,
         content_size: tuple[int, int],
-        settings: StylizeSettings,
         style_sizes: Sequence[tuple[int, int]],
-        budget: int | None,
-    ) -> memory.JobMemory:
-        """Each stage's tile sizes and the job's predicted peak (bytes above the idle server) for a content
-        image of content_size = (width, height) and style images of style_sizes (each (width, height)),
-        within `budget` bytes (None = no limit); raises memory.MemoryExceeded when it fits in no way. Pass
-        the plan on to stylize(memory_plan=...)."""
-        return plan_job_memory(content_size, settings, style_sizes, budget, forced_tile=self.tile_size)
+        settings: StylizeSettings,
+        *,
+        style_weights: Sequence[float] | None = None,
+        has_init_image: bool = False,
+        budget: int | None = None,
+        schedule: Sequence[Stage] | None = None,
+    ) -> JobPlan:
+        """check_settings, then plan() with this engine's --tile-size: for callers of the engine alone
+        (the servicer plans with the plan module itself, once per job). style_weights default to 1 each."""
+        check_settings(
+            settings,
+            self.layers,
+            style_weights=[1.0] * len(style_sizes) if style_weights is None else style_weights,
+            has_init_image=has_init_image,
+        )
+        return plan_job(
+            content_size, style_sizes, settings, budget=budget, forced_tile=self.tile_size, schedule=schedule
+        )
 
     def stylize(
         self,
@@ -118,38 +118,28 @@ class Engine:
         observer: StylizeObserver,
         *,
         init_image: np.ndarray | None = None,
-        memory_plan: memory.JobMemory | None = None,
+        plan: JobPlan | None = None,
         schedule: Sequence[Stage] | None = None,
     ) -> StylizeResult:
         """Optimise an image whose content matches `content` and whose style matches the blended `styles`.
 
-        Images are float32 (H, W, 3) RGB in [0, 1]; init_image is the start for Init.IMAGE. memory_plan:
-        each stage's tile size and L-BFGS-B history, from plan_memory (None = untiled but for the engine's
-        tile_size, with the full history).
-        schedule: stages to run in place of the pyramid that the settings give (for measuring other
-        schedules: scripts/benchmark_schedules.py). Blocks until done; raises StylizeCancelled when the
-        observer asks to stop, InvalidSettings for settings or inputs that cannot be honoured.
+        Images are float32 (H, W, 3) RGB in [0, 1]; init_image is the start for Init.IMAGE. plan: the job's
+        plan for these images and settings (plan.plan; the servicer makes it from the decoded images);
+        None = made here by Engine.plan, with no memory budget. schedule (without a plan): stages to run
+        in place of the pyramid that the settings give (scripts/benchmark_schedules.py). Blocks until
+        done; raises StylizeCancelled when the observer asks to stop, InvalidSettings for settings or
+        inputs that cannot be honoured.
         """
-        self.check(
-            settings,
-            style_weights=[s.blend_weight for s in styles],
-            has_init_image=init_image is not None,
-        )
-        choice = layer_choice(settings, len(styles))
-        stages = (
-            list(schedule)
-            if schedule
-            else plan_stages((content.shape[1], content.shape[0]), settings, choice)
-        )
-        if memory_plan is None:
-            memory_plan = memory.plan_job(
-                stages,
-                choice,
-                None,
-                forced_tile=self.tile_size,
-                style_sizes=[(s.image.shape[1], s.image.shape[0]) for s in styles],
-                style_scale=settings.style_scale,
+        if plan is None:
+            plan = self.plan(
+                (content.shape[1], content.shape[0]),
+                [(s.image.shape[1], s.image.shape[0]) for s in styles],
+                settings,
+                style_weights=[s.blend_weight for s in styles],
+                has_init_image=init_image is not None,
+                schedule=schedule,
             )
+        choice, stages, memory_plan = plan.choice, list(plan.stages), plan.memory
         run = _Run(
             observer,
             settings,
@@ -174,16 +164,14 @@ class Engine:
                 tile, style_tile = memory_plan.tiles[stage.index], memory_plan.style_tiles[stage.index]
                 if (tile or style_tile) and tile_sessions is None:
                     tile_sessions = self._network.tile_sessions(choice)
-                tiled = self._tiled(tile_sessions, tile, observer)
-                style_tiled = (
-                    tiled if style_tile == tile else self._tiled(tile_sessions, style_tile, observer)
+                evaluator = self._evaluator(run, tile_sessions, tile)
+                style_evaluator = (
+                    evaluator if style_tile == tile else self._evaluator(run, tile_sessions, style_tile)
                 )
-                targets = self._targets(run, stage_content, net_styles, blend, stage, tiled, style_tiled)
-                if tiled is not None:
-                    evaluate = tiled.evaluator(targets, *_weights(settings))
-                else:
-                    feeds = run.compiled.feeds(targets, *_weights(settings))
-                    evaluate = functools.partial(run.compiled.evaluate, feeds=feeds)
+                targets = self._targets(
+                    run, stage_content, net_styles, blend, stage, evaluator, style_evaluator
+                )
+                evaluate = evaluator.evaluator(targets, *_weights(settings))
                 base = self._base(settings, stage, stage_content, init_image)
                 start_rgb = self._start(settings, stage, base, previous)
                 last = self._optimise(run, stage, evaluate, start_rgb)
@@ -202,12 +190,12 @@ class Engine:
         )
 
     @staticmethod
-    def _tiled(sessions: TileSessions | None, tile: int, observer: StylizeObserver) -> TiledEvaluator | None:
-        """A tiled evaluator of `tile` px (None for 0: untiled)."""
+    def _evaluator(run: _Run, sessions: TileSessions | None, tile: int) -> StageEvaluator:
+        """The stage's evaluator: the whole image, or exact tiles of `tile` px."""
         if not tile:
-            return None
+            return WholeImageEvaluator(run.compiled)
         assert sessions is not None
-        return TiledEvaluator(sessions, tile, functools.partial(_stop_if_asked, observer))
+        return TiledEvaluator(sessions, tile, functools.partial(_stop_if_asked, run.observer))
 
     def _targets(
         self,
@@ -216,35 +204,27 @@ class Engine:
         styles: list[np.ndarray],
         blend: np.ndarray,
         stage: Stage,
-        tiled: TiledEvaluator | None,
-        style_tiled: TiledEvaluator | None,
+        evaluator: StageEvaluator,
+        style_evaluator: StageEvaluator,
     ) -> Targets:
-        """Content targets from the stage's content image (in tiles where the stage is tiled); style
-        targets blended over the style images, each scaled to the stage's longest side times style_scale,
-        one at a time, and run whole or, where the memory plan says so, in tiles (exact: a Gram matrix is
-        a sum over the tiles). Each pass is a whole network run (many seconds at 4096 px), so a cancelled
-        job stops before each one rather than after them all."""
-        compiled = run.compiled
+        """The region-separable terms' targets from the stage's content image; the others blended over
+        the style images, each scaled to the stage's longest side times style_scale, one at a time, and
+        run whole or, where the memory plan says so, in tiles (exact: a Gram matrix is a sum over the
+        tiles). Each pass is a whole network run (many seconds at 4096 px), so a cancelled job stops
+        before each one rather than after them all."""
         _stop_if_asked(run.observer)
         content = self._network.to_network(stage_content)
-        if tiled is None:
-            by_term = {"content": compiled.targets(content).by_term["content"]}
-        else:
-            by_term = tiled.separable_targets(content)
+        by_term = evaluator.separable_targets(content)
         del content
         # Blended in the style images' order, as a sum of weight x target per layer.
-        for name, _ in compiled.choice.layers:
+        for name, _ in run.compiled.choice.layers:
             if not TERMS[name].region_separable:
                 by_term[name] = {}
         style_size = pyramid.style_longest(stage.longest, run.settings.style_scale)
         for weight, style in zip(blend, styles, strict=True):
             _stop_if_asked(run.observer)
             image = self._network.to_network(resize_longest(style, style_size))
-            if style_tiled is None:
-                one = compiled.targets(image).by_term
-                one = {name: one[name] for name in by_term if not TERMS[name].region_separable}
-            else:
-                one = style_tiled.statistic_targets(image)
+            one = style_evaluator.statistic_targets(image)
             del image  # before the next style is scaled: one pass's input at a time
             for name, layers in one.items():
                 for layer, target in layers.items():
@@ -359,61 +339,6 @@ class Engine:
         )
         run.iterations_done = base_iterations + last.iteration
         return last
-
-
-def check_request(
-    settings: StylizeSettings,
-    known_layers: Sequence[str],
-    *,
-    style_weights: Sequence[float],
-    has_init_image: bool,
-    content_size: tuple[int, int] | None = None,
-) -> None:
-    """Every rule a request must pass: validation's value rules, then (with the content's (width, height))
-    the pyramid's stage sizes. Engine.check and the tests' fake engine both use this."""
-    validation.validate(settings, known_layers, style_weights=style_weights, has_init_image=has_init_image)
-    if content_size is not None:
-        plan_stages(content_size, settings, layer_choice(settings, len(style_weights)))
-
-
-def plan_job_memory(
-    content_size: tuple[int, int],
-    settings: StylizeSettings,
-    style_sizes: Sequence[tuple[int, int]],
-    budget: int | None,
-    forced_tile: int = 0,
-) -> memory.JobMemory:
-    """The memory plan of a request (Engine.plan_memory without an engine; the tests' fake uses it)."""
-    choice = layer_choice(settings, len(style_sizes))
-    return memory.plan_job(
-        plan_stages(content_size, settings, choice),
-        choice,
-        budget,
-        forced_tile,
-        style_sizes=style_sizes,
-        style_scale=settings.style_scale,
-    )
-
-
-def layer_choice(settings: StylizeSettings, styles: int) -> LayerChoice:
-    """The graphs' key. Without style images the style term has no layers (a content-only request)."""
-    layers = {
-        term: [layer for layer, _ in term_layers] for term, term_layers in settings.term_layers().items()
-    }
-    if not validation.style_active(settings, styles):
-        layers["style"] = []
-    return LayerChoice.of(layers, settings.pooling.value)
-
-
-def plan_stages(content_size: tuple[int, int], settings: StylizeSettings, choice: LayerChoice) -> list[Stage]:
-    return pyramid.plan(
-        content_size,
-        settings.max_size,
-        settings.min_size,
-        settings.iterations,
-        min_short_side=2 ** POOLS_BEFORE[choice.deepest],
-        deepest_layer=choice.deepest,
-    )
 
 
 def _weights(settings: StylizeSettings) -> tuple[dict[str, float], dict[str, dict[str, float]]]:

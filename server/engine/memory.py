@@ -26,13 +26,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from stylize_service.models.graphs import POOLS_BEFORE, LayerChoice
-from stylize_service.models.onnx_builder import CHANNELS
+from stylize_service.models.layers import LayerChoice
+from stylize_service.models.vgg16 import CHANNELS, POOLS_BEFORE
 
-from .optimizer import MAXCOR
+from .lbfgs_workspace import MAXCOR, lbfgs_bytes_per_variable
 from .pyramid import Stage, style_longest
-from .resample import scaled_size
-from .tiling import TileLayout
+from .resample import scaled_size, shrunk_size
+from .tile_layout import TileLayout
 
 MiB = 2**20
 # L-BFGS-B's history (correction pairs) per stage, tried in this order: the full one at any tile size
@@ -41,13 +41,6 @@ MiB = 2**20
 # history changes the iterates (each step uses less curvature information), not the loss being
 # minimised; Progress reports it (correction_pairs). Nocedal and Wright give 3 to 20 as the usual range.
 HISTORIES = (MAXCOR, 5, 3)
-
-
-def lbfgs_bytes_per_variable(history: int) -> int:
-    """setulb's float64 workspace, 2 * history + 5 vectors; x, its last evaluated copy, the gradient and
-    both bounds (float64); the bound kinds (int32) and 3 int32 of integer workspace; our float32 copies
-    of the point and the gradient."""
-    return 8 * (2 * history + 5) + 8 * 5 + 4 + 12 + 8
 
 
 # Measured (one-iteration single-stage jobs on the Tübingen/Starry Night pair, peak RSS above the warmed-up
@@ -136,7 +129,7 @@ class StylePass:
 def decoded_style_size(size: tuple[int, int], longest: int) -> tuple[int, int]:
     """A style image's (width, height) once decoded: shrunk, never enlarged, to `longest`
     (servicer._decode_inputs; pyramid.style_longest of the output's size)."""
-    return size if max(size) <= longest else scaled_size(*size, longest)
+    return shrunk_size(size, longest)
 
 
 def style_passes(stage: Stage, decoded: Sequence[tuple[int, int]], style_scale: float) -> list[StylePass]:

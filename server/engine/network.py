@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from stylize_service.models import export, graphs
-from stylize_service.models.graphs import LayerChoice
+from stylize_service.models.layers import LayerChoice
 from stylize_service.models.terms import TERMS
 
 from .providers import CPU, CUDA, ProviderSpec, load_cuda_libraries, provider_name

@@ -41,6 +41,8 @@ try:  # private: see the module docstring for why, and how its use is guarded
 except ImportError:  # pragma: no cover - a scipy without it gets the public driver
     _scipy_lbfgsb = None
 
+from .lbfgs_workspace import MAXCOR, workspace_lengths
+
 log = logging.getLogger(__name__)
 
 # flat float64 x -> (loss, gradient with x's size in any float dtype). x is the optimiser's own array: read
@@ -51,10 +53,6 @@ Objective = Callable[[np.ndarray], tuple[float, np.ndarray]]
 IterationCallback = Callable[[np.ndarray], bool]
 
 
-# L-BFGS-B correction pairs; server.engine.memory counts their memory. More pairs save evaluations but
-# not time: setulb's step grows with them (0.12 of an evaluation at 512 px with 10, 0.22 with 20), and
-# 20, 30 or 50 came within 2% of the 500-iteration loss at most 6% sooner than 10 (README, Time to an image).
-MAXCOR = 10
 CONVERGENCE_WINDOW = 10  # iterations over which Convergence measures the improvement
 
 
@@ -284,8 +282,9 @@ def minimize_direct(
     # (np.zeros): setulb fills its 2 * m correction columns one pair per iteration, so they would keep
     # growing in resident memory for m iterations after admission. Touched now, a stage reaches its
     # peak in its first iteration, where the memory model (server.engine.memory) is measured.
-    wa = np.full(2 * m * n + 5 * n + 11 * m * m + 8 * m, 0.0)  # np.full writes every page
-    iwa = np.full(3 * n, 0, np.int32)
+    wa_length, iwa_length = workspace_lengths(n, m)  # the sizes the memory model counts
+    wa = np.full(wa_length, 0.0)  # np.full writes every page
+    iwa = np.full(iwa_length, 0, np.int32)
     task = np.zeros(2, np.int32)
     ln_task = np.zeros(2, np.int32)
     lsave = np.zeros(4, np.int32)

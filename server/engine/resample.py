@@ -17,6 +17,11 @@ def scaled_size(width: int, height: int, longest: int) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+def shrunk_size(size: tuple[int, int], longest: int) -> tuple[int, int]:
+    """(width, height) as shrink_longest leaves it: scaled down to `longest`, never enlarged."""
+    return size if max(size) <= longest else scaled_size(*size, longest)
+
+
 def resize(image: np.ndarray, width: int, height: int, *, clip: bool = True) -> np.ndarray:
     """(H, W, 3) float32 -> (height, width, 3) float32, bicubic, clipped to [0, 1] (clip=False: for
     differences of images, which are signed)."""

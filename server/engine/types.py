@@ -15,6 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
+from .lbfgs_workspace import MAXCOR
+
 # A term's layers and their weights, in order. A tuple (not a dict) so that settings compare and hash, and
 # so that a layer listed twice reaches the validator instead of vanishing in a dict.
 Layers = tuple[tuple[str, float], ...]
@@ -142,8 +144,8 @@ class Progress:
     # When the stage is evaluated in tiles (exactly, to bound memory): their size, px, and number; 0 = untiled.
     tile_size: int = 0
     tiles: int = 0
-    # L-BFGS-B correction pairs kept in this stage: optimizer.MAXCOR, fewer where memory is short.
-    correction_pairs: int = 10
+    # L-BFGS-B correction pairs kept in this stage: lbfgs_workspace.MAXCOR, fewer where memory is short.
+    correction_pairs: int = MAXCOR
     # How long each loss+gradient evaluation since the previous Progress took, seconds (for metrics).
     # Evaluations that no accepted step follows (a line search that gave up) join the next Progress.
     evaluation_seconds: tuple[float, ...] = ()

@@ -1,0 +1,58 @@
+"""One interface for a stage's targets and loss, with two implementations: the whole image at once
+(WholeImageEvaluator, here) and exact tiles (tiling.TiledEvaluator). The engine computes targets, blends
+the style images' and evaluates through it alone, whichever runs; models.terms says which terms take
+their targets from the content (region-separable ones) and which from the style images.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from stylize_service.models.terms import TERMS
+
+from .network import CompiledChoice, Evaluation, Targets
+
+TermTargets = dict[str, dict[str, np.ndarray]]  # term -> layer -> target
+
+
+class StageEvaluator(Protocol):
+    def separable_targets(self, content: np.ndarray) -> TermTargets:
+        """The region-separable layered terms' targets (content: feature maps) of a network input."""
+        ...
+
+    def statistic_targets(self, image: np.ndarray) -> TermTargets:
+        """The other layered terms' targets (style: Gram matrices) of one network input."""
+        ...
+
+    def evaluator(
+        self, targets: Targets, weights: dict[str, float], layer_weights: dict[str, dict[str, float]]
+    ) -> Callable[[np.ndarray], Evaluation]:
+        """The stage's loss function of the network input x (1, 3, H, W)."""
+        ...
+
+
+class WholeImageEvaluator:
+    """A stage evaluated on the whole image at once, through one choice's compiled graphs."""
+
+    def __init__(self, compiled: CompiledChoice) -> None:
+        self._compiled = compiled
+
+    def _targets(self, image: np.ndarray, separable: bool) -> TermTargets:
+        by_term = self._compiled.targets(image).by_term
+        return {name: by_term[name] for name in by_term if TERMS[name].region_separable == separable}
+
+    def separable_targets(self, content: np.ndarray) -> TermTargets:
+        return self._targets(content, separable=True)
+
+    def statistic_targets(self, image: np.ndarray) -> TermTargets:
+        return self._targets(image, separable=False)
+
+    def evaluator(
+        self, targets: Targets, weights: dict[str, float], layer_weights: dict[str, dict[str, float]]
+    ) -> Callable[[np.ndarray], Evaluation]:
+        feeds = self._compiled.feeds(targets, weights, layer_weights)
+        return functools.partial(self._compiled.evaluate, feeds=feeds)
