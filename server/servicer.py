@@ -97,7 +97,7 @@ class EngineLike(Protocol):
         observer: StylizeObserver,
         *,
         init_image: np.ndarray | None = None,
-        tiles: Sequence[int] | None = None,
+        memory_plan: JobMemory | None = None,
     ) -> StylizeResult: ...
 
 

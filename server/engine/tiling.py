@@ -236,8 +236,8 @@ class TiledEvaluator:
                 by_term[name] = {}
         for weight, style in styles:
             sums, _ = self._whole_image(style, statistics=True, features=False)
-            for name, layers in sums.items():
-                for layer, total in layers.items():
+            for name, by_layer in sums.items():
+                for layer, total in by_layer.items():
                     count = _map_count(layer, total.shape[0], style.shape[-2], style.shape[-1])
                     part = np.float32(weight) * TERMS[name].target_from_statistic(total, count)
                     by_term[name][layer] = by_term[name].get(layer, 0) + part
