@@ -32,7 +32,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -54,7 +54,8 @@ SERVICE_CONFIG = json.dumps(
     {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": SERVICE_NAME}}
 )
 
-Event = pb.Queued | pb.Progress | pb.Frame | pb.Result
+# What iterating a StylizeCall yields: the oneof of StylizeResponse, unwrapped.
+Event: TypeAlias = pb.Queued | pb.Progress | pb.Frame | pb.Result
 
 
 class StylizeError(Exception):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+from typing import cast
 
 from google.protobuf.descriptor import Descriptor, EnumDescriptor, EnumValueDescriptor, FieldDescriptor
 
@@ -139,4 +140,6 @@ def _options(message: Descriptor) -> dict[str, Option]:
 
 
 # Every field of StylizeOptions by name, in the proto's order.
-OPTIONS: dict[str, Option] = _options(pb.StylizeOptions.DESCRIPTOR)
+# (protobuf's stubs type DESCRIPTOR as Descriptor | google._upb._message.Descriptor; the upb class is the
+# implementation of Descriptor, and isinstance(..., Descriptor) holds at runtime.)
+OPTIONS: dict[str, Option] = _options(cast(Descriptor, pb.StylizeOptions.DESCRIPTOR))

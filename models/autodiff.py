@@ -15,6 +15,7 @@ import collections
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -44,12 +45,12 @@ class _Context:
     def fresh(self, hint: str) -> str:
         return f"grad/{hint}/{next(self._counter)}"
 
-    def emit(self, op: str, inputs: Sequence[str], hint: str = "", **attrs: object) -> str:
+    def emit(self, op: str, inputs: Sequence[str], hint: str = "", **attrs: Any) -> str:
         out = self.fresh(hint or op)
         self.nodes.append(helper.make_node(op, list(inputs), [out], name=out, **attrs))
         return out
 
-    def const(self, value: np.ndarray | float | Sequence[int], dtype: type = np.float32) -> str:
+    def const(self, value: np.ndarray | float | Sequence[float], dtype: type[np.generic] = np.float32) -> str:
         array = np.asarray(value, dtype=dtype)
         key = (array.dtype.str, array.shape, array.tobytes())
         if key not in self._constants:
@@ -95,8 +96,17 @@ def rule(op: str) -> Callable[[Rule], Rule]:
     return register
 
 
-def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    """A node's attributes by name; each value's type depends on the attribute (int, float, bytes, lists)."""
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def _dy(dys: list[str | None]) -> str:
+    """The gradient of a node's first output, which for the ops below is their only differentiable one:
+    add_gradient calls a rule only when some output has a gradient, so it is never None here."""
+    dy = dys[0]
+    assert dy is not None, "a rule was called without a gradient for its output"
+    return dy
 
 
 @rule("Identity")
@@ -124,11 +134,12 @@ def _apply_mask(ctx: _Context, mask_of_forward: Callable[[], str], dy: str, hint
 
 @rule("Relu")
 def _relu(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[str | None]:
-    if dys[0] in ctx.relu_masked:
-        return [dys[0]]  # the max-pool that alone reads this Relu applied its mask already
+    dy = _dy(dys)
+    if dy in ctx.relu_masked:
+        return [dy]  # the max-pool that alone reads this Relu applied its mask already
     # The 0/1 mask of x > 0 is y > 0 (y = Relu(x)), so the pre-activation need not be kept and onnxruntime
     # still fuses Conv+Relu in the forward pass.
-    return [_apply_mask(ctx, lambda: _positive(ctx, node.output[0]), dys[0], "relu")]
+    return [_apply_mask(ctx, lambda: _positive(ctx, node.output[0]), dy, "relu")]
 
 
 def _positive(ctx: _Context, name: str) -> str:
@@ -156,7 +167,7 @@ def _conv(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[st
     # space and transposed in/out: a plain Conv, the op onnxruntime optimises best on every provider.
     flipped = np.ascontiguousarray(weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
     kernel = ctx.add_initializer(flipped, f"{node.name}.weight_T")
-    dx = ctx.emit("Conv", [dys[0], kernel], f"{node.name}", kernel_shape=[kh, kw], pads=back_pads)
+    dx = ctx.emit("Conv", [_dy(dys), kernel], f"{node.name}", kernel_shape=[kh, kw], pads=back_pads)
     return [dx, None, None]
 
 
@@ -204,7 +215,7 @@ def _maxpool(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list
         equal = ctx.emit("Equal", [x, _upsample2(ctx, node.output[0], x, float("inf"))], "argmax")
         return ctx.emit("And", [equal, _positive(ctx, x)], "argmax_positive") if fold_relu else equal
 
-    dx = _apply_mask(ctx, argmax, _upsample2(ctx, dys[0], x, 0.0), "maxpool")
+    dx = _apply_mask(ctx, argmax, _upsample2(ctx, _dy(dys), x, 0.0), "maxpool")
     if fold_relu:
         ctx.relu_masked.add(dx)
     return [dx]
@@ -213,21 +224,21 @@ def _maxpool(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list
 @rule("AveragePool")
 def _avgpool(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[str | None]:
     _pool_window(node)
-    quarter = ctx.emit("Mul", [dys[0], ctx.const(0.25)], "avg")
+    quarter = ctx.emit("Mul", [_dy(dys), ctx.const(0.25)], "avg")
     return [_upsample2(ctx, quarter, node.input[0], 0.0)]
 
 
 @rule("Reshape")
 def _reshape(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[str | None]:
     shape = ctx.emit("Shape", [node.input[0]], "shape")
-    return [ctx.emit("Reshape", [dys[0], shape], "reshape"), None]
+    return [ctx.emit("Reshape", [_dy(dys), shape], "reshape"), None]
 
 
 @rule("Transpose")
 def _transpose(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[str | None]:
     perm = list(_attrs(node)["perm"])
     inverse = [perm.index(i) for i in range(len(perm))]
-    return [ctx.emit("Transpose", [dys[0]], "transpose", perm=inverse)]
+    return [ctx.emit("Transpose", [_dy(dys)], "transpose", perm=inverse)]
 
 
 def _is_transpose_of(ctx: _Context, name: str, of: str) -> bool:
@@ -245,7 +256,7 @@ def _matmul(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[
     a, b = node.input
     if ctx.rank(a) != 2 or ctx.rank(b) != 2:
         raise NotImplementedError(f"MatMul {node.name!r}: only 2-D operands are supported")
-    dy = dys[0]
+    dy = _dy(dys)
     if _is_transpose_of(ctx, b, a):
         # A Gram matrix G = F Fᵀ: dF = (dG + dGᵀ) F, one product instead of two and no transposed copy of F.
         symmetric = ctx.emit("Add", [dy, ctx.emit("Transpose", [dy], "dGT", perm=[1, 0])], "dG_sym")
@@ -257,43 +268,48 @@ def _matmul(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[
 
 @rule("Add")
 def _add(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[str | None]:
-    return [ctx.unbroadcast(dys[0], x, node.output[0]) for x in node.input]
+    dy = _dy(dys)
+    return [ctx.unbroadcast(dy, x, node.output[0]) for x in node.input]
 
 
 @rule("Sum")
 def _sum(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[str | None]:
-    return [ctx.unbroadcast(dys[0], x, node.output[0]) for x in node.input]
+    dy = _dy(dys)
+    return [ctx.unbroadcast(dy, x, node.output[0]) for x in node.input]
 
 
 @rule("Sub")
 def _sub(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[str | None]:
+    dy = _dy(dys)
     a, b = node.input
-    negated = ctx.emit("Neg", [dys[0]], "neg")
-    return [ctx.unbroadcast(dys[0], a, node.output[0]), ctx.unbroadcast(negated, b, node.output[0])]
+    negated = ctx.emit("Neg", [dy], "neg")
+    return [ctx.unbroadcast(dy, a, node.output[0]), ctx.unbroadcast(negated, b, node.output[0])]
 
 
 @rule("Neg")
 def _neg(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[str | None]:
-    return [ctx.emit("Neg", [dys[0]], "neg")]
+    return [ctx.emit("Neg", [_dy(dys)], "neg")]
 
 
 @rule("Mul")
 def _mul(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[str | None]:
+    dy = _dy(dys)
     a, b = node.input
     out = node.output[0]
     return [
-        ctx.unbroadcast(ctx.emit("Mul", [dys[0], b], "mul"), a, out),
-        ctx.unbroadcast(ctx.emit("Mul", [dys[0], a], "mul"), b, out),
+        ctx.unbroadcast(ctx.emit("Mul", [dy, b], "mul"), a, out),
+        ctx.unbroadcast(ctx.emit("Mul", [dy, a], "mul"), b, out),
     ]
 
 
 @rule("Div")
 def _div(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[str | None]:
+    dy = _dy(dys)
     a, b = node.input
     out = node.output[0]
-    da = ctx.unbroadcast(ctx.emit("Div", [dys[0], b], "div"), a, out)
+    da = ctx.unbroadcast(ctx.emit("Div", [dy, b], "div"), a, out)
     # d(a/b)/db = -y/b
-    db = ctx.emit("Neg", [ctx.emit("Div", [ctx.emit("Mul", [dys[0], out], "div"), b], "div")], "div")
+    db = ctx.emit("Neg", [ctx.emit("Div", [ctx.emit("Mul", [dy, out], "div"), b], "div")], "div")
     return [da, ctx.unbroadcast(db, b, out)]
 
 
@@ -307,7 +323,7 @@ def _reduce_all_axes(node: onnx.NodeProto) -> None:
 def _reduce_sum(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[str | None]:
     _reduce_all_axes(node)
     shape = ctx.emit("Shape", [node.input[0]], "shape")
-    return [ctx.emit("Expand", [dys[0], shape], "reduce_sum")]
+    return [ctx.emit("Expand", [_dy(dys), shape], "reduce_sum")]
 
 
 @rule("ReduceMean")
@@ -316,7 +332,7 @@ def _reduce_mean(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> 
     x = node.input[0]
     count = ctx.emit("Cast", [ctx.emit("Size", [x], "size")], "count", to=TensorProto.FLOAT)
     shape = ctx.emit("Shape", [x], "shape")
-    return [ctx.emit("Expand", [ctx.emit("Div", [dys[0], count], "mean"), shape], "reduce_mean")]
+    return [ctx.emit("Expand", [ctx.emit("Div", [_dy(dys), count], "mean"), shape], "reduce_mean")]
 
 
 @rule("Slice")
@@ -338,7 +354,13 @@ def _slice(ctx: _Context, node: onnx.NodeProto, dys: list[str | None]) -> list[s
         end[axis] = 0 if stop > 0 else int(-stop)
     # The slice's gradient is dY placed back where the slice came from, zeros elsewhere.
     pads = ctx.const(begin + end, np.int64)
-    return [ctx.emit("Pad", [dys[0], pads, ctx.const(0.0)], "slice", mode="constant"), None, None, None, None]
+    return [
+        ctx.emit("Pad", [_dy(dys), pads, ctx.const(0.0)], "slice", mode="constant"),
+        None,
+        None,
+        None,
+        None,
+    ]
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:

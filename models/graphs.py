@@ -184,7 +184,8 @@ def build_tile_statistics_model(features: onnx.ModelProto, choice: LayerChoice) 
     layered terms' layers (feature/<layer>), from which the caller cuts the owned parts."""
     b = GraphBuilder()
     _network(features, choice, b)
-    inputs, outputs, masks = [_image_input()], [], set()
+    inputs, masks = [_image_input()], set()
+    outputs: list[onnx.ValueInfoProto] = []
     for term_name, layers in choice.layers:
         term = TERMS[term_name]
         for layer in layers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import onnx
 from onnx import TensorProto, helper
@@ -18,7 +19,7 @@ class GraphBuilder:
         self.initializers: list[TensorProto] = []
         self._count = 0
 
-    def op(self, op: str, inputs: Sequence[str], out: str | None = None, **attrs: object) -> str:
+    def op(self, op: str, inputs: Sequence[str], out: str | None = None, **attrs: Any) -> str:
         self._count += 1
         out = out or f"{op.lower()}_{self._count}"
         self.nodes.append(helper.make_node(op, list(inputs), [out], name=out, **attrs))

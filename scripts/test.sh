@@ -7,9 +7,11 @@
 # failed:
 #   1. scripts/gen_protos.py --check   the generated gRPC code matches protos/ (skipped with a warning if
 #                                       the script is absent)
-#   2. ruff check .                     lint
-#   3. ruff format --check .            formatting
-#   4. pytest [PYTEST_ARGS...]          the tests; "no tests collected" (exit 5) counts as a failure
+#   2. scripts/typecheck.py mypy        the static type check ([tool.mypy] in pyproject.toml)
+#   3. scripts/typecheck.py imports     the import-layer contracts, by lint-imports ([tool.importlinter])
+#   4. ruff check .                     lint
+#   5. ruff format --check .            formatting
+#   6. pytest [PYTEST_ARGS...]          the tests; "no tests collected" (exit 5) counts as a failure
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -41,6 +43,8 @@ if [[ -f "$ROOT/scripts/gen_protos.py" ]]; then
 else
     printf '\n== gen_protos --check\ntest: warning: scripts/gen_protos.py not found; skipped\n' >&2
 fi
+run mypy "$VENV/bin/python" "$ROOT/scripts/typecheck.py" mypy
+run lint-imports "$VENV/bin/python" "$ROOT/scripts/typecheck.py" imports --no-logo
 run "ruff check" "$VENV/bin/ruff" check .
 run "ruff format --check" "$VENV/bin/ruff" format --check .
 run pytest "$VENV/bin/python" -m pytest "$@"

@@ -161,6 +161,6 @@ class StylizeServer:
     def wait(self, timeout: float | None = None) -> bool:
         return self._server.wait_for_termination(timeout)
 
-    def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+    def _set_health(self, status: int) -> None:  # a health_pb2.HealthCheckResponse.ServingStatus value
         for name in (OVERALL, SERVICE_NAME):
             self.health.set(name, status)

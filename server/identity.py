@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import grpc
 
@@ -81,10 +82,12 @@ def context_identity(context: grpc.ServicerContext, *, trust_tokens: bool) -> st
 
 
 def _certificate_identities(context: grpc.ServicerContext) -> Sequence[bytes] | None:
-    auth: Mapping[str, Sequence[bytes]] = context.auth_context() or {}
+    # grpc's stubs type auth_context() as Mapping[str, bytes] and peer_identities() as an Iterable: grpc
+    # gives a list of bytes per property, and a list of identities.
+    auth = cast(Mapping[str, Sequence[bytes]], context.auth_context() or {})
     if auth.get("transport_security_type") != [b"ssl"] or not auth.get("x509_pem_cert"):
         return None  # plaintext, or TLS without a client certificate
-    return context.peer_identities()
+    return cast(Sequence[bytes] | None, context.peer_identities())
 
 
 def peer_host(peer: str) -> str:

@@ -41,7 +41,7 @@ class Encoding(enum.Enum):
 
     @property
     def available(self) -> bool:
-        return self is not Encoding.WEBP or features.check("webp")
+        return self is not Encoding.WEBP or bool(features.check("webp"))  # None only for an unknown name
 
 
 @dataclass(frozen=True)

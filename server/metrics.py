@@ -222,13 +222,13 @@ class _CountingInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None  # an unknown method: gRPC answers UNIMPLEMENTED; not counted (unbounded names)
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         return _counted_handler(handler, lambda code: self._counter.labels(method, code.name).inc())
 
 
 def _final_code(context: grpc.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
     """The status a call that ended without an exception of ours will get."""
-    code = context.code()
+    code = context.code()  # type: ignore[attr-defined]  # grpc has it (experimental); its stubs lack it
     if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
         return code  # set_code() or abort()
     if not context.is_active():  # the client cancelled, its deadline passed, or the server stopped
@@ -312,4 +312,5 @@ def _counted_handler(
         return grpc.unary_stream_rpc_method_handler(stream_response(behavior), **serializers)
     if handler.stream_unary is not None:
         return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **serializers)
+    assert handler.stream_stream is not None  # a handler has exactly one of the four behaviours
     return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), **serializers)

@@ -29,6 +29,7 @@ DEFAULT_OUTPUT = Encoding.PNG
 DEFAULT_FRAMES = Encoding.JPEG
 
 _E = TypeVar("_E")
+_K = TypeVar("_K", bound=int)  # a proto enum (an int subclass in the generated stubs)
 
 _POOLING = {pb.POOLING_MAX: Pooling.MAX, pb.POOLING_AVG: Pooling.AVG}
 _INIT = {pb.INIT_NOISE: Init.NOISE, pb.INIT_CONTENT: Init.CONTENT, pb.INIT_IMAGE: Init.IMAGE}
@@ -143,7 +144,7 @@ def default_options() -> pb.StylizeOptions:
     )
 
 
-def _reverse(mapping: dict[int, _E]) -> dict[_E, int]:
+def _reverse(mapping: dict[_K, _E]) -> dict[_E, _K]:
     return {v: k for k, v in mapping.items()}
 
 
@@ -155,7 +156,7 @@ def _layers(layers: Iterable[pb.LayerWeight], default: Layers) -> Layers:
     return tuple((item.layer.strip(), item.weight if item.HasField("weight") else 1.0) for item in items)
 
 
-def _enum(value: int, name: str, mapping: dict[int, _E], default: _E) -> _E:
+def _enum(value: _K, name: str, mapping: dict[_K, _E], default: _E) -> _E:
     """A proto enum value -> ours; 0 (unspecified) = default. Open proto3 enums may carry unknown numbers."""
     if value == 0:
         return default
@@ -177,7 +178,7 @@ def _color_mode(options: pb.StylizeOptions, default: ColorMode) -> ColorMode:
     return ColorMode.LUMINANCE if options.preserve_colors else default
 
 
-def _encoding(value: int, name: str, default: Encoding) -> Encoding:
+def _encoding(value: pb.ImageFormat, name: str, default: Encoding) -> Encoding:
     encoding = _enum(value, name, _ENCODING, default)
     if not encoding.available:
         raise InvalidOption(f"options.{name}", f"{encoding.name} is not supported by this server's Pillow")

@@ -183,13 +183,13 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        method: str = handler_call_details.method  # type: ignore[attr-defined]
+        method: str = handler_call_details.method
         handler = continuation(handler_call_details)
         if handler is None or method.startswith(OPEN_SERVICE_PREFIX):
             # An unknown method is gRPC's to answer (UNIMPLEMENTED), token or not: refusing it here would
             # make a handler of it, and every made-up name a new metrics series and log line.
             return handler
-        token = bearer_token(handler_call_details.invocation_metadata)  # type: ignore[attr-defined]
+        token = bearer_token(handler_call_details.invocation_metadata)
         if token is None:
             problem = (
                 "this server needs a bearer token: send the metadata 'authorization: Bearer TOKEN' "

@@ -21,9 +21,9 @@ logger = logging.getLogger("stylize.server")
 
 
 class Cancellable(Protocol):
-    """What StallWatch needs of a call: grpc.ServicerContext has both."""
+    """What StallWatch needs of a call: grpc.ServicerContext has both (its cancel() returns a bool, unused)."""
 
-    def cancel(self) -> None: ...
+    def cancel(self) -> object: ...
 
     def peer(self) -> str: ...
 

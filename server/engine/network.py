@@ -16,6 +16,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnx
@@ -294,13 +295,14 @@ class FeatureNetwork:
         self._building: dict[LayerChoice, threading.Lock] = {}
 
     def info(self) -> ModelInfo:
+        # The model's metadata holds a mean and a std per input channel: three (models/export.py).
         return ModelInfo(
             name=self.name,
             weights_source=self.weights_source,
             layers=self.layers,
             channel_order=self.channel_order,
-            mean=tuple(float(v) for v in self.mean),
-            std=tuple(float(v) for v in self.std),
+            mean=cast(tuple[float, float, float], tuple(float(v) for v in self.mean)),
+            std=cast(tuple[float, float, float], tuple(float(v) for v in self.std)),
             input_scale=self.input_scale,
             providers=self.providers,
         )
