@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.markdown import DOCS, README, ROOT, anchors, links, pages, prose_lines, slug
+from tests.markdown import DOCS, README, ROOT, anchors, links, pages, prose_lines, section, slug
 from tests.test_scripts import load_script
 
 README_MAX_LINES = 300
@@ -22,6 +22,19 @@ def test_the_readme_is_short_and_keeps_the_two_commands() -> None:
     text = README.read_text()
     assert len(text.splitlines()) <= README_MAX_LINES
     assert "bash scripts/demo.sh" in text and "bash scripts/test.sh" in text
+
+
+def test_the_readmes_flags_are_the_servers() -> None:
+    from stylize_service.server.config import _SETTINGS
+
+    table = section(README, "## Running the server")
+    flags = set(re.findall(r"^\| `(--[a-z-]+)`", table, re.M))
+    flags |= set(re.findall(r"^\| `--[a-z-]+`, `(--[a-z-]+)`", table, re.M))
+    assert flags, "README.md's Running the server section has no table of flags"
+    assert flags <= {flag for flag, _, _, _ in _SETTINGS}, flags - {flag for flag, _, _, _ in _SETTINGS}
+    for flag, env, _, _ in _SETTINGS:
+        if flag in flags:
+            assert f"`{env}`" in table, f"README.md names {flag} without its variable {env}"
 
 
 def test_the_readme_links_every_docs_page() -> None:
