@@ -17,6 +17,7 @@ from stylize_service.client.api import StylizeCall, StylizeClient, StylizeError
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.server.app import StylizeServer
 from tests.fakes import LIVENESS, FakeEngine, encode, gradient, image_bytes, running_server
+from tests.markdown import DOCS, section
 
 SMALL = ["--max-size", "64", "--iterations", "4"]
 
@@ -364,10 +365,9 @@ def test_negative_retries_are_refused() -> None:
     assert caught.value.code == cli.EXIT_USAGE
 
 
-def test_the_readmes_replicas_example_runs_over_two_replicas(tmp_path: Path, monkeypatch: Any) -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## The Python API", 1)[1].split("\n## ", 1)[0]
-    code = re.findall(r"```python\n(.*?)```", section, re.S)[1]  # the second: several replicas
+def test_the_docs_replicas_example_runs_over_two_replicas(tmp_path: Path, monkeypatch: Any) -> None:
+    text = section(DOCS / "deployment.md", "## Several replicas")
+    code = re.findall(r"```python\n(.*?)```", text, re.S)[0]  # the Python API over several replicas
     name = "dns:///stylize-headless.default.svc.cluster.local:50051"
     assert name in code
     for photo in ("a.jpg", "b.jpg", "c.jpg", "d.jpg", "painting.jpg"):
@@ -378,7 +378,7 @@ def test_the_readmes_replicas_example_runs_over_two_replicas(tmp_path: Path, mon
         held_until_both_start(first, second),
         two_replicas(first, second, queue_size=0) as ((_, one), (_, two)),
     ):
-        exec(compile(code.replace(name, target(one, two)), "README.md", "exec"), {})
+        exec(compile(code.replace(name, target(one, two)), "docs/deployment.md", "exec"), {})
     assert sorted(p.name for p in tmp_path.glob("*.stylized.png")) == [f"{c}.stylized.png" for c in "abcd"]
     assert first.completed >= 1 and second.completed >= 1 and first.completed + second.completed == 4
 

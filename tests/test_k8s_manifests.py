@@ -259,7 +259,8 @@ def test_requests_are_within_limits(container: Obj) -> None:
     for name in ("cpu", "memory"):
         request, limit = resources["requests"][name], resources["limits"][name]
         assert quantity(request) <= quantity(limit), f"{name}: request {request} > limit {limit}"
-    # One job's peak at 1024 px is 7.1 GB (README); the limit must hold it.
+    # One single-scale job's peak at 1024 px measured 7.1 GB (scripts/benchmark_multiscale.py under
+    # /usr/bin/time -v); the limit must hold it.
     assert quantity(resources["limits"]["memory"]) >= quantity("7.1G")
 
 
@@ -315,7 +316,7 @@ def test_autoscaler_targets_the_deployment_on_cpu(base: list[Obj]) -> None:
     assert "replicas" not in deployment["spec"], "the autoscaler owns the replica count"
     (metric,) = hpa["spec"]["metrics"]
     assert metric["type"] == "Resource" and metric["resource"]["name"] == "cpu"
-    # Clearly below a busy replica's utilization (56-73% measured, README), or an all-busy fleet would
+    # Clearly below a busy replica's utilization (56-73% measured, deploy/measure_replica.py), or an all-busy fleet would
     # not grow: the autoscaler leaves ratios within its 10% tolerance of 1 alone.
     assert 0 < metric["resource"]["target"]["averageUtilization"] * 1.1 < BUSY_REPLICA_CPU_PERCENT
 
@@ -363,7 +364,7 @@ def test_gpu_overlay_asks_for_one_gpu_and_requires_cuda(base: list[Obj]) -> None
     deployment = find(rendered, "Deployment")
     pod_spec = deployment["spec"]["template"]["spec"]
     (container,) = pod_spec["containers"]
-    # The image that `docker build --build-arg STYLIZE_EXTRAS=gpu -t stylize:gpu .` makes (README, GPU).
+    # The image that `docker build --build-arg STYLIZE_EXTRAS=gpu -t stylize:gpu .` makes (docs/gpu.md).
     assert container["image"] == "stylize:gpu"
     resources = container["resources"]
     assert quantity(resources["limits"]["nvidia.com/gpu"]) == 1

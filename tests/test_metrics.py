@@ -21,6 +21,7 @@ from stylize_service.server.config import ConfigError, load_config
 from stylize_service.server.metrics import OUTCOMES, ServerMetrics
 from stylize_service.server.servicer import EngineLike
 from tests.fakes import LIVENESS, FakeEngine, channel, image_bytes, running_server, stylize_request
+from tests.markdown import DOCS, section
 
 STYLIZE = "/stylize.v1.StyleTransfer/Stylize"
 GET_INFO = "/stylize.v1.StyleTransfer/GetInfo"
@@ -290,15 +291,14 @@ def test_the_endpoint_is_off_unless_a_port_is_given_and_stops_with_the_server() 
         scrape(port)
 
 
-def test_every_metric_is_documented_in_the_readme() -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("### Metrics", 1)[1].split("\n## ", 1)[0]
+def test_every_metric_is_documented() -> None:
+    text = section(DOCS / "deployment.md", "## Metrics")
     names = {
         family.name for family in ServerMetrics().registry.collect() if family.name.startswith("stylize_")
     }
     assert len(names) == 9
-    undocumented = {name for name in names if f"`{name}`" not in section and f"`{name}_total`" not in section}
-    assert not undocumented, f"README's Metrics section lacks {sorted(undocumented)}"
+    undocumented = {name for name in names if f"`{name}`" not in text and f"`{name}_total`" not in text}
+    assert not undocumented, f"docs/deployment.md's Metrics section lacks {sorted(undocumented)}"
 
 
 def test_calls_refused_for_want_of_a_token_are_counted(tmp_path: Path) -> None:

@@ -8,13 +8,11 @@ from pathlib import Path
 import pytest
 
 from tests.fakes import FakeEngine, image_bytes, running_server
-
-README = Path(__file__).resolve().parent.parent / "README.md"
+from tests.markdown import README, section
 
 
 def python_api_example() -> str:
-    section = README.read_text().split("## The Python API", 1)[1]
-    match = re.search(r"```python\n(.*?)```", section, re.S)
+    match = re.search(r"```python\n(.*?)```", section(README, "## The Python API"), re.S)
     assert match, "the README's Python API section has no python code block"
     return match.group(1)
 

@@ -1,7 +1,7 @@
 """Keeping strangers out: TLS, mutual TLS and bearer tokens, end to end against an in-process server.
 
 A throwaway CA, a server certificate for localhost and client certificates are made with the openssl
-command (the same commands as the README's Security section); the tests skip if it is not installed.
+command (the same commands as docs/security.md's recipe); the tests skip if it is not installed.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ from stylize_service.server.config import ConfigError, load_config
 from stylize_service.server.identity import token_label
 from stylize_service.server.security import ServerSecurity, TokenStore
 from tests.fakes import FakeEngine, encode, gradient, image_bytes, running_server, wait_until
+from tests.markdown import DOCS, section
 from tests.test_scripts import load_script
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+SECURITY_PAGE = DOCS / "security.md"
 TOKEN = secrets.token_urlsafe(24)  # random, so that finding it in a log cannot be a coincidence
 OTHER_TOKEN = secrets.token_urlsafe(24)
 TIMEOUT = 10.0
@@ -648,15 +649,15 @@ def test_cli_reports_an_unusable_tls_file_as_a_usage_error(
     assert f"--tls-ca: cannot read {missing}" in capsys.readouterr().err
 
 
-# --- the README's recipe ---------------------------------------------------------------------------
+# --- the recipe of docs/security.md ----------------------------------------------------------------
 
 
-def test_the_readmes_certificate_commands_and_python_example_work(
+def test_the_docs_certificate_commands_and_python_example_work(
     pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    section = README.read_text().split("## Security", 1)[1].split("\n## ", 1)[0]
-    commands = re.search(r"```bash\n(.*?)```", section, re.S)
-    example = re.search(r"```python\n(.*?)```", section, re.S)
+    recipe = section(SECURITY_PAGE, "## Certificates and a token")
+    commands = re.search(r"```bash\n(.*?)```", recipe, re.S)
+    example = re.search(r"```python\n(.*?)```", section(SECURITY_PAGE, "## Serving and calling"), re.S)
     assert commands and "openssl" in commands.group(1) and example
     subprocess.run(
         ["bash", "-euo", "pipefail", "-c", commands.group(1)], cwd=tmp_path, check=True, timeout=120
@@ -672,5 +673,5 @@ def test_the_readmes_certificate_commands_and_python_example_work(
         monkeypatch.chdir(tmp_path)
         monkeypatch.setenv("STYLIZE_TOKEN", token)
         code = example.group(1).replace("localhost:50051", localhost(address))
-        exec(compile(code, "README.md", "exec"), {})
+        exec(compile(code, "docs/security.md", "exec"), {})
     assert capsys.readouterr().out.strip() == "fake-vgg16"
