@@ -28,8 +28,10 @@ from prometheus_client import (
     make_wsgi_app,
 )
 
-# The values of stylize_jobs_total's `outcome` label.
-OUTCOMES = ("ok", "cancelled", "deadline", "invalid", "refused", "error")
+from stylize_service.server.outcome import LABELS
+
+# The values of stylize_jobs_total's `outcome` label: server/outcome.py's.
+OUTCOMES = LABELS
 
 # A job runs from seconds (small images) to an hour (large ones, many iterations), and may wait as long.
 JOB_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)

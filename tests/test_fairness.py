@@ -12,7 +12,7 @@ import pytest
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
-from stylize_service.server import servicer as servicer_module
+from stylize_service.server import admission, convert, imageio, job_worker
 from stylize_service.server.config import load_config
 from stylize_service.server.engine.validation import MAX_WEIGHT
 from stylize_service.server.identity import client_identity, peer_host
@@ -33,17 +33,20 @@ def held() -> Iterator[FakeEngine]:
 
 
 class _Spy:
-    """Wraps a function of the servicer module, recording the name of each calling thread."""
+    """Wraps an image function (server/imageio.py) wherever the service calls it from, recording the name
+    of each calling thread."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         self.threads: list[str] = []
-        original = getattr(servicer_module, name)
+        original = getattr(imageio, name)
 
         def spy(*args: object, **kwargs: object) -> object:
             self.threads.append(threading.current_thread().name)
             return original(*args, **kwargs)
 
-        monkeypatch.setattr(servicer_module, name, spy)
+        for module in (admission, job_worker, convert):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, spy)
 
 
 # --- the scheduler's per-client bound ------------------------------------------------------------
@@ -275,14 +278,14 @@ def test_a_call_cancelled_while_its_worker_decodes_stops_before_the_engine(
     engine = FakeEngine()
     decoding = threading.Event()
     release = threading.Event()
-    original = servicer_module.decode_image
+    original = admission.decode_image
 
     def slow_decode(data: bytes, max_pixels: int, max_side: int | None = None) -> np.ndarray:
         decoding.set()
         release.wait(LIVENESS)
         return original(data, max_pixels, max_side)
 
-    monkeypatch.setattr(servicer_module, "decode_image", slow_decode)
+    monkeypatch.setattr(admission, "decode_image", slow_decode)
     with running_server(engine) as (srv, address), channel(address) as ch:
         collector = Collector(pb_grpc.StyleTransferStub(ch), request())
         assert decoding.wait(LIVENESS)

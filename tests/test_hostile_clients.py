@@ -92,7 +92,7 @@ def test_streams_nobody_reads_neither_starve_the_server_nor_outlive_the_stall_bo
     every thread. Now a call holds its place until its stream ends, and a stream that takes no message
     for --stall-seconds is cancelled."""
     engine = FakeEngine()
-    with running_server(engine, queue_size=8, max_jobs_per_client=4, stall_seconds=6.0) as (server, address):
+    with running_server(engine, queue_size=8, max_jobs_per_client=4, stall_seconds=20.0) as (server, address):
         # Without BDP probing the stream's window stays at HTTP/2's 64 KiB, so that a few frames fill it.
         channels = [
             grpc.insecure_channel(address, options=[("grpc.http2.bdp_probe", 0)])
@@ -113,7 +113,7 @@ def test_streams_nobody_reads_neither_starve_the_server_nor_outlive_the_stall_bo
             # Past the stall bound the unread streams are cancelled, and their places come back (the
             # clients learn it only once they read: their status is queued behind the messages).
             accepted = len(calls) - len(refused)
-            assert wait_until(lambda: server.servicer._stalls.cancelled == accepted, timeout=30), (
+            assert wait_until(lambda: server.servicer._stalls.cancelled == accepted, timeout=60), (
                 server.servicer._stalls.cancelled,
                 accepted,
             )

@@ -21,7 +21,7 @@ from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.app import SERVICE_NAME, StylizeServer
 from stylize_service.server.engine.types import Losses, Progress
-from stylize_service.server.servicer import _Events, _FrameEvent
+from stylize_service.server.job_worker import FrameEvent, JobEvents
 from tests.fakes import (
     LIVENESS,
     FakeEngine,
@@ -211,26 +211,26 @@ def test_frames_are_scaled_to_frame_max_size_and_format(stub: pb_grpc.StyleTrans
 
 
 def test_unread_frames_are_coalesced_without_blocking_the_producer() -> None:
-    def frame(iteration: int) -> _FrameEvent:
-        return _FrameEvent(pb.Frame(iteration=iteration, image=b"x" * 100))
+    def frame(iteration: int) -> FrameEvent:
+        return FrameEvent(pb.Frame(iteration=iteration, image=b"x" * 100))
 
-    events = _Events(max_pending_frame_bytes=200)  # room for two unsent frames
+    events = JobEvents(max_pending_frame_bytes=200)  # room for two unsent frames
     for iteration in (1, 2, 3, 4):
         events.put(frame(iteration))  # nobody reads: must not block
         events.put(Progress(iteration, iteration, LOSSES, 0.0, 0.0, 0, 1, 2, 2))
     assert events.dropped_frames == 2
     drained = iter(lambda: events.get(0.0), None)
     kept = [
-        (type(e).__name__, e.frame.iteration if isinstance(e, _FrameEvent) else e.iteration)  # type: ignore[union-attr]
+        (type(e).__name__, e.frame.iteration if isinstance(e, FrameEvent) else e.iteration)  # type: ignore[union-attr]
         for e in drained
     ]
     # Every progress event is kept, in order; the two oldest frames gave way to the newest two.
     assert kept == [
         ("Progress", 1),
         ("Progress", 2),
-        ("_FrameEvent", 3),
+        ("FrameEvent", 3),
         ("Progress", 3),
-        ("_FrameEvent", 4),
+        ("FrameEvent", 4),
         ("Progress", 4),
     ]
 

@@ -128,7 +128,7 @@ class StylePass:
 
 def decoded_style_size(size: tuple[int, int], longest: int) -> tuple[int, int]:
     """A style image's (width, height) once decoded: shrunk, never enlarged, to `longest`
-    (servicer._decode_inputs; pyramid.style_longest of the output's size)."""
+    (job_worker._decode_inputs; pyramid.style_longest of the output's size)."""
     return shrunk_size(size, longest)
 
 

@@ -1,0 +1,149 @@
+"""Admission of a Stylize request: every check that needs no decoding, before the job waits for a worker.
+
+The options by the engine's rules (INVALID_ARGUMENT naming the field), each image's header (its format
+and pixel count), and the job's plan from the headers' sizes: its stages, and the memory it will reserve
+(RESOURCE_EXHAUSTED naming memory when it fits in no way). Bad requests fail fast, and a waiting job holds
+only its encoded bytes. The job's worker decodes the images with decode() and plans again with plan_for().
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
+from stylize_service.server.engine.memory import MemoryExceeded
+from stylize_service.server.engine.plan import JobPlan, check_settings
+from stylize_service.server.engine.plan import plan as plan_job
+from stylize_service.server.engine.types import (
+    GraphCacheStats,
+    InvalidSettings,
+    ModelInfo,
+    StyleSource,
+    StylizeObserver,
+    StylizeResult,
+    StylizeSettings,
+)
+from stylize_service.server.imageio import BadImage, decode_image, probe_image
+from stylize_service.server.options import InvalidOption, JobOptions, invalid_option, to_job_options
+from stylize_service.server.outcome import Outcome
+
+
+class EngineLike(Protocol):
+    """What the service needs of stylize_service.server.engine.Engine (tests pass a fake)."""
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    @property
+    def graph_cache(self) -> GraphCacheStats: ...
+
+    # Evaluate every stage larger than this in tiles of this size (--tile-size); 0 = where memory needs.
+    tile_size: int
+
+    def stylize(
+        self,
+        content: np.ndarray,
+        styles: Sequence[StyleSource],
+        settings: StylizeSettings,
+        observer: StylizeObserver,
+        *,
+        init_image: np.ndarray | None = None,
+        plan: JobPlan | None = None,
+    ) -> StylizeResult: ...
+
+
+class Refused(Exception):
+    """The request is not admitted; the outcome says why, with its status."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.message)
+        self.outcome = outcome
+
+
+@dataclass(frozen=True)
+class AcceptedJob:
+    """An admitted request: its options checked and its images' headers read, nothing decoded yet."""
+
+    id: str
+    request: pb.StylizeRequest
+    options: JobOptions
+    plan: JobPlan  # from the headers' sizes: what the job reserves while it waits and runs
+
+
+def accept(
+    request: pb.StylizeRequest,
+    engine: EngineLike,
+    job_id: str,
+    *,
+    max_pixels: int,
+    memory_capacity: int | None,
+) -> AcceptedJob:
+    """The request as a job, or Refused (INVALID_ARGUMENT naming the field, RESOURCE_EXHAUSTED naming
+    memory)."""
+    try:
+        if not request.content_image:
+            raise InvalidOption("content_image", "is empty: the request needs a content image")
+        job_options = to_job_options(request.options)
+        settings = job_options.settings
+        style_weights = [style.blend_weight for style in request.styles]
+        has_init_image = bool(request.options.init_image)
+        check_settings(
+            settings, engine.info.layers, style_weights=style_weights, has_init_image=has_init_image
+        )
+        content_size = probe(request.content_image, "content_image", max_pixels)
+        if has_init_image:
+            probe(request.options.init_image, "options.init_image", max_pixels)
+        style_sizes = [
+            probe(style.image, f"styles[{index}].image", max_pixels)
+            for index, style in enumerate(request.styles)
+        ]
+        # The stages from the header's size, which has the image's true aspect ratio (once shrunk to
+        # max_size a thin side is rounded up to 1 px, and the advice would be wrong); the EXIF
+        # orientation may swap the sides, which changes no stage's short side. The memory the job will
+        # reserve, from the same header sizes (style passes can be far larger than the stages).
+        job_plan = plan_for(engine, content_size, style_sizes, job_options, memory_capacity)
+    except InvalidSettings as err:
+        raise Refused(Outcome.invalid(str(invalid_option(err)))) from None
+    except InvalidOption as err:
+        raise Refused(Outcome.invalid(str(err))) from None
+    except MemoryExceeded as err:
+        raise Refused(Outcome.refused(f"memory: {err}")) from None
+    return AcceptedJob(job_id, request, job_options, job_plan)
+
+
+def plan_for(
+    engine: EngineLike,
+    content_size: tuple[int, int],
+    style_sizes: Sequence[tuple[int, int]],
+    options: JobOptions,
+    memory_capacity: int | None,
+) -> JobPlan:
+    """The job's plan for these image sizes, within the memory the server has for jobs."""
+    return plan_job(
+        content_size,
+        style_sizes,
+        options.settings,
+        budget=memory_capacity,
+        forced_tile=engine.tile_size,
+        frame_max_size=options.frame_max_size,
+    )
+
+
+def probe(data: bytes, field_name: str, max_pixels: int) -> tuple[int, int]:
+    """The image's (width, height) from its header; InvalidOption naming the field."""
+    try:
+        return probe_image(data, max_pixels)
+    except BadImage as err:
+        raise InvalidOption(field_name, str(err)) from None
+
+
+def decode(data: bytes, field_name: str, max_pixels: int, max_side: int) -> np.ndarray:
+    """The image decoded and shrunk to max_side; InvalidOption naming the field."""
+    try:
+        return decode_image(data, max_pixels, max_side)
+    except BadImage as err:
+        raise InvalidOption(field_name, str(err)) from None

@@ -1,0 +1,62 @@
+"""Engine values -> stylize.v1 messages: the conversions the servicer and the job's worker share."""
+
+from __future__ import annotations
+
+from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
+from stylize_service.server.engine.types import GraphCacheStats, Losses, Progress, StylizeResult
+from stylize_service.server.imageio import encode_image
+from stylize_service.server.options import JobOptions
+
+
+def graph_cache_pb(stats: GraphCacheStats) -> pb.GraphCache:
+    return pb.GraphCache(
+        budget_bytes=stats.budget_bytes,
+        used_bytes=stats.used_bytes,
+        entries=stats.entries,
+        evictions=stats.evictions,
+    )
+
+
+def losses_pb(losses: Losses) -> pb.Losses:
+    return pb.Losses(
+        total=losses.total,
+        terms=losses.terms,
+        per_layer={term: pb.LayerLosses(layers=layers) for term, layers in losses.per_layer.items()},
+        # The original three terms' own fields, for clients written before `terms`.
+        content=losses.content,
+        style=losses.style,
+        tv=losses.tv,
+        content_per_layer=losses.content_per_layer,
+        style_per_layer=losses.style_per_layer,
+    )
+
+
+def progress_pb(progress: Progress) -> pb.Progress:
+    return pb.Progress(
+        iteration=progress.iteration,
+        evaluations=progress.evaluations,
+        losses=losses_pb(progress.losses),
+        elapsed_seconds=progress.elapsed_seconds,
+        eta_seconds=progress.eta_seconds,
+        stage=progress.stage,
+        stages=progress.stages,
+        width=progress.width,
+        height=progress.height,
+        tile_size=progress.tile_size,
+        tiles=progress.tiles,
+        correction_pairs=progress.correction_pairs,
+    )
+
+
+def result_pb(result: StylizeResult, options: JobOptions) -> pb.Result:
+    encoded = encode_image(result.image, options.output_encoding)
+    return pb.Result(
+        image=encoded.data,
+        mime_type=encoded.mime_type,
+        width=encoded.width,
+        height=encoded.height,
+        iterations=result.iterations,
+        evaluations=result.evaluations,
+        final_losses=losses_pb(result.losses),
+        elapsed_seconds=result.elapsed_seconds,
+    )

@@ -1,0 +1,315 @@
+"""One admitted job's run, on a thread of its own that holds the job's slot: decode its images, run the
+engine, encode every frame and the result, and say how it ended.
+
+Everything the job costs is spent here, so that its CPU and memory count against its slot however large
+or frequent its frames. The worker hands ready messages to the call's handler through JobEvents, which
+never blocks it: a slow client loses old frames (the newest is kept), never stalls the job. JobLog writes
+the job's one log line and its metrics, once, whoever sees its end first.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
+from stylize_service.server.admission import AcceptedJob, EngineLike, decode, plan_for
+from stylize_service.server.convert import result_pb
+from stylize_service.server.engine.memory import MemoryExceeded, megabytes
+from stylize_service.server.engine.plan import JobPlan
+from stylize_service.server.engine.types import InvalidSettings, Progress, StyleSource, StylizeCancelled
+from stylize_service.server.imageio import Encoding, encode_image
+from stylize_service.server.logsafe import LogThrottle
+from stylize_service.server.metrics import ServerMetrics
+from stylize_service.server.options import InvalidOption, invalid_option
+from stylize_service.server.outcome import Outcome
+from stylize_service.server.scheduler import Ticket
+
+logger = logging.getLogger("stylize.server")
+
+# Unsent frames (encoded) kept for a client that reads slowly, and always the newest one; older ones are
+# dropped beyond this rather than make the engine wait.
+PENDING_FRAME_BYTES = 64 * 1024 * 1024
+_refusal_log = LogThrottle()
+
+
+# What the worker hands to the call's handler: messages ready to send, or how the job ended.
+@dataclass(frozen=True)
+class FrameEvent:
+    frame: pb.Frame
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.frame.image)
+
+
+@dataclass(frozen=True)
+class Done:
+    result: pb.Result
+
+
+@dataclass(frozen=True)
+class Failed:
+    outcome: Outcome
+
+
+@dataclass(frozen=True)
+class Stopped:
+    pass
+
+
+JobEvent = Progress | FrameEvent | Done | Failed | Stopped
+
+
+class JobEvents:
+    """Worker -> handler hand-off. Never blocks the producer. Unsent frames are kept up to a memory
+    budget; past it the oldest unsent ones are dropped (the newest is always kept)."""
+
+    def __init__(self, max_pending_frame_bytes: int = PENDING_FRAME_BYTES) -> None:
+        self._cond = threading.Condition()
+        self._items: deque[JobEvent] = deque()
+        self._max_frame_bytes = max_pending_frame_bytes
+        self._frame_bytes = 0
+        self.dropped_frames = 0
+
+    def put(self, event: JobEvent) -> None:
+        with self._cond:
+            if isinstance(event, FrameEvent):
+                self._frame_bytes += event.nbytes
+                while self._frame_bytes > self._max_frame_bytes and self._drop_oldest_frame():
+                    self.dropped_frames += 1
+            self._items.append(event)
+            self._cond.notify_all()
+
+    def _drop_oldest_frame(self) -> bool:
+        for index, pending in enumerate(self._items):
+            if isinstance(pending, FrameEvent):
+                del self._items[index]
+                self._frame_bytes -= pending.nbytes
+                return True
+        return False
+
+    def get(self, timeout: float) -> JobEvent | None:
+        with self._cond:
+            if not self._items:
+                self._cond.wait(timeout)
+            if not self._items:
+                return None
+            event = self._items.popleft()
+            if isinstance(event, FrameEvent):
+                self._frame_bytes -= event.nbytes
+            return event
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+class JobObserver:
+    """The engine's view of one job: forwards events and answers should_stop (asked before every
+    evaluation). call_active: whether the call is still there (the transport's view of a cancel)."""
+
+    def __init__(
+        self,
+        events: JobEvents,
+        stop: threading.Event,
+        call_active: Callable[[], bool],
+        metrics: ServerMetrics,
+    ) -> None:
+        self._events = events
+        self._stop = stop
+        self._call_active = call_active
+        self._metrics = metrics
+        self.last_progress: Progress | None = None
+        self.frame_encoding = Encoding.JPEG
+        self.frame_size: tuple[int, int] | None = None  # (width, height); set once the content is decoded
+
+    def on_progress(self, progress: Progress) -> None:
+        self.last_progress = progress
+        self._metrics.evaluations(progress.evaluation_seconds)
+        self._events.put(progress)
+
+    def on_frame(self, iteration: int, image: np.ndarray) -> None:
+        # Scaled and encoded here, in the worker thread between two iterations: the job's own slot pays
+        # for it, however large or frequent its frames.
+        encoded = encode_image(image, self.frame_encoding, self.frame_size)
+        frame = pb.Frame(
+            iteration=iteration,
+            image=encoded.data,
+            mime_type=encoded.mime_type,
+            width=encoded.width,
+            height=encoded.height,
+        )
+        self._events.put(FrameEvent(frame))
+
+    def should_stop(self) -> bool:
+        return self._stop.is_set() or not self._call_active()
+
+    def stop_if_asked(self) -> None:
+        if self.should_stop():
+            raise StylizeCancelled()
+
+
+@dataclass
+class JobLog:
+    """The one log line of a job, and its metrics, written once, by whoever sees its end."""
+
+    id: str
+    metrics: ServerMetrics
+    deadline_passed: Callable[[], bool]  # the call's deadline has passed (gRPC reports it as a cancel)
+    client: str = "-"  # identity.context_identity: the name the per-client bound counts by
+    queued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None
+    sizes: str = "-"
+    written: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def finish(self, outcome: Outcome, iterations: int = 0, evaluations: int = 0) -> None:
+        with self.lock:
+            if self.written:
+                return
+            self.written = True
+        now = time.monotonic()
+        ran = now - self.started_at if self.started_at is not None else 0.0
+        waited = (self.started_at or now) - self.queued_at
+        outcome = outcome.after_deadline(self.deadline_passed())
+        started = self.started_at is not None
+        self.metrics.job_finished(
+            outcome.label, queue_wait=waited if started else None, ran=ran if started else None
+        )
+        if not started and outcome.label in ("invalid", "refused"):
+            # A greedy client is refused many times a second: past a rate its refusals are only counted.
+            held_back = _refusal_log.admit(outcome.label)
+            if held_back is None:
+                return
+            if held_back:
+                outcome = outcome.noting(f"({held_back} more {outcome.label} calls not logged)")
+        logger.info(
+            "job %s client=%s %s iterations=%d evaluations=%d queued=%.2fs ran=%.2fs outcome=%s",
+            self.id,
+            self.client,
+            self.sizes,
+            iterations,
+            evaluations,
+            waited,
+            ran,
+            outcome.text,
+        )
+
+
+@dataclass(frozen=True)
+class DecodedInputs:
+    """A job's images, decoded by its worker, and its plan made again for them: their sizes can differ
+    from the headers', which the job's reservation was planned from (a 601x31 header, 600x31 decoded)."""
+
+    content: np.ndarray
+    styles: list[StyleSource]
+    init_image: np.ndarray | None
+    plan: JobPlan
+
+
+def run_job(
+    engine: EngineLike,
+    job: AcceptedJob,
+    observer: JobObserver,
+    events: JobEvents,
+    ticket: Ticket,
+    log: JobLog,
+    *,
+    max_pixels: int,
+    memory_capacity: int | None,
+) -> None:
+    """The worker thread's body, holding the job's slot: decode the images, run the engine, encode the
+    result, report how it ended, and always free the slot."""
+    outcome = Outcome.ok()
+    iterations = evaluations = 0
+    try:
+        inputs = _decode_inputs(engine, job, observer, max_pixels, memory_capacity)
+        log.sizes = _describe_sizes(inputs, job)
+        observer.frame_encoding = job.options.frame_encoding
+        observer.frame_size = inputs.plan.frame_size
+        result = engine.stylize(
+            inputs.content,
+            inputs.styles,
+            job.options.settings,
+            observer,
+            init_image=inputs.init_image,
+            plan=inputs.plan,
+        )
+        iterations, evaluations = result.iterations, result.evaluations
+        events.put(Done(result_pb(result, job.options)))
+    except StylizeCancelled:
+        outcome = Outcome.cancelled()
+        events.put(Stopped())
+    except (InvalidSettings, InvalidOption) as err:
+        outcome = Outcome.invalid(str(invalid_option(err) if isinstance(err, InvalidSettings) else err))
+        events.put(Failed(outcome))
+    except MemoryExceeded as err:  # the decoded image planned larger than its header did
+        outcome = Outcome.refused(f"memory: {err}")
+        events.put(Failed(outcome))
+    except Exception as err:
+        logger.exception("job %s: the engine failed", job.id)
+        failure = f"{type(err).__name__}: {err}"
+        outcome = Outcome.internal(f"the engine failed: {failure}", log_text=failure)
+        events.put(Failed(outcome))
+    finally:
+        ticket.finish()  # the slot and memory are free; the call keeps its place until it ends
+        if observer.last_progress is not None and outcome.label != "ok":
+            iterations = observer.last_progress.iteration
+            evaluations = observer.last_progress.evaluations
+        if events.dropped_frames:
+            outcome = outcome.noting(f"({events.dropped_frames} frames skipped for a slow client)")
+        log.finish(outcome, iterations, evaluations)
+
+
+def _decode_inputs(
+    engine: EngineLike,
+    job: AcceptedJob,
+    observer: JobObserver,
+    max_pixels: int,
+    memory_capacity: int | None,
+) -> DecodedInputs:
+    """Decode (raises InvalidOption naming the image, StylizeCancelled if the call ended), shrunk to the
+    sizes the plan says, and plan again for the decoded sizes."""
+    request, admitted = job.request, job.plan
+    observer.stop_if_asked()
+    content = decode(request.content_image, "content_image", max_pixels, admitted.content_side)
+    init_image = None
+    if request.options.init_image:
+        observer.stop_if_asked()
+        init_image = decode(
+            request.options.init_image, "options.init_image", max_pixels, admitted.content_side
+        )
+    styles = []
+    for index, style in enumerate(request.styles):
+        observer.stop_if_asked()
+        image = decode(style.image, f"styles[{index}].image", max_pixels, admitted.style_side)
+        styles.append(StyleSource(image, style.blend_weight))
+    decoded_plan = plan_for(
+        engine,
+        (content.shape[1], content.shape[0]),
+        [(style.image.shape[1], style.image.shape[0]) for style in styles],
+        job.options,
+        memory_capacity,
+    )
+    return DecodedInputs(content, styles, init_image, decoded_plan)
+
+
+def _describe_sizes(inputs: DecodedInputs, job: AcceptedJob) -> str:
+    height, width = inputs.content.shape[:2]
+    out_w, out_h = inputs.plan.output_size
+    styles = ",".join(f"{s.image.shape[1]}x{s.image.shape[0]}" for s in inputs.styles) or "none"
+    tiles = ",".join(str(t) for t in inputs.plan.memory.tiles)
+    style_tiles = ",".join(str(t) for t in inputs.plan.memory.style_tiles)
+    histories = ",".join(str(h) for h in inputs.plan.memory.histories)
+    return (
+        f"content={width}x{height} styles={styles} output={out_w}x{out_h} "
+        f"memory={megabytes(job.plan.memory.peak_bytes)}MB tiles={tiles} style_tiles={style_tiles} "
+        f"correction_pairs={histories}"
+    )
