@@ -427,6 +427,7 @@ class PatternResult:
     log_growth: str = "-"
     after_release: str = "-"
     figures: dict[str, str] = field(default_factory=dict)
+    key: str = ""  # the pattern's own figures in a few words, for the summary table
     serves_after_release: bool = False
     peak_seen: int = 0  # peak RSS a pattern measured itself (it may reset VmHWM between its steps)
     failures: list[str] = field(default_factory=list)
@@ -554,7 +555,9 @@ def pattern_watch(ctx: Context, result: PatternResult, load: contextlib.ExitStac
         call = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
         load.callback(call.cancel)
     time.sleep(1.5)  # let the server take them all up before the checks
-    result.figures["handler threads"] = str(handler_threads(ctx.limits.concurrency, ctx.limits.queue_size))
+    threads = handler_threads(ctx.limits.concurrency, ctx.limits.queue_size)
+    result.figures["handler threads"] = str(threads)
+    result.key = f"{count} streams, {threads} handler threads"
 
 
 def pattern_unread(ctx: Context, result: PatternResult, load: contextlib.ExitStack) -> None:
@@ -630,6 +633,8 @@ def pattern_unread(ctx: Context, result: PatternResult, load: contextlib.ExitSta
     if ended:
         result.figures["calls that ended unread"] = json.dumps(dict(ended), sort_keys=True)
     result.figures["handler threads"] = str(handler_threads(ctx.limits.concurrency, ctx.limits.queue_size))
+    returned = result.figures.get("Stylize handlers returned (metrics)", "?")
+    result.key = f"{finished} jobs ended, {returned} of their handlers returned"
 
 
 def _closed_by_server(sockets: Sequence[socket.socket]) -> int:
@@ -695,6 +700,7 @@ def pattern_idle(ctx: Context, result: PatternResult, load: contextlib.ExitStack
         least, most = min(least, now), max(most, now)
     result.figures["threads grown at most"] = str(most)
     result.figures["threads grown after settling"] = f"{least} (allowed {IDLE_THREAD_ALLOWANCE})"
+    result.key = f"+{least} server threads after {ctx.profile.idle_settle_seconds:g} s (at most +{most})"
     for label, sockets in by_port.items():
         result.figures[f"{label} connections closed by the server"] = f"{_closed_by_server(sockets)}/{count}"
     if least > IDLE_THREAD_ALLOWANCE:
@@ -742,6 +748,7 @@ def pattern_unknown(ctx: Context, result: PatternResult, load: contextlib.ExitSt
     series = metric_series(after.decode(errors="replace")) - metric_series(before.decode(errors="replace"))
     result.figures["/metrics"] = f"{len(before)} → {len(after)} bytes (+{kilobytes(growth)})"
     result.figures["new stylize_grpc_requests_total series"] = str(series)
+    result.key = f"/metrics +{kilobytes(growth)}, {series} new series"
     if growth >= METRICS_GROWTH_LIMIT:
         result.fail(f"/metrics grew by {kilobytes(growth)} (limit {kilobytes(METRICS_GROWTH_LIMIT)})")
     if set(codes) - {"UNAUTHENTICATED", "UNIMPLEMENTED"}:
@@ -760,17 +767,19 @@ def pattern_strings(ctx: Context, result: PatternResult, load: contextlib.ExitSt
     log_before = server.log_size()
     channel = load.enter_context(grpc.insecure_channel(server.address))
     stub = pb_grpc.StyleTransferStub(channel)
+    keys: list[str] = []
     for name in ("style_layers", "content_layers"):
         request = tiny_request()
         getattr(request.options, name).add(layer="A" * OVERSIZED_STRING)
         code, details, _ = read_stream(
             stub.Stylize(request, metadata=ctx.metadata, timeout=max(1.0, min(60.0, ctx.remaining())))
         )
-        result.figures[f"{name}[0].layer"] = f"{code}, message {len(details)} chars"
+        result.figures[f"{name}[0].layer"] = f"{code}, message {len(details)} chars: {details[:80]!r}"
+        keys.append(f"{name}: {code}")
         if code != "INVALID_ARGUMENT" or len(details) > SHORT_MESSAGE:
             result.fail(
-                f"{name}[0].layer of {megabytes(OVERSIZED_STRING)}: {code} with a {len(details)}-char "
-                f"message {details[:80]!r} (want INVALID_ARGUMENT, at most {SHORT_MESSAGE} chars)"
+                f"{name}[0].layer of {megabytes(OVERSIZED_STRING)}: {code}, {len(details)} chars "
+                f"(want INVALID_ARGUMENT, at most {SHORT_MESSAGE} chars)"
             )
     # A method path with a newline: gRPC's Python client sends it as it is. The server must neither fail
     # badly nor write it into its log raw, where the text after the newline reads as a line of its own.
@@ -795,6 +804,7 @@ def pattern_strings(ctx: Context, result: PatternResult, load: contextlib.ExitSt
     time.sleep(0.3)  # the server's log lines of the last calls
     forged = forged_lines(server.log_since(log_before))
     result.figures["forged log lines"] = str(forged)
+    result.key = "; ".join([*keys, f"{forged} forged log line(s)"])
     if forged:
         result.fail(f"{forged} forged log line(s): the server logged the method path's newline raw")
     growth = server.log_size() - log_before
@@ -872,6 +882,9 @@ def pattern_memory(ctx: Context, result: PatternResult, load: contextlib.ExitSta
         else:
             outcome = f"{code} {details[:100]!r}"
         result.figures[label] = f"{outcome} after {elapsed:.1f} s, peak RSS {megabytes(peak)}"
+        cut = cancelled or code == "DEADLINE_EXCEEDED"
+        brief = "completed" if completed else "cut short" if cut else code
+        result.key += ("; " if result.key else "") + f"{label}: {brief}, peak {megabytes(peak)}"
         if cancelled or code == "DEADLINE_EXCEEDED":
             # The job runs on until its next check for cancellation (one network pass, perhaps long):
             # the next case and the checks after the pattern get a server of their own.
@@ -1033,22 +1046,21 @@ def _cell(text: str) -> str:
 def summary_table(results: Sequence[PatternResult]) -> str:
     """The results as a markdown table, for the docs."""
     rows = [
-        "| Pattern | Result | Load | Check / GetInfo under load | Threads (before → load → after) "
-        "| Peak RSS / budget | Log growth | Figures | After release |",
+        "| Pattern | Result | Load | Figures | Check / GetInfo under load | Threads (before → load → after) "
+        "| Peak RSS / budget | Log growth | After release |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        figures = "; ".join(f"{key}: {value}" for key, value in r.figures.items())
         verdict = "held" if r.held else "**NOT HELD**: " + "; ".join(r.failures)
         cells = (
             r.title,
             verdict,
             r.load,
+            r.key or "-",
             f"{r.check} / {r.info}",
             r.threads,
             r.peak_rss,
             r.log_growth,
-            figures,
         )
         rows.append("| " + " | ".join(_cell(c) for c in (*cells, r.after_release)) + " |")
     return "\n".join(rows)
