@@ -8,8 +8,10 @@ several servers in one process (the tests) keep separate counts. Every metric is
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -150,8 +152,8 @@ class ServerMetrics:
 
 class MetricsEndpoint:
     """/metrics over HTTP for one registry (prometheus-client's WSGI app) on a server that bounds what a
-    client can hold: at most MAX_CONNECTIONS connections at once (more are closed as soon as they are
-    accepted) and SOCKET_TIMEOUT_SECONDS of silence before one is dropped. prometheus-client's own
+    client can hold: at most MAX_CONNECTIONS connections at once (a new one past the bound ends the
+    oldest) and SOCKET_TIMEOUT_SECONDS of silence before one is dropped. prometheus-client's own
     start_http_server keeps a thread and a descriptor per connection for as long as the client likes,
     so a thousand silent connections would take every file descriptor, the gRPC port's too. stop() closes
     it."""
@@ -166,7 +168,7 @@ class MetricsEndpoint:
         self._httpd = make_server(
             host.strip("[]"), port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler
         )
-        self._httpd.connection_slots = threading.BoundedSemaphore(self.MAX_CONNECTIONS)
+        self._httpd.max_connections = self.MAX_CONNECTIONS
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="metrics", daemon=True)
         self._thread.start()
         self.port: int = self._httpd.server_port
@@ -185,27 +187,43 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 class _BoundedWSGIServer(ThreadingMixIn, WSGIServer):
+    """At most `max_connections` connections, each on a thread of its own; when a new one arrives at the
+    bound, the oldest still open is shut down (its thread ends at once). A flood of silent connections
+    thus holds a bounded number of threads and descriptors, and cannot keep a scrape out: the newest
+    connection, the scraper's, is the last to go."""
+
     daemon_threads = True
-    connection_slots: threading.BoundedSemaphore
+    max_connections: int
+
+    def server_activate(self) -> None:
+        self._open: deque[Any] = deque()
+        self._open_lock = threading.Lock()
+        super().server_activate()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self.connection_slots.acquire(blocking=False):
-            self.shutdown_request(request)  # over the bound: closed at once, holding nothing
-            return
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.connection_slots.release()
-            raise
+        with self._open_lock:
+            while len(self._open) >= self.max_connections:
+                _shut(self._open.popleft())
+            self._open.append(request)
+        super().process_request(request, client_address)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        """A connection that timed out or was reset is the client's doing, not worth a traceback."""
+        """A connection that timed out, was reset or was shut down is the client's doing (or the bound's),
+        not worth a traceback."""
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.connection_slots.release()
+            with self._open_lock:
+                if request in self._open:
+                    self._open.remove(request)
+
+
+def _shut(connection: socket.socket) -> None:
+    """End a connection from another thread: shutdown() wakes the thread blocked reading it."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
 
 
 class _BoundedWSGIServer6(_BoundedWSGIServer):

@@ -173,6 +173,9 @@ def test_metrics_endpoint_bounds_and_times_out_silent_connections(monkeypatch: p
                 except OSError:
                     return True
 
+            # A scrape gets in while they are open: a new connection past the bound ends the oldest.
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                assert b"stylize_jobs_total" in response.read()
             # Beyond the bound they are closed at once; within it, after the timeout.
             assert wait_until(
                 lambda: sum(map(closed_by_server, silent)) >= 60 - MetricsEndpoint.MAX_CONNECTIONS
