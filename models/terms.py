@@ -35,6 +35,10 @@ class LossTerm(ABC):
     name: ClassVar[str]
     layered: ClassVar[bool]
     region_separable: ClassVar[bool]
+    # The request's settings (StylizeSettings fields, as the proto's StylizeOptions names them) that
+    # hold this term's weight and, for a layered term, its layers: the one place a term meets settings.
+    weight_setting: ClassVar[str]
+    layers_setting: ClassVar[str] = ""
 
     def target(self, b: GraphBuilder, features: str, layer: str, out: str) -> str:
         """Layered terms: the node computing this term's target at `layer` from a reference image's features."""
@@ -96,6 +100,8 @@ class ContentTerm(LossTerm):
     name = "content"
     layered = True
     region_separable = True
+    weight_setting = "content_weight"
+    layers_setting = "content_layers"
 
     def target(self, b: GraphBuilder, features: str, layer: str, out: str) -> str:
         return b.op("Identity", [features], out)
@@ -120,6 +126,8 @@ class StyleTerm(LossTerm):
     name = "style"
     layered = True
     region_separable = False  # the Gram matrix sums over the whole feature map
+    weight_setting = "style_weight"
+    layers_setting = "style_layers"
 
     def target(self, b: GraphBuilder, features: str, layer: str, out: str) -> str:
         return b.gram(features, layer, out)
@@ -163,6 +171,7 @@ class TotalVariationTerm(LossTerm):
     name = "tv"
     layered = False
     region_separable = True
+    weight_setting = "tv_weight"
 
     def image_loss(self, b: GraphBuilder, image: str) -> str:
         half = b.float_const("tv/half", 0.5)

@@ -22,12 +22,12 @@ def losses_pb(losses: Losses) -> pb.Losses:
         total=losses.total,
         terms=losses.terms,
         per_layer={term: pb.LayerLosses(layers=layers) for term, layers in losses.per_layer.items()},
-        # The original three terms' own fields, for clients written before `terms`.
-        content=losses.content,
-        style=losses.style,
-        tv=losses.tv,
-        content_per_layer=losses.content_per_layer,
-        style_per_layer=losses.style_per_layer,
+        # The original three terms' own fields (deprecated), for clients written before `terms`.
+        content=losses.terms.get("content", 0.0),
+        style=losses.terms.get("style", 0.0),
+        tv=losses.terms.get("tv", 0.0),
+        content_per_layer=losses.per_layer.get("content", {}),
+        style_per_layer=losses.per_layer.get("style", {}),
     )
 
 

@@ -88,10 +88,8 @@ def test_loss_falls_and_result_has_requested_size(engine):
     assert recorder.progress[0].losses.total > result.losses.total
     assert result.evaluations >= result.iterations
     assert [i for i, _ in recorder.frames] == [4, 8]
-    assert set(result.losses.style_per_layer) == {"relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"}
-    assert result.losses.total == pytest.approx(
-        result.losses.content + result.losses.style + result.losses.tv, rel=1e-4
-    )
+    assert set(result.losses.per_layer["style"]) == {"relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"}
+    assert result.losses.total == pytest.approx(sum(result.losses.terms.values()), rel=1e-4)
 
 
 def test_same_seed_gives_identical_output(engine):
@@ -157,7 +155,7 @@ def test_a_later_stage_keeps_the_detail_of_its_own_starting_image(engine):
     )
     content = gradient_image(72, 96, 5)
     result = engine.stylize(content, [], settings, Recorder())
-    assert result.losses.content == pytest.approx(0.0, abs=1e-3)
+    assert result.losses.terms["content"] == pytest.approx(0.0, abs=1e-3)
     assert np.abs(result.image - content).max() < 1e-3
 
 
@@ -188,9 +186,11 @@ def test_blend_weights_are_relative_and_weigh_each_style(engine):
     settings = replace(SMALL, pooling=Pooling.AVG)
 
     def style_loss(weights):
-        return _first_losses(engine, [StyleSource(a, weights[0]), StyleSource(b, weights[1])], settings).style
+        return _first_losses(
+            engine, [StyleSource(a, weights[0]), StyleSource(b, weights[1])], settings
+        ).terms["style"]
 
-    only_a = _first_losses(engine, [StyleSource(a, 1.0)], settings).style
+    only_a = _first_losses(engine, [StyleSource(a, 1.0)], settings).terms["style"]
     assert style_loss((2.0, 0.0)) == pytest.approx(only_a, rel=1e-6)  # a zero weight drops a style
     assert style_loss((3.0, 1.0)) == pytest.approx(style_loss((6.0, 2.0)), rel=1e-6)  # only ratios count
     assert style_loss((3.0, 1.0)) != pytest.approx(style_loss((1.0, 3.0)), rel=1e-3)  # and they count
@@ -206,7 +206,7 @@ def test_init_image_is_where_the_optimisation_starts(engine):
     )
     # ... and another init image starts elsewhere, resized to the stage (here 20x20 -> 64x48).
     other = _first_losses(engine, STYLE, image_settings, init_image=gradient_image(20, 20, 2))
-    assert other.content > 0 and from_content.content == pytest.approx(0.0, abs=1e-6)
+    assert other.terms["content"] > 0 and from_content.terms["content"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_content_only_request_without_styles(engine):
@@ -214,7 +214,7 @@ def test_content_only_request_without_styles(engine):
     settings = replace(SMALL, style_weight=0.0, init=Init.NOISE, iterations=3)
     recorder = Recorder()
     result = engine.stylize(CONTENT, [], settings, recorder)
-    assert result.losses.style == 0.0 and result.losses.per_layer["style"] == {}
+    assert result.losses.terms["style"] == 0.0 and result.losses.per_layer["style"] == {}
     assert result.losses.total < recorder.progress[0].losses.total
 
 

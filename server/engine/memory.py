@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stylize_service.models.layers import LayerChoice
+from stylize_service.models.terms import TERMS
 from stylize_service.models.vgg16 import CHANNELS, POOLS_BEFORE
 
 from .lbfgs_workspace import MAXCOR, lbfgs_bytes_per_variable
@@ -166,7 +167,9 @@ def _content_target_bytes(stage: Stage, choice: LayerChoice) -> int:
     """The separable terms' targets, kept whole (float32) at their layers' resolutions."""
     return sum(
         4 * CHANNELS[layer] * stage.pixels // 4 ** POOLS_BEFORE[layer]
-        for layer in choice.layers_of("content")
+        for term, layers in choice.layers
+        if TERMS[term].region_separable
+        for layer in layers
     )
 
 

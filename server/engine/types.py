@@ -15,6 +15,8 @@ from typing import Protocol
 
 import numpy as np
 
+from stylize_service.models.terms import LAYERED_TERMS, TERMS
+
 from .lbfgs_workspace import MAXCOR
 
 # A term's layers and their weights, in order. A tuple (not a dict) so that settings compare and hash, and
@@ -92,12 +94,12 @@ class StylizeSettings:
             object.__setattr__(self, name, tuple((str(layer), float(weight)) for layer, weight in items))
 
     def term_weights(self) -> dict[str, float]:
-        """Each loss term's overall weight, by models.terms name: the one place settings meet terms."""
-        return {"content": self.content_weight, "style": self.style_weight, "tv": self.tv_weight}
+        """Each loss term's overall weight, by models.terms name (each term names its setting)."""
+        return {name: float(getattr(self, term.weight_setting)) for name, term in TERMS.items()}
 
     def term_layers(self) -> dict[str, Layers]:
         """Each layered term's layers and weights, by models.terms name."""
-        return {"content": self.content_layers, "style": self.style_layers}
+        return {name: getattr(self, TERMS[name].layers_setting) for name in LAYERED_TERMS}
 
 
 @dataclass(frozen=True)
@@ -107,27 +109,6 @@ class Losses:
     total: float
     terms: dict[str, float]
     per_layer: dict[str, dict[str, float]]  # term -> layer -> value
-
-    # The paper's three terms by name, for readability where they are meant.
-    @property
-    def content(self) -> float:
-        return self.terms.get("content", 0.0)
-
-    @property
-    def style(self) -> float:
-        return self.terms.get("style", 0.0)
-
-    @property
-    def tv(self) -> float:
-        return self.terms.get("tv", 0.0)
-
-    @property
-    def content_per_layer(self) -> dict[str, float]:
-        return self.per_layer.get("content", {})
-
-    @property
-    def style_per_layer(self) -> dict[str, float]:
-        return self.per_layer.get("style", {})
 
 
 @dataclass(frozen=True)
