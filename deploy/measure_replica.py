@@ -40,6 +40,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from stylize_service.client.api import StylizeClient, StylizeError
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
+from stylize_service.server import procfs
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "client" / "samples"
@@ -69,21 +70,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def proc_status_kib(pid: int, key: str) -> int:
-    """A `kB` line of /proc/PID/status, e.g. VmRSS (resident now) or VmHWM (peak resident)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1])
-    raise KeyError(f"/proc/{pid}/status has no {key}")
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of every thread of the process so far."""
-    # The command name (field 2) may hold spaces; the fields after its closing parenthesis do not.
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def health_status(channel: grpc.Channel, timeout: float) -> int | None:
@@ -159,19 +145,19 @@ def measure(args: argparse.Namespace, log_path: Path) -> Report:
     try:
         wait_serving(address, server, args.start_timeout)
         report.seconds_to_serving = time.perf_counter() - started
-        report.idle_rss_mib = proc_status_kib(server.pid, "VmRSS") / 1024
+        report.idle_rss_mib = procfs.status_value(server.pid, "VmRSS") / 2**20
 
         options = {"max_size": args.max_size, "iterations": args.iterations, "frame_every": 0}
         with StylizeClient(address) as client:
             poller = HealthPoller(address, interval=1.0, timeout=args.probe_timeout)
             poller.start()
-            cpu_before, wall_before = cpu_seconds(server.pid), time.perf_counter()
+            cpu_before, wall_before = procfs.cpu_seconds(server.pid), time.perf_counter()
             client.run(args.content, [args.style], **options)
             report.job_seconds = time.perf_counter() - wall_before
-            cpu_used = cpu_seconds(server.pid) - cpu_before
+            cpu_used = procfs.cpu_seconds(server.pid) - cpu_before
             poller.stop()
             report.cpu_share_of_threads = cpu_used / (report.job_seconds * args.threads)
-            report.peak_rss_mib = proc_status_kib(server.pid, "VmHWM") / 1024
+            report.peak_rss_mib = procfs.status_value(server.pid, "VmHWM") / 2**20
             report.health_checks = len(poller.latencies)
             report.health_failures = poller.failures
             report.slowest_health_check_s = max(poller.latencies, default=0.0)

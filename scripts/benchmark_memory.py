@@ -71,8 +71,9 @@ def load(path: Path, longest: int) -> np.ndarray:
 def child_job(size: int, budget_mb: int) -> dict:
     from stylize_service.models.paths import default_model_path
     from stylize_service.server.engine.engine import Engine
-    from stylize_service.server.engine.memory import MemoryExceeded, current_rss_bytes, default_budget_bytes
+    from stylize_service.server.engine.memory import MemoryExceeded, default_budget_bytes
     from stylize_service.server.engine.types import Init, SilentObserver, StyleSource, StylizeSettings
+    from stylize_service.server.procfs import rss_bytes as current_rss_bytes
 
     engine = Engine(default_model_path())
     engine.warm_up()
@@ -112,12 +113,12 @@ def reset_peak() -> bool:
 def child_targets(size: int, tile: int) -> dict:
     """One style target pass at `size` px, untiled (tile 0) or in tiles of `tile` px, in this process."""
     from stylize_service.models.paths import default_model_path
-    from stylize_service.server.engine.memory import current_rss_bytes
     from stylize_service.server.engine.network import FeatureNetwork
     from stylize_service.server.engine.plan import layer_choice
     from stylize_service.server.engine.resample import resize_longest
     from stylize_service.server.engine.tiling import TiledEvaluator
     from stylize_service.server.engine.types import StylizeSettings
+    from stylize_service.server.procfs import rss_bytes as current_rss_bytes
 
     network = FeatureNetwork(default_model_path())
     choice = layer_choice(StylizeSettings(), 1)

@@ -61,6 +61,7 @@ from PIL import Image
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.server import procfs
 from stylize_service.server.app import EXTRA_THREADS
 from stylize_service.server.readiness import wait_for_ready_file
 
@@ -279,22 +280,13 @@ class ServerProcess:
     def status(self, key: str) -> int:
         """A figure of /proc/PID/status: Threads as a count, Vm* in bytes; -1 if unreadable."""
         try:
-            with open(f"/proc/{self.pid}/status") as status:
-                for line in status:
-                    if line.startswith(f"{key}:"):
-                        value = int(line.split()[1])
-                        return value * 1024 if key.startswith("Vm") else value
-        except OSError:
-            pass
-        return -1
+            return procfs.status_value(self.pid, key)
+        except (OSError, ValueError):
+            return -1
 
     def reset_peak(self) -> bool:
-        """Reset VmHWM, so that each pattern's peak is its own (Linux: clear_refs 5)."""
-        try:
-            Path(f"/proc/{self.pid}/clear_refs").write_text("5")
-            return True
-        except OSError:
-            return False
+        """Reset VmHWM, so that each pattern's peak is its own."""
+        return procfs.reset_peak(self.pid)
 
     def stop(self) -> int | None:
         """SIGTERM (the server drains), then SIGKILL; the exit status, None if it had to be killed."""

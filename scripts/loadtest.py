@@ -54,6 +54,7 @@ from PIL import Image
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.server import procfs
 from stylize_service.server.readiness import wait_for_ready_file
 
 BEHAVIOURS = ("complete", "cancel", "kill", "slow", "deadline")
@@ -109,16 +110,11 @@ class ServerProcess:
             raise RuntimeError(f"{err}:\n" + "\n".join(self.lines[-20:])) from None
 
     def proc_status(self, key: str) -> int:
-        """A memory figure of /proc/PID/status in bytes (e.g. VmHWM, the peak resident set size)."""
-        with open(f"/proc/{self.process.pid}/status") as status:
-            for line in status:
-                if line.startswith(f"{key}:"):
-                    return int(line.split()[1]) * 1024
-        raise KeyError(key)
+        """A figure of /proc/PID/status (the Vm* ones in bytes, e.g. VmHWM, the peak resident set)."""
+        return procfs.status_value(self.process.pid, key)
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+        return procfs.cpu_seconds(self.process.pid)
 
     def stop(self, timeout: float = 60.0) -> int | None:
         """SIGTERM (drain), then wait; the exit status, or None if it had to be killed."""

@@ -34,17 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
+from stylize_service.server import procfs
+
 ROOT = Path(__file__).resolve().parent.parent
 CACHE_LAYERS = ("relu2_1", "relu3_1", "relu4_1", "relu4_2", "relu5_1", "relu5_3")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def rss() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
+    return procfs.status_value("self", "VmRSS")
 
 
 def network(model: Path | None):

@@ -17,10 +17,11 @@ from grpc_reflection.v1alpha import reflection
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.protos.stylize.v1.contract import SERVICE_NAME
 from stylize_service.server.config import ServerConfig
-from stylize_service.server.engine.memory import current_rss_bytes, megabytes
+from stylize_service.server.engine.memory import megabytes
 from stylize_service.server.imageio import allow_pixels
 from stylize_service.server.logsafe import install_grpc_redaction
 from stylize_service.server.metrics import MetricsEndpoint, ServerMetrics
+from stylize_service.server.procfs import rss_bytes
 from stylize_service.server.scheduler import Scheduler
 from stylize_service.server.security import ServerSecurity
 from stylize_service.server.servicer import EngineLike, ServiceLimits, StyleTransferServicer
@@ -125,7 +126,7 @@ class StylizeServer:
         return self.port
 
     def set_engine(self, engine: EngineLike) -> None:
-        idle = current_rss_bytes()
+        idle = rss_bytes()
         self.scheduler.memory_capacity = max(0, self.config.memory_budget_bytes - idle)
         logger.info(
             "memory: budget %d MB, idle server %d MB, %d MB for jobs",

@@ -28,6 +28,7 @@ from PIL import Image
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
+from stylize_service.server import procfs
 
 CALL_TIMEOUT = 120.0  # a call that takes longer has hung: the property fails on DEADLINE_EXCEEDED
 MAX_VALID_SIZE = (
@@ -402,8 +403,4 @@ def assert_still_serving(stub: pb_grpc.StyleTransferStub) -> None:
 
 
 def rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    return procfs.status_value("self", "VmRSS")

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import math
-import resource
 import warnings
 from collections.abc import Iterator
 
@@ -23,6 +22,7 @@ from stylize_service.server.engine.engine import Engine
 from stylize_service.server.engine.types import StyleSource, StylizeCancelled, StylizeSettings
 from stylize_service.server.engine.validation import MAX_WEIGHT
 from stylize_service.server.imageio import BadImage, decode_image, probe_image
+from stylize_service.server.procfs import rss_bytes
 from tests.fakes import LIVENESS, FakeEngine, channel, encode, running_server, stylize_request
 from tests.test_service_imageio import png_header_only
 
@@ -116,26 +116,18 @@ def test_weights_at_the_bound_give_finite_losses_on_extreme_images(real_engine: 
 # --- headers over Pillow's ~89M pixels were refused in Pillow's words -------------------------
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 @pytest.mark.parametrize("side", [10_000, 100_000], ids=["over Pillow's warning", "over Pillow's error"])
 def test_a_huge_header_is_refused_against_the_server_limit(
     stub: pb_grpc.StyleTransferStub, fake_server: tuple[StylizeServer, str], side: int
 ) -> None:
     limit = fake_server[0].config.max_pixels
-    before = _rss_bytes()
+    before = rss_bytes()
     error = _refusal(stub, _request(content=png_header_only(side, side)))  # the rule of every path
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith("content_image is ")
     assert f"the server's limit of {limit}" in error.details()
     assert "decompression bomb" not in error.details().lower()
-    assert _rss_bytes() - before < 200 * 2**20
+    assert rss_bytes() - before < 200 * 2**20
 
 
 @pytest.mark.parametrize("pillow_warning", ["error", "ignore", "default"])

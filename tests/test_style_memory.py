@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -14,13 +13,14 @@ import pytest
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.engine.lbfgs_workspace import MAXCOR
-from stylize_service.server.engine.memory import JobMemory, current_rss_bytes
+from stylize_service.server.engine.memory import JobMemory
 from stylize_service.server.engine.types import (
     Init,
     Progress,
     StyleSource,
     StylizeSettings,
 )
+from stylize_service.server.procfs import peak_rss_bytes, reset_peak, rss_bytes
 from tests.fakes import channel, gradient, image_bytes, running_server
 
 MB = 2**20
@@ -67,28 +67,13 @@ def test_a_tiled_style_pass_gives_the_untiled_job_s_losses(real_engine):
     assert tiled == pytest.approx(untiled, rel=1e-5)
 
 
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    except OSError:
-        return False
-    return True
-
-
-def _peak_rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise KeyError("VmHWM")
-
-
 def test_a_large_style_under_a_tight_budget_stays_within_it_or_is_refused_naming_memory(real_engine):
     # A 128 px output at style_scale 8 takes its 1024x1024 style whole: about 1 GB untiled, beside 600 MB
     # for jobs. The server runs the style pass in tiles (or refuses the job); its resident memory, this
     # process's, stays within --memory-limit-mb.
-    if not _reset_peak():
+    if not reset_peak():
         pytest.skip("this kernel does not let a process reset its VmHWM (/proc/self/clear_refs)")
-    limit_mb = math.ceil(current_rss_bytes() / MB) + 600
+    limit_mb = math.ceil(rss_bytes() / MB) + 600
     request = pb.StylizeRequest(
         content_image=image_bytes(128, 96),
         styles=[pb.StyleImage(image=image_bytes(1024, 1024, fmt="JPEG", seed=3))],
@@ -98,13 +83,13 @@ def test_a_large_style_under_a_tight_budget_stays_within_it_or_is_refused_naming
         running_server(real_engine, memory_limit_mb=limit_mb, max_pixels=2_000_000) as (_, address),
         channel(address) as ch,
     ):
-        _reset_peak()
+        reset_peak()
         try:
             responses = list(pb_grpc.StyleTransferStub(ch).Stylize(request, timeout=600))
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.details()
             assert err.details().startswith("memory: "), err.details()
             return
-        peak = _peak_rss()
+        peak = peak_rss_bytes()
     assert responses[-1].HasField("result") and responses[-1].result.width == 128
     assert peak <= limit_mb * MB, f"peak {peak / MB:.0f} MB over the {limit_mb} MB budget"

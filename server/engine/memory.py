@@ -303,14 +303,5 @@ def _cgroup_limit() -> int | None:
     return None
 
 
-def current_rss_bytes() -> int:
-    """This process's resident memory now (Linux /proc; 0 where unavailable)."""
-    try:
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-    except (OSError, IndexError, ValueError):
-        return 0
-    return pages * os.sysconf("SC_PAGE_SIZE")
-
-
 def megabytes(value: int) -> int:
     return math.ceil(value / MiB)
