@@ -11,7 +11,9 @@ is refused, as the server refuses it.
 
 With --server SIZE (and --server-limit-mb, default 3000), one such job goes through the RPC instead: a
 real `stylize-server --memory-limit-mb LIMIT` process runs it, and its peak resident memory (VmHWM) and
-its resident memory 15 s after the Result are read from /proc.
+its resident memory 15 s after the Result are read from /proc. --content, --style, --style-scale,
+--iterations and --min-size (0 = the server's default pyramid) change the job; the planned peak is read
+from the server's log line of the job (memory=, tiles=, style_tiles=), or the refusal is printed.
 
 With --targets SIZE [SIZE ...] (and --targets-tiles, default 0 256 512), one style target pass of The Starry
 Night at SIZE px (its longest side) is measured in a fresh process per row: untiled (tile 0), as
@@ -200,14 +202,27 @@ def child_evaluation(size: int, kind: str) -> dict:
     return {"kind": kind, "size": size, "idle": idle, "peak": peak_rss()}
 
 
-def server_job(size: int, limit_mb: int, settle_seconds: float = 15.0) -> dict:
-    """One single-stage, one-iteration job of `size` px through a real server with a memory limit."""
-    from stylize_service.client.api import StylizeClient
+def server_job(
+    size: int,
+    limit_mb: int,
+    settle_seconds: float = 15.0,
+    *,
+    content: Path = SHARED / "tubingen.jpg",
+    style: Path = SHARED / "starry_night.jpg",
+    min_size: int | None = None,
+    iterations: int = 1,
+    style_scale: float = 1.0,
+) -> dict:
+    """One job of `size` px through a real server with a memory limit: single-stage (min_size None),
+    one iteration, Tübingen in the style of The Starry Night unless told otherwise; min_size 0 = the
+    server's default pyramid."""
+    from stylize_service.client.api import StylizeClient, StylizeError
     from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
     from stylize_service.server.main import listening_address
 
-    content = SHARED / "tubingen.jpg"
-    style = SHARED / "starry_night.jpg"
+    options: dict = {"max_size": size, "iterations": iterations, "style_scale": style_scale}
+    if min_size != 0:
+        options["min_size"] = min_size or size
     command = [sys.executable, "-m", "stylize_service.server.main", "--host", "127.0.0.1", "--port", "0"]
     server = subprocess.Popen(
         [*command, "--memory-limit-mb", str(limit_mb)], stderr=subprocess.PIPE, text=True
@@ -221,24 +236,33 @@ def server_job(size: int, limit_mb: int, settle_seconds: float = 15.0) -> dict:
                 break
         else:
             return {"error": "the server did not start: " + "".join(log[-5:])}
-        with StylizeClient(address) as client:
+        with StylizeClient(address, retries=0) as client:  # a refusal is the measurement
             client.wait_ready(timeout=300)
             idle = proc_status(server.pid, "VmRSS")
             progress: list = []
             started = time.perf_counter()
-            result = client.run(
-                content,
-                [style],
-                on_event=lambda event: progress.append(event) if isinstance(event, pb.Progress) else None,
-                max_size=size,
-                min_size=size,
-                iterations=1,
-            )
+            try:
+                result = client.run(
+                    content,
+                    [style],
+                    on_event=lambda event: progress.append(event) if isinstance(event, pb.Progress) else None,
+                    **options,
+                )
+            except StylizeError as err:
+                return {"size": size, "refused": str(err), "idle": idle}
             seconds = time.perf_counter() - started
             peak = proc_status(server.pid, "VmHWM")
             time.sleep(settle_seconds)
             after = proc_status(server.pid, "VmRSS")
+        server.terminate()
+        server.wait(60)
+        planned = next((line for line in server.stderr if " memory=" in line), "")
         return {
+            "plan": " ".join(
+                word
+                for word in planned.split()
+                if word.startswith(("memory=", "tiles=", "style_tiles=", "correction_pairs="))
+            ),
             "size": size,
             "limit": limit_mb * MiB,
             "output": f"{result.width}x{result.height}",
@@ -312,14 +336,27 @@ def main() -> None:
     )
     parser.add_argument("--server", type=int, metavar="SIZE", help="one job of SIZE px through the RPC")
     parser.add_argument("--server-limit-mb", type=int, default=3000)
+    parser.add_argument("--content", type=Path, default=SHARED / "tubingen.jpg", help="with --server")
+    parser.add_argument("--style", type=Path, default=SHARED / "starry_night.jpg", help="with --server")
+    parser.add_argument("--style-scale", type=float, default=1.0, help="with --server")
+    parser.add_argument("--iterations", type=int, default=1, help="with --server")
+    parser.add_argument("--min-size", type=int, help="with --server: default SIZE; 0 = the default pyramid")
     parser.add_argument("--targets", type=int, nargs="+", metavar="SIZE", help="style target passes")
     parser.add_argument("--targets-tiles", type=int, nargs="+", default=[0, 256, 512])
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.server:
-        row = server_job(args.server, args.server_limit_mb)
+        row = server_job(
+            args.server,
+            args.server_limit_mb,
+            content=args.content,
+            style=args.style,
+            min_size=args.min_size,
+            iterations=args.iterations,
+            style_scale=args.style_scale,
+        )
         print(json.dumps(row))
-        if "error" not in row:
+        if "error" not in row and "refused" not in row:
             print(
                 f"\n| size | --memory-limit-mb | output | tiles | L-BFGS pairs | idle MB | peak MB | "
                 f"15 s after MB | release bound MB | seconds |\n|---|---|---|---|---|---|---|---|---|---|\n"

@@ -155,15 +155,14 @@ class Engine:
         blend = _blend_weights([s.blend_weight for s in styles])
         previous: tuple[np.ndarray, np.ndarray | None] | None = None  # the last stage's result and base
         last: Step | None = None
-        # Built at the first stage that tiles its evaluations or its style passes, kept to the job's end
-        # (a later stage, larger, needs them too); memory.plan_job counts them from then on.
-        tile_sessions: TileSessions | None = None
+        # Built first, while the job holds little: compiling them takes a few hundred MB for a moment
+        # (memory.TILE_SESSIONS_BUILD_BYTES); memory.plan_job counts them in every stage.
+        uses_tiles = any(memory_plan.tiles) or any(memory_plan.style_tiles)
+        tile_sessions = self._network.tile_sessions(choice) if uses_tiles else None
         try:
             for stage in stages:
                 stage_content = resize(net_content, stage.width, stage.height)
                 tile, style_tile = memory_plan.tiles[stage.index], memory_plan.style_tiles[stage.index]
-                if (tile or style_tile) and tile_sessions is None:
-                    tile_sessions = self._network.tile_sessions(choice)
                 evaluator = self._evaluator(run, tile_sessions, tile)
                 style_evaluator = (
                     evaluator if style_tile == tile else self._evaluator(run, tile_sessions, style_tile)
@@ -229,6 +228,10 @@ class Engine:
             for name, layers in one.items():
                 for layer, target in layers.items():
                     by_term[name][layer] = by_term[name].get(layer, 0) + np.float32(weight) * target
+        if isinstance(evaluator, TiledEvaluator) or isinstance(style_evaluator, TiledEvaluator):
+            # The tile runs leave their windows' chunks in the arena (they run without shrinkage); an
+            # untiled evaluation could not reuse them. Shrink it, as an untiled targets pass does.
+            run.compiled.shrink_arenas()
         _stop_if_asked(run.observer)  # before the stage's first evaluation
         return Targets(by_term)
 
