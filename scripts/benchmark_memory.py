@@ -33,35 +33,30 @@ import argparse
 import contextlib
 import ctypes
 import json
-import resource
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "images"
+from stylize_service.server import procfs
+
+# The benchmark pair (tubingen.jpg, starry_night.jpg): the shared images beside the checkout, or the
+# folder STYLIZE_BENCHMARK_IMAGES names (tests/test_memory_prediction.py makes stand-ins where those are
+# missing: memory depends on the images' sizes, not on what they show).
+SHARED = Path(
+    os.environ.get("STYLIZE_BENCHMARK_IMAGES") or Path(__file__).resolve().parents[2] / "shared" / "images"
+)
 MiB = 2**20
 
 
 def peak_rss() -> int:
-    """This process's peak resident memory. Linux's VmHWM, not getrusage's ru_maxrss: that one carries
-    the parent's peak across fork and exec, so a child of a large process (pytest with the model loaded)
-    would report its parent's peak instead of its own."""
-    try:
-        return proc_status("self", "VmHWM")
-    except (OSError, KeyError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def proc_status(pid: int | str, key: str) -> int:
-    """A /proc/PID/status figure (VmHWM, VmRSS), bytes; pid "self" = this process."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{key}:"):
-            return int(line.split()[1]) * 1024  # kB
-    raise KeyError(key)
+    """This process's peak resident memory (VmHWM: procfs.peak_rss_bytes says why not ru_maxrss)."""
+    return procfs.peak_rss_bytes()
 
 
 def load(path: Path, longest: int) -> np.ndarray:
@@ -94,22 +89,13 @@ def child_job(size: int, budget_mb: int) -> dict:
     seconds = time.perf_counter() - started
     return {
         **row,
-        "tiles": plan.tiles[0],
-        "correction_pairs": plan.histories[0],
-        "predicted": idle + plan.peak_bytes,
+        "tiles": plan.memory.tiles[0],
+        "correction_pairs": plan.memory.histories[0],
+        "predicted": idle + plan.memory.peak_bytes,
         "peak": peak_rss(),
         "seconds_per_evaluation": seconds / result.evaluations,
         "after": current_rss_bytes(),
     }
-
-
-def reset_peak() -> bool:
-    """Reset this process's VmHWM to its current resident memory (Linux clear_refs 5)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
 
 
 def child_targets(size: int, tile: int) -> dict:
@@ -133,7 +119,7 @@ def child_targets(size: int, tile: int) -> dict:
     before_sessions = current_rss_bytes()
     tiled = TiledEvaluator(network.tile_sessions(choice), tile) if tile else None
     idle = current_rss_bytes()
-    if not reset_peak():
+    if not procfs.reset_peak():
         return {"error": "cannot reset VmHWM (/proc/self/clear_refs)"}
     x = network.to_network(resize_longest(style, size))
     if tiled is None:
@@ -218,27 +204,26 @@ def server_job(
     server's default pyramid."""
     from stylize_service.client.api import StylizeClient, StylizeError
     from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
-    from stylize_service.server.main import listening_address
+    from stylize_service.server.readiness import wait_for_ready_file
 
     options: dict = {"max_size": size, "iterations": iterations, "style_scale": style_scale}
     if min_size != 0:
         options["min_size"] = min_size or size
+    workdir = Path(tempfile.mkdtemp(prefix="stylize-benchmark-"))
+    ready, log_path = workdir / "ready.json", workdir / "server.log"
     command = [sys.executable, "-m", "stylize_service.server.main", "--host", "127.0.0.1", "--port", "0"]
-    server = subprocess.Popen(
-        [*command, "--memory-limit-mb", str(limit_mb)], stderr=subprocess.PIPE, text=True
-    )
-    log: list[str] = []
+    with log_path.open("w") as log_file:
+        server = subprocess.Popen(
+            [*command, "--memory-limit-mb", str(limit_mb), "--ready-file", str(ready)], stderr=log_file
+        )
     try:
-        assert server.stderr is not None
-        for line in server.stderr:
-            log.append(line)
-            if address := listening_address(line):
-                break
-        else:
-            return {"error": "the server did not start: " + "".join(log[-5:])}
+        try:
+            address = wait_for_ready_file(ready, server, timeout=300).address
+        except (RuntimeError, TimeoutError) as err:
+            return {"error": f"the server did not start ({err}): " + log_path.read_text()[-500:]}
         with StylizeClient(address, retries=0) as client:  # a refusal is the measurement
             client.wait_ready(timeout=300)
-            idle = proc_status(server.pid, "VmRSS")
+            idle = procfs.status_value(server.pid, "VmRSS")
             progress: list = []
             started = time.perf_counter()
             try:
@@ -251,12 +236,12 @@ def server_job(
             except StylizeError as err:
                 return {"size": size, "refused": str(err), "idle": idle}
             seconds = time.perf_counter() - started
-            peak = proc_status(server.pid, "VmHWM")
+            peak = procfs.status_value(server.pid, "VmHWM")
             time.sleep(settle_seconds)
-            after = proc_status(server.pid, "VmRSS")
+            after = procfs.status_value(server.pid, "VmRSS")
         server.terminate()
         server.wait(60)
-        planned = next((line for line in server.stderr if " memory=" in line), "")
+        planned = next((line for line in log_path.read_text().splitlines() if " memory=" in line), "")
         return {
             "plan": " ".join(
                 word
