@@ -19,6 +19,7 @@ from stylize_service.client import cli
 from stylize_service.client.comments import DESCRIPTOR_SET_SUFFIX, comments_by_name, proto_comments
 from stylize_service.client.flags import value_text
 from stylize_service.client.formats import extension, extension_for_mime, format_from_suffix
+from stylize_service.client.job_plan import collect_options
 from stylize_service.client.options import OPTIONS, Kind, Option, enum_values
 from stylize_service.client.request import OPTION_NAMES, build_options, enum_choices, enum_name
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
@@ -60,14 +61,14 @@ def test_every_stylize_options_field_has_a_flag_that_reaches_the_request(tmp_pat
         )
         argv += sample_argument(OPTIONS[field.name], tmp_path)
     args = cli.build_parser().parse_args(argv)
-    message = build_options(**cli.collect_options(args))
+    message = build_options(**collect_options(args))
     assert {field.name for field, _ in message.ListFields()} == {field.name for field in FIELDS}
     assert {field.name for field in FIELDS} == OPTION_NAMES
 
 
 def test_flags_left_out_stay_unset() -> None:
     args = cli.build_parser().parse_args(["photo.png"])
-    options = cli.collect_options(args)
+    options = collect_options(args)
     assert set(options) == OPTION_NAMES and set(options.values()) == {None}
     assert build_options(**options) == pb.StylizeOptions()
 
@@ -75,7 +76,7 @@ def test_flags_left_out_stay_unset() -> None:
 def test_existing_flag_spellings_still_work(tmp_path: Path) -> None:
     argv = ["photo.png", "-n", "12", "--output-format", "jpg", "--frame-format", "webp", "--preserve-colors"]
     argv += ["--pooling", "avg", "--color-mode", "histogram", "--style-layers", "relu1_1,relu2_1:0.5"]
-    message = build_options(**cli.collect_options(cli.build_parser().parse_args(argv)))
+    message = build_options(**collect_options(cli.build_parser().parse_args(argv)))
     assert message.iterations == 12 and message.preserve_colors is True
     assert (message.output_format, message.frame_format) == (pb.IMAGE_FORMAT_JPEG, pb.IMAGE_FORMAT_WEBP)
     assert (message.pooling, message.color_mode) == (pb.POOLING_AVG, pb.COLOR_MODE_HISTOGRAM)
@@ -87,10 +88,10 @@ def test_existing_flag_spellings_still_work(tmp_path: Path) -> None:
 
 def test_output_format_defaults_to_the_suffix_of_o() -> None:
     for name, expected in (("out.JPG", "jpeg"), ("out.jpeg", "jpeg"), ("out.webp", "webp"), ("x.png", "png")):
-        options = cli.collect_options(cli.build_parser().parse_args(["photo.png", "-o", name]))
+        options = collect_options(cli.build_parser().parse_args(["photo.png", "-o", name]))
         assert options["output_format"] == expected
     explicit = cli.build_parser().parse_args(["photo.png", "-o", "out.png", "--output-format", "webp"])
-    assert cli.collect_options(explicit)["output_format"] == "webp"
+    assert collect_options(explicit)["output_format"] == "webp"
 
 
 @pytest.mark.parametrize(
@@ -178,7 +179,7 @@ def test_value_text_writes_what_the_flag_reads() -> None:
     assert texts["style_layers"] == "relu1_1:1,relu2_1" and texts["preserve_colors"] == "false"
     assert texts["min_size"] == texts["content_layers"] == texts["init_image"] == "(unset)"
     args = cli.build_parser().parse_args(["photo.png", "--style-layers", texts["style_layers"]])
-    assert build_options(**cli.collect_options(args)).style_layers == defaults.style_layers
+    assert build_options(**collect_options(args)).style_layers == defaults.style_layers
 
 
 def test_formats_and_their_files() -> None:

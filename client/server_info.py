@@ -1,0 +1,59 @@
+"""What `stylize info` prints: the server's GetInfo response (its model, the options' defaults, its limits
+and its load now) as aligned text, or as JSON."""
+
+from __future__ import annotations
+
+from stylize_service.client.flags import value_text
+from stylize_service.client.options import OPTIONS
+from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
+
+
+def print_server_info(info: pb.GetInfoResponse, server: str, *, as_json: bool) -> None:
+    if as_json:
+        from google.protobuf import json_format
+
+        print(json_format.MessageToJson(info, always_print_fields_with_no_presence=True))
+        return
+    model, limits, d = info.model, info.limits, info.defaults
+    pre = model.preprocessing
+    print(f"server           {server} (stylize-service {info.server_version})")
+    print(f"model            {model.name}: {model.weights_source}")
+    print(f"providers        {', '.join(model.providers)}")
+    print(
+        f"preprocessing    {pre.channel_order}, (x * {pre.input_scale:g} - mean) / std, "
+        f"mean {' '.join(map(_g, pre.mean))}, std {' '.join(map(_g, pre.std))}"
+    )
+    print(f"layers           {', '.join(model.layers)}")
+    print("defaults         (the flags' values when left out; unset: chosen per request, see --help)")
+    for option in OPTIONS.values():
+        print(f"  {option.flag:<18} {value_text(option, d)}")
+    print("limits")
+    print(f"  max pixels     {limits.max_pixels} per input image")
+    print(f"  max message    {limits.max_message_bytes / 2**20:g} MiB")
+    print(
+        f"  max size       {limits.max_size} px, {limits.max_iterations} iterations, {limits.max_styles} styles"
+    )
+    print(
+        f"  jobs           {limits.concurrency} at a time, {limits.queue_size} queued, "
+        f"{limits.max_jobs_per_client} per client"
+    )
+    print(
+        f"  memory         {_mib(limits.memory_budget_bytes)} MiB budget, "
+        f"{_mib(limits.memory_for_jobs_bytes)} MiB for jobs (larger stages run in exact tiles)"
+    )
+    print(f"  max weight     {_g(limits.max_weight)}")
+    cache, load = info.graph_cache, info.load
+    print("now")
+    print(f"  jobs           {load.running_jobs} running, {load.queued_jobs} queued")
+    print(
+        f"  graph cache    {cache.entries} layer choice(s), {_mib(cache.used_bytes)} of "
+        f"{_mib(cache.budget_bytes)} MiB, {cache.evictions} evicted"
+    )
+
+
+def _mib(value: int) -> str:
+    return f"{value / 2**20:.0f}"
+
+
+def _g(value: float) -> str:
+    return f"{value:g}"
