@@ -293,3 +293,19 @@ def wait_until(predicate: Callable[[], bool], timeout: float = LIVENESS) -> bool
             return False
         time.sleep(0.05)
     return True
+
+
+class LossRecorder:
+    """An engine observer that records the total loss of every Progress and never asks to stop."""
+
+    def __init__(self) -> None:
+        self.totals: list[float] = []
+
+    def on_progress(self, progress: Progress) -> None:
+        self.totals.append(progress.losses.total)
+
+    def on_frame(self, iteration: int, image: np.ndarray) -> None:
+        pass
+
+    def should_stop(self) -> bool:
+        return False

@@ -24,9 +24,9 @@ from stylize_service.server.config import ConfigError, load_config
 from stylize_service.server.engine import providers
 from stylize_service.server.engine.engine import Engine
 from stylize_service.server.engine.providers import CPU, CUDA, CUDA_OPTIONS
-from stylize_service.server.engine.types import Progress, StyleSource, StylizeSettings
+from stylize_service.server.engine.types import StyleSource, StylizeSettings
 from stylize_service.server.readiness import wait_for_ready_file
-from tests.fakes import channel
+from tests.fakes import LossRecorder, channel
 
 CUDA_OFFERED = CUDA in ort.get_available_providers()
 NO_CUDA_PROVIDER = (
@@ -153,22 +153,6 @@ def _environ() -> dict[str, str]:
 # A job on CUDA
 
 
-class _Losses:
-    """Records the total loss of every progress report."""
-
-    def __init__(self) -> None:
-        self.totals: list[float] = []
-
-    def on_progress(self, progress: Progress) -> None:
-        self.totals.append(progress.losses.total)
-
-    def on_frame(self, iteration: int, image: np.ndarray) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
-
-
 def test_a_job_on_cuda_matches_the_cpu(real_engine: Engine) -> None:
     """A tiny job on the GPU: the sessions run on CUDA, the first loss is the CPU's (TF32 convolutions
     may differ in the third digit), the loss falls, and the job's memory release (which shrinks the
@@ -183,13 +167,13 @@ def test_a_job_on_cuda_matches_the_cpu(real_engine: Engine) -> None:
     content = rng.uniform(0, 1, (48, 64, 3)).astype(np.float32)
     style = [StyleSource(rng.uniform(0, 1, (40, 40, 3)).astype(np.float32), 1.0)]
     settings = StylizeSettings(max_size=64, iterations=6)
-    on_cuda, on_cpu = _Losses(), _Losses()
+    on_cuda, on_cpu = LossRecorder(), LossRecorder()
     result = cuda_engine.stylize(content, style, settings, on_cuda)
     reference = real_engine.stylize(content, style, settings, on_cpu)
     assert result.image.shape == reference.image.shape == (48, 64, 3)
     assert on_cuda.totals[0] == pytest.approx(on_cpu.totals[0], rel=1e-2)
     assert on_cuda.totals[-1] < on_cuda.totals[0]
     # A second job on the same sessions after the release: the shrunk arenas are usable again.
-    again = _Losses()
+    again = LossRecorder()
     cuda_engine.stylize(content, style, settings, again)
     assert again.totals[0] == pytest.approx(on_cuda.totals[0], rel=1e-3)

@@ -16,30 +16,13 @@ from stylize_service.server.engine.lbfgs_workspace import MAXCOR
 from stylize_service.server.engine.memory import JobMemory
 from stylize_service.server.engine.types import (
     Init,
-    Progress,
     StyleSource,
     StylizeSettings,
 )
 from stylize_service.server.procfs import peak_rss_bytes, reset_peak, rss_bytes
-from tests.fakes import channel, gradient, image_bytes, running_server
+from tests.fakes import LossRecorder, channel, gradient, image_bytes, running_server
 
 MB = 2**20
-
-
-class Losses:
-    """Records every reported total loss."""
-
-    def __init__(self) -> None:
-        self.totals: list[float] = []
-
-    def on_progress(self, progress: Progress) -> None:
-        self.totals.append(progress.losses.total)
-
-    def on_frame(self, iteration: int, image: np.ndarray) -> None:
-        pass
-
-    def should_stop(self) -> bool:
-        return False
 
 
 def test_a_tiled_style_pass_gives_the_untiled_job_s_losses(real_engine):
@@ -52,7 +35,7 @@ def test_a_tiled_style_pass_gives_the_untiled_job_s_losses(real_engine):
     def run(style_tile: int) -> list[float]:
         planned = real_engine.plan((64, 48), [(192, 160)], settings)
         memory = JobMemory(tiles=(0,), histories=(MAXCOR,), peak_bytes=0, style_tiles=(style_tile,))
-        observer = Losses()
+        observer = LossRecorder()
         real_engine.stylize(
             content,
             [StyleSource(style)],
