@@ -28,6 +28,6 @@ def pytest_configure(config: pytest.Config) -> None:
     # Not a skip: `-m "not hostile_probe"` deselects it locally, CI runs it.
     config.addinivalue_line(
         "markers",
-        "hostile_probe: scripts/hostile.py against a real server; fails until the server holds every "
-        "hostile-client pattern (issue 'Hostile clients, second probe')",
+        "hostile_probe: scripts/hostile.py's short profile against a real server; fails if the server "
+        "does not hold every hostile-client pattern",
     )

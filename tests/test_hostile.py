@@ -24,8 +24,8 @@ hostile = load_script("hostile")
 
 @pytest.mark.hostile_probe
 def test_the_short_hostile_probe_holds_every_pattern(tmp_path: Path) -> None:
-    """Expected to FAIL until the server holds every pattern (watch, unread, idle, unknown, strings,
-    memory); the assertion lists those NOT HELD with the probe's reasons."""
+    """The server holds every pattern of the short profile (watch, unread, idle, unknown, strings,
+    memory); a failure lists those NOT HELD with the probe's reasons."""
     if not default_model_path().is_file():
         pytest.skip("the model is not built; run `bash scripts/setup.sh`")
     report_path = tmp_path / "hostile.json"

@@ -11,6 +11,7 @@ import pytest
 from stylize_service.models import export
 from stylize_service.models.layers import LayerChoice
 from stylize_service.models.paths import default_model_path
+from stylize_service.server.engine.evaluators import blend_targets
 from stylize_service.server.engine.network import FeatureNetwork, Targets
 from stylize_service.server.engine.tile_layout import TileLayout, halo, receptive_radius, spans
 from stylize_service.server.engine.tiling import TiledEvaluator
@@ -64,7 +65,9 @@ def compare(
     untiled = compiled.evaluate(x, compiled.feeds(untiled_targets, weights, layer_weights))
 
     tiled = TiledEvaluator(network.tile_sessions(choice), tile)
-    targets = tiled.targets(content_image, [(1.0, style_image)])
+    targets = blend_targets(
+        choice, tiled.separable_targets(content_image), [(1.0, tiled.statistic_targets(style_image))]
+    )
     for term in ("content", "style"):
         for layer, expected in untiled_targets.by_term[term].items():
             np.testing.assert_allclose(

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from stylize_service.models.terms import TERMS
-
 from . import color, memory, pyramid
-from .evaluators import StageEvaluator, WholeImageEvaluator
+from .evaluators import StageEvaluator, TermTargets, WholeImageEvaluator, blend_targets
 from .network import CompiledChoice, Evaluation, FeatureNetwork, Targets, TileSessions
 from .optimizer import Convergence, Step, run_lbfgs
 from .plan import JobPlan, check_settings, layer_choice
@@ -213,27 +211,25 @@ class Engine:
         before each one rather than after them all."""
         _stop_if_asked(run.observer)
         content = self._network.to_network(stage_content)
-        by_term = evaluator.separable_targets(content)
+        separable = evaluator.separable_targets(content)
         del content
-        # Blended in the style images' order, as a sum of weight x target per layer.
-        for name, _ in run.compiled.choice.layers:
-            if not TERMS[name].region_separable:
-                by_term[name] = {}
         style_size = pyramid.style_longest(stage.longest, run.settings.style_scale)
-        for weight, style in zip(blend, styles, strict=True):
-            _stop_if_asked(run.observer)
-            image = self._network.to_network(resize_longest(style, style_size))
-            one = style_evaluator.statistic_targets(image)
-            del image  # before the next style is scaled: one pass's input at a time
-            for name, layers in one.items():
-                for layer, target in layers.items():
-                    by_term[name][layer] = by_term[name].get(layer, 0) + np.float32(weight) * target
+
+        def style_passes() -> Iterator[tuple[float, TermTargets]]:
+            for weight, style in zip(blend, styles, strict=True):
+                _stop_if_asked(run.observer)
+                image = self._network.to_network(resize_longest(style, style_size))
+                one = style_evaluator.statistic_targets(image)
+                del image  # before the next style is scaled: one pass's input at a time
+                yield float(weight), one
+
+        targets = blend_targets(run.compiled.choice, separable, style_passes())
         if isinstance(evaluator, TiledEvaluator) or isinstance(style_evaluator, TiledEvaluator):
             # The tile runs leave their windows' chunks in the arena (they run without shrinkage); an
             # untiled evaluation could not reuse them. Shrink it, as an untiled targets pass does.
             run.compiled.shrink_arenas()
         _stop_if_asked(run.observer)  # before the stage's first evaluation
-        return Targets(by_term)
+        return targets
 
     @staticmethod
     def _base(

@@ -7,11 +7,12 @@ their targets from the content (region-separable ones) and which from the style 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import numpy as np
 
+from stylize_service.models.layers import LayerChoice
 from stylize_service.models.terms import TERMS
 
 from .network import CompiledChoice, Evaluation, Targets
@@ -33,6 +34,23 @@ class StageEvaluator(Protocol):
     ) -> Callable[[np.ndarray], Evaluation]:
         """The stage's loss function of the network input x (1, 3, H, W)."""
         ...
+
+
+def blend_targets(
+    choice: LayerChoice, separable: TermTargets, styles: Iterable[tuple[float, TermTargets]]
+) -> Targets:
+    """A stage's targets: the region-separable terms' as given (from the content), every other layered
+    term's the sum of weight x target over the styles' statistic targets, in the styles' order. `styles`
+    may be a generator: each style's pass then runs only when its turn comes."""
+    by_term = dict(separable)
+    for name, _ in choice.layers:
+        if not TERMS[name].region_separable:
+            by_term[name] = {}
+    for weight, one in styles:
+        for name, layers in one.items():
+            for layer, target in layers.items():
+                by_term[name][layer] = by_term[name].get(layer, 0) + np.float32(weight) * target
+    return Targets(by_term)
 
 
 class WholeImageEvaluator:

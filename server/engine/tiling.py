@@ -12,7 +12,7 @@ gradient equal the untiled ones up to float rounding.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -110,19 +110,6 @@ class TiledEvaluator:
                 part = whole[layer][..., tile.rows.window_at(pools), tile.cols.window_at(pools)]
                 part[..., own_rows, own_cols] = tile_features[..., own_rows, own_cols]
         return sums, whole
-
-    def targets(self, content: np.ndarray, styles: Iterable[tuple[float, np.ndarray]]) -> Targets:
-        """Separable terms' targets from `content`; the others' blended over the (weight, style image)
-        pairs; images are network inputs (1, 3, h, w)."""
-        by_term = self.separable_targets(content)
-        for name, _ in self._choice.layers:
-            if not TERMS[name].region_separable:
-                by_term[name] = {}
-        for weight, style in styles:
-            for name, layers in self.statistic_targets(style).items():
-                for layer, target in layers.items():
-                    by_term[name][layer] = by_term[name].get(layer, 0) + np.float32(weight) * target
-        return Targets(by_term)
 
     def separable_targets(self, content: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
         """The separable layered terms' targets (whole feature maps) of a network input (1, 3, h, w)."""
