@@ -1,3 +1,6 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -33,6 +36,15 @@ class ImageFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     IMAGE_FORMAT_PNG: _ClassVar[ImageFormat]
     IMAGE_FORMAT_JPEG: _ClassVar[ImageFormat]
     IMAGE_FORMAT_WEBP: _ClassVar[ImageFormat]
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    QUEUED: _ClassVar[JobState]
+    RUNNING: _ClassVar[JobState]
+    SUCCEEDED: _ClassVar[JobState]
+    FAILED: _ClassVar[JobState]
+    CANCELLED: _ClassVar[JobState]
 POOLING_UNSPECIFIED: Pooling
 POOLING_MAX: Pooling
 POOLING_AVG: Pooling
@@ -48,6 +60,12 @@ IMAGE_FORMAT_UNSPECIFIED: ImageFormat
 IMAGE_FORMAT_PNG: ImageFormat
 IMAGE_FORMAT_JPEG: ImageFormat
 IMAGE_FORMAT_WEBP: ImageFormat
+JOB_STATE_UNSPECIFIED: JobState
+QUEUED: JobState
+RUNNING: JobState
+SUCCEEDED: JobState
+FAILED: JobState
+CANCELLED: JobState
 
 class StylizeRequest(_message.Message):
     __slots__ = ("content_image", "styles", "options")
@@ -120,16 +138,18 @@ class StylizeOptions(_message.Message):
     def __init__(self, max_size: _Optional[int] = ..., min_size: _Optional[int] = ..., iterations: _Optional[int] = ..., content_weight: _Optional[float] = ..., style_weight: _Optional[float] = ..., tv_weight: _Optional[float] = ..., content_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., style_layers: _Optional[_Iterable[_Union[LayerWeight, _Mapping]]] = ..., pooling: _Optional[_Union[Pooling, str]] = ..., init: _Optional[_Union[Init, str]] = ..., init_image: _Optional[bytes] = ..., seed: _Optional[int] = ..., style_scale: _Optional[float] = ..., color_mode: _Optional[_Union[ColorMode, str]] = ..., preserve_colors: _Optional[bool] = ..., frame_every: _Optional[int] = ..., frame_format: _Optional[_Union[ImageFormat, str]] = ..., frame_max_size: _Optional[int] = ..., output_format: _Optional[_Union[ImageFormat, str]] = ..., tolerance: _Optional[float] = ...) -> None: ...
 
 class StylizeResponse(_message.Message):
-    __slots__ = ("queued", "progress", "frame", "result")
+    __slots__ = ("queued", "progress", "frame", "result", "sequence")
     QUEUED_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
     FRAME_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     queued: Queued
     progress: Progress
     frame: Frame
     result: Result
-    def __init__(self, queued: _Optional[_Union[Queued, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ...) -> None: ...
+    sequence: int
+    def __init__(self, queued: _Optional[_Union[Queued, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., frame: _Optional[_Union[Frame, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position",)
@@ -260,25 +280,134 @@ class Result(_message.Message):
     elapsed_seconds: float
     def __init__(self, image: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., iterations: _Optional[int] = ..., evaluations: _Optional[int] = ..., final_losses: _Optional[_Union[Losses, _Mapping]] = ..., elapsed_seconds: _Optional[float] = ...) -> None: ...
 
+class Job(_message.Message):
+    __slots__ = ("id", "state", "queue_position", "progress", "error", "create_time", "start_time", "end_time", "result", "last_sequence", "resumes")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_POSITION_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    RESUMES_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    state: JobState
+    queue_position: int
+    progress: Progress
+    error: JobError
+    create_time: _timestamp_pb2.Timestamp
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    result: Result
+    last_sequence: int
+    resumes: int
+    def __init__(self, id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., queue_position: _Optional[int] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[_Union[JobError, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., last_sequence: _Optional[int] = ..., resumes: _Optional[int] = ...) -> None: ...
+
+class JobError(_message.Message):
+    __slots__ = ("code", "code_name", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    CODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    code_name: str
+    message: str
+    def __init__(self, code: _Optional[int] = ..., code_name: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("id", "after_sequence")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    after_sequence: int
+    def __init__(self, id: _Optional[str] = ..., after_sequence: _Optional[int] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("id", "omit_result_image")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    OMIT_RESULT_IMAGE_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    omit_result_image: bool
+    def __init__(self, id: _Optional[str] = ..., omit_result_image: _Optional[bool] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs", "next_page_token")
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    next_page_token: str
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
 class GetInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model", "defaults", "limits", "server_version", "graph_cache", "load")
+    __slots__ = ("model", "defaults", "limits", "server_version", "graph_cache", "load", "job_store")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     GRAPH_CACHE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    JOB_STORE_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     defaults: StylizeOptions
     limits: Limits
     server_version: str
     graph_cache: GraphCache
     load: Load
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., defaults: _Optional[_Union[StylizeOptions, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., graph_cache: _Optional[_Union[GraphCache, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ...) -> None: ...
+    job_store: JobStoreInfo
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., defaults: _Optional[_Union[StylizeOptions, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., graph_cache: _Optional[_Union[GraphCache, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., job_store: _Optional[_Union[JobStoreInfo, _Mapping]] = ...) -> None: ...
+
+class JobStoreInfo(_message.Message):
+    __slots__ = ("kind", "jobs", "used_bytes", "capacity_bytes", "result_ttl_seconds", "checkpoint_interval_seconds", "checkpoints_written", "checkpoint_seconds", "jobs_resumed", "frames_retained_per_job", "frame_bytes_retained_per_job")
+    class JobsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESULT_TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_INTERVAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINTS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    CHECKPOINT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    JOBS_RESUMED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_RETAINED_PER_JOB_FIELD_NUMBER: _ClassVar[int]
+    FRAME_BYTES_RETAINED_PER_JOB_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    jobs: _containers.ScalarMap[str, int]
+    used_bytes: int
+    capacity_bytes: int
+    result_ttl_seconds: int
+    checkpoint_interval_seconds: float
+    checkpoints_written: int
+    checkpoint_seconds: float
+    jobs_resumed: int
+    frames_retained_per_job: int
+    frame_bytes_retained_per_job: int
+    def __init__(self, kind: _Optional[str] = ..., jobs: _Optional[_Mapping[str, int]] = ..., used_bytes: _Optional[int] = ..., capacity_bytes: _Optional[int] = ..., result_ttl_seconds: _Optional[int] = ..., checkpoint_interval_seconds: _Optional[float] = ..., checkpoints_written: _Optional[int] = ..., checkpoint_seconds: _Optional[float] = ..., jobs_resumed: _Optional[int] = ..., frames_retained_per_job: _Optional[int] = ..., frame_bytes_retained_per_job: _Optional[int] = ...) -> None: ...
 
 class GraphCache(_message.Message):
     __slots__ = ("budget_bytes", "used_bytes", "entries", "evictions")

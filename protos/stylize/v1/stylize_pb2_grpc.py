@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class StyleTransferStub:
-    """One style transfer per Stylize call; many calls may share one channel.
+    """One style transfer per Stylize call, or per job (SubmitJob); many calls may share one channel.
     """
 
     def __init__(self, channel):
@@ -45,10 +45,35 @@ class StyleTransferStub:
                 request_serializer=stylize_dot_v1_dot_stylize__pb2.GetInfoRequest.SerializeToString,
                 response_deserializer=stylize_dot_v1_dot_stylize__pb2.GetInfoResponse.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.unary_unary(
+                '/stylize.v1.StyleTransfer/SubmitJob',
+                request_serializer=stylize_dot_v1_dot_stylize__pb2.StylizeRequest.SerializeToString,
+                response_deserializer=stylize_dot_v1_dot_stylize__pb2.Job.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/stylize.v1.StyleTransfer/WatchJob',
+                request_serializer=stylize_dot_v1_dot_stylize__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=stylize_dot_v1_dot_stylize__pb2.StylizeResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/stylize.v1.StyleTransfer/GetJob',
+                request_serializer=stylize_dot_v1_dot_stylize__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=stylize_dot_v1_dot_stylize__pb2.Job.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/stylize.v1.StyleTransfer/CancelJob',
+                request_serializer=stylize_dot_v1_dot_stylize__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=stylize_dot_v1_dot_stylize__pb2.Job.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/stylize.v1.StyleTransfer/ListJobs',
+                request_serializer=stylize_dot_v1_dot_stylize__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=stylize_dot_v1_dot_stylize__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class StyleTransferServicer:
-    """One style transfer per Stylize call; many calls may share one channel.
+    """One style transfer per Stylize call, or per job (SubmitJob); many calls may share one channel.
     """
 
     def Stylize(self, request, context):
@@ -68,6 +93,56 @@ class StyleTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request, context):
+        """Jobs: long-running operations that outlive the call that made them (in the manner of Google's
+        AIP-151). A job's events, checkpoints and result are kept in the server's job store (a directory
+        by default), so a job survives its client going away and its server restarting: a server that
+        starts on a store with unfinished jobs queues them again and resumes each from its last checkpoint.
+        A job belongs to the identity that submitted it (its bearer token where the server checks tokens,
+        else its client certificate under mutual TLS, else its network address); for any other identity it
+        does not exist (NOT_FOUND). A job id that is not 32 lowercase hex digits is INVALID_ARGUMENT.
+
+        Stylize is SubmitJob, then WatchJob, then CancelJob when the call goes away: its job ends with it.
+
+        Validates and admits the request exactly as Stylize does, with the same errors, and returns the
+        QUEUED (or RUNNING) job at once. RESOURCE_EXHAUSTED naming the store when the store cannot hold the
+        job beside the jobs it keeps. The job runs whether anyone watches it or not.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """The job's events with a sequence greater than after_sequence: first those the store retained,
+        then the live ones, until the job ends. A job that succeeded ends the stream with its Result; one
+        that failed or was cancelled ends it with its error status. Cancelling a watch cancels nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """The job's state, last progress, times and (once it succeeded) Result.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Cancels a queued or running job (a running one stops within one loss evaluation) and returns it;
+        a job that has ended is returned as it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """The caller's own jobs, newest first, without the result's image bytes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StyleTransferServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -81,6 +156,31 @@ def add_StyleTransferServicer_to_server(servicer, server):
                     request_deserializer=stylize_dot_v1_dot_stylize__pb2.GetInfoRequest.FromString,
                     response_serializer=stylize_dot_v1_dot_stylize__pb2.GetInfoResponse.SerializeToString,
             ),
+            'SubmitJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=stylize_dot_v1_dot_stylize__pb2.StylizeRequest.FromString,
+                    response_serializer=stylize_dot_v1_dot_stylize__pb2.Job.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=stylize_dot_v1_dot_stylize__pb2.WatchJobRequest.FromString,
+                    response_serializer=stylize_dot_v1_dot_stylize__pb2.StylizeResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=stylize_dot_v1_dot_stylize__pb2.GetJobRequest.FromString,
+                    response_serializer=stylize_dot_v1_dot_stylize__pb2.Job.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=stylize_dot_v1_dot_stylize__pb2.CancelJobRequest.FromString,
+                    response_serializer=stylize_dot_v1_dot_stylize__pb2.Job.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=stylize_dot_v1_dot_stylize__pb2.ListJobsRequest.FromString,
+                    response_serializer=stylize_dot_v1_dot_stylize__pb2.ListJobsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'stylize.v1.StyleTransfer', rpc_method_handlers)
@@ -90,7 +190,7 @@ def add_StyleTransferServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class StyleTransfer:
-    """One style transfer per Stylize call; many calls may share one channel.
+    """One style transfer per Stylize call, or per job (SubmitJob); many calls may share one channel.
     """
 
     @staticmethod
@@ -137,6 +237,141 @@ class StyleTransfer:
             '/stylize.v1.StyleTransfer/GetInfo',
             stylize_dot_v1_dot_stylize__pb2.GetInfoRequest.SerializeToString,
             stylize_dot_v1_dot_stylize__pb2.GetInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stylize.v1.StyleTransfer/SubmitJob',
+            stylize_dot_v1_dot_stylize__pb2.StylizeRequest.SerializeToString,
+            stylize_dot_v1_dot_stylize__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/stylize.v1.StyleTransfer/WatchJob',
+            stylize_dot_v1_dot_stylize__pb2.WatchJobRequest.SerializeToString,
+            stylize_dot_v1_dot_stylize__pb2.StylizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stylize.v1.StyleTransfer/GetJob',
+            stylize_dot_v1_dot_stylize__pb2.GetJobRequest.SerializeToString,
+            stylize_dot_v1_dot_stylize__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stylize.v1.StyleTransfer/CancelJob',
+            stylize_dot_v1_dot_stylize__pb2.CancelJobRequest.SerializeToString,
+            stylize_dot_v1_dot_stylize__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stylize.v1.StyleTransfer/ListJobs',
+            stylize_dot_v1_dot_stylize__pb2.ListJobsRequest.SerializeToString,
+            stylize_dot_v1_dot_stylize__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
