@@ -10,6 +10,24 @@
         png = call.result.image            # the Result, also the last event
         # or, in one go:  result = client.run("photo.jpg", ["starry.jpg"], on_event=print, iterations=200)
 
+Jobs (SubmitJob and friends) outlive the call that made them: the server keeps their events and result, and
+resumes them from a checkpoint after a restart. A job's events carry sequence numbers, so a watch can pick
+up where a broken one stopped:
+
+        job = client.submit("photo.jpg", ["starry.jpg"], frame_every=20)   # pb.Job, QUEUED or RUNNING
+        watch = client.follow(job.id)      # reattaches across dropped connections and server restarts
+        for item in watch:                 # JobEvent(sequence, event); event as for stylize()
+            ...
+        png = watch.result.image           # the Result, also the last event
+        client.watch(job.id, after=57)     # one WatchJob stream: only the events after sequence 57
+        client.get(job.id, include_image=False).state     # pb.JobState, e.g. pb.RUNNING
+        client.cancel(job.id)              # stops it on the server; a watch ends with CANCELLED
+        for job in client.jobs(): ...      # the caller's jobs, newest first, every page
+
+A server without jobs (older than the job RPCs) answers submit() with UNIMPLEMENTED; stylize() still works.
+A job belongs to its submitter's identity (token, client certificate or address); to anyone else, and for
+an unknown id, the job calls raise NOT_FOUND (INVALID_ARGUMENT for an id that is not 32 hex digits).
+
 A server that keeps strangers out (see client/security.py):
 
     StylizeClient("stylize.example.com:50051", tls_ca="ca.pem", token=os.environ["STYLIZE_TOKEN"])
@@ -22,20 +40,31 @@ SERVICE_CONFIG. With retries=N a call that every replica refuses as busy is trie
 
 Errors are raised as StylizeError, whose `code` is the grpc.StatusCode (INVALID_ARGUMENT for a bad
 request, UNAVAILABLE when the server cannot be reached, UNAUTHENTICATED for a missing or wrong token,
-CANCELLED after cancel(), ...). Unusable TLS files or tokens raise ClientSecurityError (a ValueError).
+CANCELLED after cancel() or for a cancelled job, NOT_FOUND for an unknown job, ...). Unusable TLS files or tokens raise ClientSecurityError (a ValueError).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, TypeAlias
+from typing import Any
 
 import grpc
 
+from stylize_service.client.errors import StylizeError as StylizeError
+from stylize_service.client.reattach import (
+    DEFAULT_RECONNECT_SECONDS,
+    Event,
+    JobWatch,
+    ReconnectHook,
+)
+from stylize_service.client.reattach import (
+    JobEvent as JobEvent,
+)
 from stylize_service.client.request import ImageInput, StyleInput, build_request
 from stylize_service.client.security import PemInput, open_channel, token_metadata
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
@@ -45,6 +74,8 @@ from stylize_service.protos.stylize.v1.contract import DEFAULT_MAX_MESSAGE_MB, S
 DEFAULT_ADDRESS = "localhost:50051"
 DEFAULT_RETRY_BACKOFF = 1.0  # seconds before the first retry; it doubles for each further one ...
 MAX_RETRY_BACKOFF = 30.0  # ... up to this (a job takes seconds to an hour to free its worker)
+MAX_RECONNECT_BACKOFF_MS = 5000  # the channel's longest wait between attempts to reconnect
+JOB_ID_PATTERN = re.compile(r"[0-9a-f]{32}")  # the proto's job ids: 32 lowercase hex digits
 
 # The channel's gRPC service config: round robin over every address the target resolves to (gRPC's
 # default, pick_first, would send every call to one replica), and client-side health checking, so that
@@ -53,25 +84,6 @@ MAX_RETRY_BACKOFF = 30.0  # ... up to this (a job takes seconds to an hour to fr
 SERVICE_CONFIG = json.dumps(
     {"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": SERVICE_NAME}}
 )
-
-# What iterating a StylizeCall yields: the oneof of StylizeResponse, unwrapped.
-Event: TypeAlias = pb.Queued | pb.Progress | pb.Frame | pb.Result
-
-
-class StylizeError(Exception):
-    """A call failed; code is the grpc.StatusCode and details the server's (or grpc's) message."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-    @classmethod
-    def from_rpc(cls, error: grpc.RpcError) -> StylizeError:
-        code = error.code() if isinstance(error, grpc.Call) else grpc.StatusCode.UNKNOWN
-        details = error.details() if isinstance(error, grpc.Call) else str(error)
-        return cls(code, details or code.name)
-
 
 # Starts one attempt of a call, given the seconds left until its deadline (None = none): the grpc call,
 # an iterator of StylizeResponse that is also a grpc.Future.
@@ -161,7 +173,7 @@ class StylizeCall:
         retry = self.attempts  # 1 for the first retry
         if retry > self._retries:
             raise error
-        delay = min(MAX_RETRY_BACKOFF, self._backoff * 2 ** (retry - 1)) * random.uniform(0.5, 1.0)
+        delay = busy_backoff(self._backoff, retry)
         if self._deadline is not None and time.monotonic() + delay >= self._deadline:
             raise error
         if self._on_retry is not None:
@@ -176,6 +188,12 @@ class StylizeCall:
             self.attempts += 1
 
 
+def busy_backoff(backoff: float, retry: int) -> float:
+    """Seconds before retry number `retry` (1 for the first) of a call refused as busy: doubling from
+    `backoff`, at most MAX_RETRY_BACKOFF, jittered within [1/2, 1] so that refused clients spread out."""
+    return min(MAX_RETRY_BACKOFF, backoff * 2 ** (retry - 1)) * random.uniform(0.5, 1.0)
+
+
 def channel_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, Any]]:
     """The client channel's options: message size limits and SERVICE_CONFIG."""
     limit = int(max_message_mb * 1024 * 1024)
@@ -183,6 +201,9 @@ def channel_options(max_message_mb: float = DEFAULT_MAX_MESSAGE_MB) -> list[tupl
         ("grpc.max_receive_message_length", limit),
         ("grpc.max_send_message_length", limit),
         ("grpc.service_config", SERVICE_CONFIG),
+        # gRPC waits up to 120 s between attempts to reconnect to a server that went away; a job watch
+        # reattaches for up to DEFAULT_RECONNECT_SECONDS, so notice a restarted server sooner.
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
     ]
 
 
@@ -296,3 +317,136 @@ class StylizeClient:
     ) -> pb.Result:
         """stylize() and wait for the Result, passing every event to on_event."""
         return self.stylize(content, styles, **options).wait(on_event)
+
+    # --- jobs: stylizations that outlive their call ----------------------------------------------------
+
+    def submit(self, content: ImageInput, styles: Sequence[StyleInput], **options: Any) -> pb.Job:
+        """Submit a job (SubmitJob) and return it, QUEUED or RUNNING; it runs whether anyone watches it or
+        not. Takes the arguments of stylize(); the server checks the request exactly as Stylize does."""
+        return self.submit_request(build_request(content, styles, **options))
+
+    def submit_request(self, request: pb.StylizeRequest, *, on_retry: RetryHook | None = None) -> pb.Job:
+        """Submit a ready-made request. A refusal as busy (RESOURCE_EXHAUSTED) is retried as Stylize's is
+        (see StylizeCall): it created no job. No other error is retried, UNAVAILABLE included, because the
+        job may exist then, and a second submission would run it twice. An older server, without jobs,
+        answers UNIMPLEMENTED: use stylize() there."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        retry = 0
+        while True:
+            try:
+                job: pb.Job = self._stub.SubmitJob(
+                    request,
+                    timeout=_remaining(deadline),
+                    metadata=self._metadata,
+                    wait_for_ready=self._wait_for_ready,
+                )
+                return job
+            except grpc.RpcError as err:
+                error = StylizeError.from_rpc(err)
+            retry += 1
+            if error.code is not grpc.StatusCode.RESOURCE_EXHAUSTED or retry > self.retries:
+                raise error
+            delay = busy_backoff(self.retry_backoff, retry)
+            if deadline is not None and time.monotonic() + delay >= deadline:
+                raise error
+            if on_retry is not None:
+                on_retry(error, retry, delay)
+            time.sleep(delay)
+
+    def watch(
+        self,
+        job_id: str,
+        after: int = 0,
+        *,
+        reconnect_seconds: float = 0.0,
+        on_reconnect: ReconnectHook | None = None,
+        not_found_reconnects: bool = False,
+    ) -> JobWatch:
+        """The job's events with a sequence greater than `after` (WatchJob): those the server kept, then
+        the live ones. Iterating the JobWatch yields JobEvent(sequence, event); a job that succeeded ends
+        with its Result, one that failed or was cancelled raises its error. reconnect_seconds = 0: one
+        stream; otherwise see follow(). The client's timeout bounds the whole watch."""
+        return JobWatch(
+            job_id,
+            lambda after_sequence, timeout: self._stub.WatchJob(
+                pb.WatchJobRequest(id=job_id, after_sequence=after_sequence),
+                timeout=timeout,
+                metadata=self._metadata,
+                wait_for_ready=self._wait_for_ready,
+            ),
+            lambda: self.get(job_id, include_image=False),
+            after=after,
+            reconnect_seconds=reconnect_seconds,
+            timeout=self.timeout,
+            on_reconnect=on_reconnect,
+            not_found_reconnects=not_found_reconnects,
+        )
+
+    def follow(
+        self,
+        job_id: str,
+        after: int = 0,
+        *,
+        reconnect_seconds: float = DEFAULT_RECONNECT_SECONDS,
+        on_reconnect: ReconnectHook | None = None,
+        not_found_reconnects: bool = False,
+    ) -> JobWatch:
+        """watch(), reattaching: a watch that breaks (UNAVAILABLE: a dropped connection, a server that
+        restarts) is opened again after the last sequence seen, with a doubling backoff, for up to
+        reconnect_seconds without a new event; no event is yielded twice (see client/reattach.py).
+        on_reconnect(error, n, delay) hears of each reconnection before its backoff.
+        not_found_reconnects: take NOT_FOUND as a broken watch too, for a job you know exists (one you
+        submitted) when the address balances over replicas that do not share their job stores."""
+        return self.watch(
+            job_id,
+            after,
+            reconnect_seconds=reconnect_seconds,
+            on_reconnect=on_reconnect,
+            not_found_reconnects=not_found_reconnects,
+        )
+
+    def get(self, job_id: str, include_image: bool = True) -> pb.Job:
+        """The job's state, last progress, times and, once it succeeded, its Result (include_image=False
+        leaves the Result's image bytes out). NOT_FOUND for a job that is not there or not yours."""
+        return self._unary(
+            self._stub.GetJob, pb.GetJobRequest(id=job_id, omit_result_image=not include_image)
+        )
+
+    def cancel(self, job_id: str, *, timeout: float | None = None) -> pb.Job:
+        """Cancel a queued or running job (a running one stops within one loss evaluation) and return it;
+        a job that has ended is returned as it is. timeout: seconds for this call (default: the
+        client's), e.g. to bound a cancellation on the way out."""
+        return self._unary(self._stub.CancelJob, pb.CancelJobRequest(id=job_id), timeout)
+
+    def jobs(self, page_size: int = 0) -> Iterator[pb.Job]:
+        """The caller's jobs, newest first, without their results' image bytes: every page, fetched as
+        the iteration reaches it. page_size: jobs per call, 1..100; 0 = the server's default (20)."""
+        token = ""
+        while True:
+            page: pb.ListJobsResponse = self._unary(
+                self._stub.ListJobs, pb.ListJobsRequest(page_size=page_size, page_token=token)
+            )
+            yield from page.jobs
+            token = page.next_page_token
+            if not token:
+                return
+
+    def _unary(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
+        try:
+            return method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+                wait_for_ready=self._wait_for_ready,
+            )
+        except grpc.RpcError as err:
+            raise StylizeError.from_rpc(err) from None
+
+
+def is_job_id(text: str) -> bool:
+    """Whether text is a job id as the proto defines them (32 lowercase hex digits)."""
+    return JOB_ID_PATTERN.fullmatch(text) is not None
+
+
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())

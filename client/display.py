@@ -61,6 +61,11 @@ class ProgressDisplay:
             f"{result.width}x{result.height} -> {destination}"
         )
 
+    def note(self, text: str) -> None:
+        """A line about the job (its id, a reconnection), after the label, unless disabled."""
+        if self.enabled:
+            self._print(f"{self.label}: {text}")
+
     def abort(self) -> None:
         """End an open bar line before an error message is printed."""
         if self._line_open:

@@ -12,7 +12,7 @@ from stylize_service.client.security import ClientSecurityError
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # any other error (INTERNAL, a file that cannot be written, ...)
-EXIT_USAGE = 2  # bad flags, missing input files, or the server said INVALID_ARGUMENT
+EXIT_USAGE = 2  # bad flags, missing input files, or the server said INVALID_ARGUMENT or NOT_FOUND (a job id)
 EXIT_UNAVAILABLE = 3  # the server cannot be reached (or is shutting down)
 EXIT_BUSY = 4  # the server's queue is full (RESOURCE_EXHAUSTED), or a message was too large
 EXIT_DEADLINE = 5  # --timeout passed
@@ -21,6 +21,9 @@ EXIT_INTERRUPTED = 130  # Ctrl-C: the call was cancelled
 
 _EXIT_BY_CODE = {
     grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
+    # A job id the server does not know (or that is another client's) is a bad argument, like a missing
+    # input file.
+    grpc.StatusCode.NOT_FOUND: EXIT_USAGE,
     grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
     grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_BUSY,
     grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_DEADLINE,
@@ -56,6 +59,16 @@ def report_error(err: StylizeError, server: str, label: str = "", *, mid_job: bo
             )
     elif err.code is grpc.StatusCode.INVALID_ARGUMENT:
         message = f"the server refused the request: {err.details}"
+    elif err.code is grpc.StatusCode.NOT_FOUND:
+        message = (
+            f"the server has no such job ({err.details}): a wrong id, another client's job (jobs belong to "
+            "the token, client certificate or address that submitted them), or one deleted after its "
+            "time to live"
+        )
+    elif err.code is grpc.StatusCode.UNIMPLEMENTED:
+        message = (
+            f"the server does not support this call, an older stylize-server without jobs? ({err.details})"
+        )
     elif err.code is grpc.StatusCode.RESOURCE_EXHAUSTED:
         message = f"the server is out of capacity or the message is too large: {err.details}"
     elif err.code is grpc.StatusCode.DEADLINE_EXCEEDED:

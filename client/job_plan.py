@@ -24,16 +24,29 @@ class UsageError(Exception):
 
 @dataclass
 class Job:
-    content: Path
+    """One job of the command line: a content file to stylize, or (`stylize watch`) a job on the server
+    to follow, job_id; its outputs are named after `name`, the content file's stem or the job id."""
+
+    content: Path | None
     output: Path | None  # -o; None = output_dir / NAME-stylized.EXT, EXT from the result's format
     output_dir: Path
     frames_dir: Path | None
     animation: Path | None
+    job_id: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.content.stem if self.content is not None else str(self.job_id)
+
+    @property
+    def label(self) -> str:
+        """How progress lines and errors name the job: its content file, or its id."""
+        return self.content.name if self.content is not None else str(self.job_id)
 
     def output_path(self, result: pb.Result) -> Path:
         if self.output is not None:
             return self.output
-        return self.output_dir / f"{self.content.stem}-stylized.{extension_for_mime(result.mime_type)}"
+        return self.output_dir / f"{self.name}-stylized.{extension_for_mime(result.mime_type)}"
 
 
 def parse_styles(values: Sequence[str]) -> list[tuple[Path, float]]:
@@ -83,6 +96,21 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
         else:
             raise UsageError(f"{path}: no such file or folder")
     batch = len(contents) > 1 or any(p.is_dir() for p in args.content)
+    return _with_outputs(args, [(content, content.stem, None) for content in contents], batch)
+
+
+def plan_watch_jobs(args: argparse.Namespace) -> list[Job]:
+    """`stylize watch ID...`: the jobs to follow, their outputs named after their ids as a normal run's
+    are after their content files (several ids are a batch)."""
+    ids = list(dict.fromkeys(args.ids))  # the same job twice would write the same files twice
+    return _with_outputs(args, [(None, job_id, job_id) for job_id in ids], batch=len(ids) > 1)
+
+
+def _with_outputs(
+    args: argparse.Namespace, items: list[tuple[Path | None, str, str | None]], batch: bool
+) -> list[Job]:
+    """Jobs for (content, name, job id) items, with the outputs the flags give them; UsageError for
+    clashing flags."""
     if args.animation is not None and args.animation.suffix.lower() not in ANIMATION_SUFFIXES:
         raise UsageError(f"--animation {args.animation}: must end in .gif or .webp")
     if batch:
@@ -90,12 +118,12 @@ def plan_jobs(args: argparse.Namespace) -> list[Job]:
             raise UsageError("-o/--output takes one input; with several, use --output-dir")
         if args.animation is not None and "{name}" not in str(args.animation):
             raise UsageError("with several inputs, --animation must contain {name}, e.g. anim/{name}.gif")
-        stems = [p.stem for p in contents]
-        if len(set(stems)) != len(stems):
+        names = [name for _, name, _ in items]
+        if len(set(names)) != len(names):
             raise UsageError("several inputs have the same name; their outputs would overwrite each other")
     jobs = []
-    for content in contents:
-        frames = args.frames_dir / content.stem if batch and args.frames_dir else args.frames_dir
-        animation = Path(str(args.animation).replace("{name}", content.stem)) if args.animation else None
-        jobs.append(Job(content, args.output, args.output_dir or Path("."), frames, animation))
+    for content, name, job_id in items:
+        frames = args.frames_dir / name if batch and args.frames_dir else args.frames_dir
+        animation = Path(str(args.animation).replace("{name}", name)) if args.animation else None
+        jobs.append(Job(content, args.output, args.output_dir or Path("."), frames, animation, job_id))
     return jobs

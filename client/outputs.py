@@ -22,10 +22,17 @@ class JobOutputs:
         self.animation = animation
         self.frame_duration_ms = frame_duration_ms
         self._frames: list[bytes] = []
+        self._iterations: set[int] = set()  # the frames kept, by iteration
         if frames_dir is not None:
             frames_dir.mkdir(parents=True, exist_ok=True)
 
     def on_frame(self, frame: pb.Frame) -> None:
+        """Write and keep a frame, unless one of its iteration came already: a job resumed from a
+        checkpoint after a server restart runs the iterations since the checkpoint again, and may send
+        their frames again (with new sequence numbers)."""
+        if frame.iteration in self._iterations:
+            return
+        self._iterations.add(frame.iteration)
         if self.frames_dir is not None:
             path = self.frames_dir / f"frame-{frame.iteration:06d}.{extension_for_mime(frame.mime_type)}"
             path.write_bytes(frame.image)

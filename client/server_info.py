@@ -1,5 +1,5 @@
-"""What `stylize info` prints: the server's GetInfo response (its model, the options' defaults, its limits
-and its load now) as aligned text, or as JSON."""
+"""What `stylize info` prints: the server's GetInfo response (its model, the options' defaults, its limits,
+its load now and its job store) as aligned text, or as JSON."""
 
 from __future__ import annotations
 
@@ -48,6 +48,29 @@ def print_server_info(info: pb.GetInfoResponse, server: str, *, as_json: bool) -
     print(
         f"  graph cache    {cache.entries} layer choice(s), {_mib(cache.used_bytes)} of "
         f"{_mib(cache.budget_bytes)} MiB, {cache.evictions} evicted"
+    )
+    if info.HasField("job_store"):
+        _print_job_store(info.job_store)
+    else:
+        print("job store        none reported (a server without jobs)")
+
+
+def _print_job_store(store: pb.JobStoreInfo) -> None:
+    """The job store (SubmitJob's jobs): what it holds now, its bounds, its checkpoints."""
+    by_state = ", ".join(f"{count} {state.lower()}" for state, count in sorted(store.jobs.items()) if count)
+    print(f"job store        {store.kind or '(kind not given)'}")
+    print(f"  jobs           {by_state or 'none'}")
+    print(f"  used           {_mib(store.used_bytes)} of {_mib(store.capacity_bytes)} MiB")
+    print(f"  results kept   {store.result_ttl_seconds} s after a job ends (the oldest go first when full)")
+    interval = store.checkpoint_interval_seconds
+    print(
+        f"  checkpoints    {f'every {interval:g} s' if interval else 'never'}; "
+        f"{store.checkpoints_written} written in {store.checkpoint_seconds:.1f} s, "
+        f"{store.jobs_resumed} job(s) resumed since the server started"
+    )
+    print(
+        f"  frames kept    {store.frames_retained_per_job} per job, at most "
+        f"{_mib(store.frame_bytes_retained_per_job)} MiB, for replays"
     )
 
 
