@@ -15,6 +15,7 @@ An event whose sequence it has seen already is dropped, so none is yielded twice
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -185,6 +186,12 @@ class JobWatch:
         """Wait out backoffs until GetJob finds the job there and unfinished (or succeeded: its Result is
         kept for the next watch); raise when the job ended in error, the budget or the deadline is spent,
         the watch is cancelled, or GetJob fails for a reason other than the watch's."""
+        if error.code is grpc.StatusCode.CANCELLED:
+            # Most likely the job's own end: ask at once, so that it is not reported as a lost connection.
+            with contextlib.suppress(StylizeError):  # no answer: the backoffs below ask again
+                job = self._get_job()
+                if job.state in FINAL_STATES and job.state != pb.SUCCEEDED:
+                    raise job_error(job)
         while True:
             now = time.monotonic()
             if self._failing_since is None:

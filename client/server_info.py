@@ -57,7 +57,9 @@ def print_server_info(info: pb.GetInfoResponse, server: str, *, as_json: bool) -
 
 def _print_job_store(store: pb.JobStoreInfo) -> None:
     """The job store (SubmitJob's jobs): what it holds now, its bounds, its checkpoints."""
-    by_state = ", ".join(f"{count} {state.lower()}" for state, count in sorted(store.jobs.items()) if count)
+    order = {name: number for number, name in enumerate(pb.JobState.keys())}  # QUEUED, RUNNING, ...
+    states = sorted(store.jobs.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))
+    by_state = ", ".join(f"{count} {state.lower()}" for state, count in states if count)
     print(f"job store        {store.kind or '(kind not given)'}")
     print(f"  jobs           {by_state or 'none'}")
     print(f"  used           {_mib(store.used_bytes)} of {_mib(store.capacity_bytes)} MiB")
