@@ -268,7 +268,11 @@ def _server_flags(parser: argparse.ArgumentParser) -> None:
         "SERVING (default: $STYLIZE_SERVER or %(default)s)",
     )
     parser.add_argument(
-        "--timeout", type=float, metavar="SECONDS", help="deadline of each call (default: none)"
+        "--timeout",
+        type=float,
+        metavar="SECONDS",
+        help="deadline of each call; following a job, reattachments included, counts as one, and passing it "
+        "cancels the job (default: none)",
     )
     sec = parser.add_argument_group("security (see the README's Security section)")
     sec.add_argument(

@@ -603,6 +603,23 @@ def test_cli_interrupt_cancels_the_job_on_the_server(
     assert signal.getsignal(signal.SIGTERM) == previous  # the CLI put SIGTERM's handler back
 
 
+def test_cli_interrupt_of_a_parallel_batch_cancels_every_running_job(
+    served: Served, servicer: JobServicer, images: dict[str, Path], tmp_path: Path
+) -> None:
+    servicer.hold_at = 2
+    folder = str(images["content"].parent)
+
+    def interrupt_once_both_run() -> None:
+        if wait_until(lambda: len(servicer.watch_calls) == 2):
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: KeyboardInterrupt in the main thread
+
+    threading.Thread(target=interrupt_once_both_run, daemon=True).start()
+    argv = [folder, "-s", str(images["style"]), "--server", served.address, "-q", "--parallel", "2"]
+    assert cli.main([*argv, "--output-dir", str(tmp_path / "out"), "-n", "50"]) == cli.EXIT_INTERRUPTED
+    assert sorted(servicer.cancels) == sorted(servicer.jobs) and len(servicer.jobs) == 2
+    assert all(job.state == pb.CANCELLED for job in servicer.jobs.values())
+
+
 # --- the CLI: detach, watch, jobs, cancel, info ------------------------------------------------------
 
 
