@@ -6,6 +6,7 @@ does not change their iterates: run_lbfgs must reproduce the old path bit for bi
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import logging
@@ -227,6 +228,96 @@ def test_the_drivers_give_identical_iterates(case: str) -> None:
         assert accepted < options.maxiter and evaluations > options.maxfun
     else:
         assert accepted == options.maxiter
+
+
+@pytest.mark.parametrize("case", ["two-sided", "maxfun stops first"])
+def test_a_captured_state_resumes_the_direct_driver_bit_for_bit(case: str) -> None:
+    """Interrupted at an iteration boundary (its state taken, the run ended there) and resumed from the
+    state, twice over: the evaluations and iterates are the uninterrupted run's, bit for bit."""
+    n = 30
+    x0, lower, upper = np.linspace(-2.0, 2.5, n), np.full(n, -1.5), np.full(n, 0.9)
+    lower[::4] = -np.inf  # one-sided variables too
+    options = LbfgsOptions(maxiter=40, maxfun=12 if case == "maxfun stops first" else 100)
+    uninterrupted = record(minimize_direct, x0, lower, upper, options)
+
+    capture = optimizer.StateCapture()
+    events: list = []
+    taken: list[optimizer.OptimizerState] = []
+
+    def fun(x: np.ndarray) -> tuple[float, np.ndarray]:
+        a, b = x[:-1], x[1:]
+        loss = float(np.sum(100.0 * (b - a * a) ** 2 + (1.0 - a) ** 2))
+        grad = np.zeros_like(x)
+        grad[:-1] += -400.0 * a * (b - a * a) - 2.0 * (1.0 - a)
+        grad[1:] += 200.0 * (b - a * a)
+        events.append(("f", x.tobytes(), loss))
+        return loss, grad
+
+    def interrupt_at_fifth(x: np.ndarray) -> bool:
+        events.append(("x", x.tobytes()))
+        if sum(1 for e in events if e[0] == "x") < 5:
+            return False
+        state = capture.take()
+        assert state is not None
+        taken.append(state)
+        return True  # the "crash"
+
+    minimize_direct(fun, x0, lower, upper, options, interrupt_at_fifth, capture=capture)
+    assert capture.take() is None  # nothing on offer outside a callback
+    (state,) = taken
+    assert state.iterations == 5 and state.routine == optimizer.routine_id()
+    state.check()
+    before = list(events)
+    for _ in range(2):  # a state resumes as often as asked: the driver works on copies
+        events[:] = before
+        minimize_direct(
+            fun, np.zeros(n), lower, upper, options, lambda x: events.append(("x", x.tobytes())), resume=state
+        )
+        assert events == uninterrupted
+
+
+def test_a_state_that_does_not_fit_is_refused_before_setulb_sees_it() -> None:
+    n = 30
+    x0, lower, upper = np.linspace(-2.0, 2.5, n), np.full(n, -1.5), np.full(n, 0.9)
+    capture = optimizer.StateCapture()
+    taken: list[optimizer.OptimizerState] = []
+    options = LbfgsOptions(maxiter=10, maxfun=40)
+
+    def stop(x: np.ndarray) -> bool:
+        taken.append(capture.take())  # type: ignore[arg-type]
+        return True
+
+    minimize_direct(lambda x: (float(np.sum(x**2)), 2 * x), x0, lower, upper, options, stop, capture=capture)
+    with pytest.raises(ValueError, match=r"history 10, 30 variables cannot resume under .* history 5"):
+        minimize_direct(
+            lambda x: (0.0, x), x0, lower, upper, LbfgsOptions(10, 40, maxcor=5), stop, resume=taken[0]
+        )
+    with pytest.raises(ValueError, match=r"scipy\.optimize\.minimize cannot resume"):
+        minimize_public(lambda x: (0.0, x), x0, lower, upper, options, stop, resume=taken[0])
+    truncated = dataclasses.replace(taken[0], wa=taken[0].wa[:-1])
+    with pytest.raises(ValueError, match="wa has shape"):
+        minimize_direct(lambda x: (0.0, x), x0, lower, upper, options, stop, resume=truncated)
+
+
+def test_run_lbfgs_resumed_from_a_state_reports_the_rest_of_the_run() -> None:
+    """on_continue hands out the state where the run goes on (not after its last iteration); run_lbfgs
+    resumed from it reports no starting point and the same later steps as the uninterrupted run."""
+    full: list[Step] = []
+    run_lbfgs(Problem(), start(), pixel_bounds(), 9, full.append, lambda: None)
+    states: dict[int, optimizer.OptimizerState | None] = {}
+
+    def on_continue(step: Step, state: Callable[[], optimizer.OptimizerState | None]) -> None:
+        states[step.iteration] = state()
+
+    run_lbfgs(Problem(), start(), pixel_bounds(), 9, lambda step: None, lambda: None, on_continue=on_continue)
+    assert sorted(states) == list(range(1, 9))  # not iteration 0, not the last
+    rest: list[Step] = []
+    last = run_lbfgs(Problem(), start(), pixel_bounds(), 9, rest.append, lambda: None, resume=states[4])
+    assert [s.iteration for s in rest] == list(range(5, 10))
+    assert [(s.evaluations, s.x.tobytes(), s.evaluation.loss) for s in rest] == [
+        (s.evaluations, s.x.tobytes(), s.evaluation.loss) for s in full[5:]
+    ]
+    assert last.x.tobytes() == full[-1].x.tobytes()
 
 
 def test_convergence_compares_the_loss_with_the_one_a_window_earlier() -> None:

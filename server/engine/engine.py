@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -11,9 +12,11 @@ from pathlib import Path
 import numpy as np
 
 from . import color, memory, pyramid
+from .checkpoint import Checkpoint, CheckpointError, CheckpointSink, plan_key, plan_sizes
 from .evaluators import StageEvaluator, TermTargets, WholeImageEvaluator, blend_targets
+from .lbfgs_workspace import OptimizerState
 from .network import CompiledChoice, Evaluation, FeatureNetwork, Targets, TileSessions
-from .optimizer import Convergence, Step, run_lbfgs
+from .optimizer import Convergence, Step, exact_resume_available, routine_id, run_lbfgs
 from .plan import JobPlan, check_settings, layer_choice
 from .plan import plan as plan_job
 from .providers import ProviderSpec
@@ -34,6 +37,8 @@ from .types import (
     StylizeSettings,
 )
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class _Run:
@@ -45,7 +50,9 @@ class _Run:
     stages: list[Stage]
     memory: memory.JobMemory  # each stage's tile size and L-BFGS-B history
     content: np.ndarray  # the request's content image (RGB), for the colour mode's finishing
-    started: float
+    started: float  # perf_counter() when the job started (moved back by a resumed job's elapsed time)
+    plan_key: str  # checkpoint.plan_key of the stages and histories
+    checkpoints: CheckpointSink | None
     iterations_done: int = 0
     evaluations: int = 0
     evaluation_seconds: list[float] = field(default_factory=list)  # not yet reported in a Progress
@@ -118,6 +125,8 @@ class Engine:
         init_image: np.ndarray | None = None,
         plan: JobPlan | None = None,
         schedule: Sequence[Stage] | None = None,
+        checkpoints: CheckpointSink | None = None,
+        resume: Checkpoint | None = None,
     ) -> StylizeResult:
         """Optimise an image whose content matches `content` and whose style matches the blended `styles`.
 
@@ -127,6 +136,14 @@ class Engine:
         in place of the pyramid that the settings give (scripts/benchmark_schedules.py). Blocks until
         done; raises StylizeCancelled when the observer asks to stop, InvalidSettings for settings or
         inputs that cannot be honoured.
+
+        checkpoints: after each accepted iteration that its stage goes on from, asked whether one is due,
+        and handed a Checkpoint if so. resume: a checkpoint of this job (same inputs, settings and plan)
+        to continue from: the stages before its stage are skipped, and its stage goes on exactly from the
+        saved optimiser state, or, where there is none or it does not fit this plan's L-BFGS-B (another
+        history or iteration count, another scipy), restarts L-BFGS-B from the saved iterate for the
+        stage's remaining iterations. Counts, elapsed time and frames go on from the checkpoint's. Raises
+        CheckpointError for a checkpoint of other stage sizes.
         """
         if plan is None:
             plan = self.plan(
@@ -138,6 +155,9 @@ class Engine:
                 schedule=schedule,
             )
         choice, stages, memory_plan = plan.choice, list(plan.stages), plan.memory
+        key = plan_key(stages, memory_plan.histories)
+        if resume is not None:
+            _check_resume(resume, stages, key)
         run = _Run(
             observer,
             settings,
@@ -145,8 +165,12 @@ class Engine:
             stages,
             memory_plan,
             content,
-            time.perf_counter(),
+            time.perf_counter() - (resume.elapsed_seconds if resume else 0.0),
+            key,
+            checkpoints,
         )
+        if resume is not None:
+            run.iterations_done, run.evaluations = resume.iterations_done, resume.evaluations
         net_content, net_styles = color.prepare_inputs(
             settings.color_mode, content, [s.image for s in styles]
         )
@@ -159,6 +183,8 @@ class Engine:
         tile_sessions = self._network.tile_sessions(choice) if uses_tiles else None
         try:
             for stage in stages:
+                if resume is not None and stage.index < resume.stage:
+                    continue  # done before the checkpoint
                 stage_content = resize(net_content, stage.width, stage.height)
                 tile, style_tile = memory_plan.tiles[stage.index], memory_plan.style_tiles[stage.index]
                 evaluator = self._evaluator(run, tile_sessions, tile)
@@ -170,8 +196,11 @@ class Engine:
                 )
                 evaluate = evaluator.evaluator(targets, *_weights(settings))
                 base = self._base(settings, stage, stage_content, init_image)
-                start_rgb = self._start(settings, stage, base, previous)
-                last = self._optimise(run, stage, evaluate, start_rgb)
+                if resume is not None and stage.index == resume.stage:
+                    last = self._optimise(run, stage, evaluate, resume.image, resume)
+                else:
+                    start_rgb = self._start(settings, stage, base, previous)
+                    last = self._optimise(run, stage, evaluate, self._network.to_network(start_rgb))
                 previous = (self._network.from_network(last.x), base)
         finally:
             del tile_sessions  # built for this job alone: dropping them frees their memory
@@ -266,12 +295,23 @@ class Engine:
         return np.clip(base + change, 0.0, 1.0).astype(np.float32)
 
     def _optimise(
-        self, run: _Run, stage: Stage, loss: Callable[[np.ndarray], Evaluation], start_rgb: np.ndarray
+        self,
+        run: _Run,
+        stage: Stage,
+        loss: Callable[[np.ndarray], Evaluation],
+        x0: np.ndarray,
+        resume: Checkpoint | None = None,
     ) -> Step:
+        """Run the stage's L-BFGS-B from x0 (network space), or go on from `resume`, a checkpoint taken
+        in this stage (x0 is its image)."""
         s = run.settings
-        x0 = self._network.to_network(start_rgb)
         stage_started = time.perf_counter()
-        base_iterations = run.iterations_done
+        done_before = resume.stage_iteration if resume else 0  # the stage's iterations before this call
+        base_iterations = run.iterations_done - done_before  # the job's iterations before the stage
+        state = _exact_state(resume, run, stage)
+        # Restarted from a checkpoint's iterate, run_lbfgs counts from 0 again; resumed exactly, it goes on
+        # counting from the state's.
+        offset = done_before if state is None else 0
         tile_size = run.memory.tiles[stage.index]
         history = run.memory.histories[stage.index]
         tile_count = (
@@ -282,15 +322,18 @@ class Engine:
             if run.observer.should_stop():
                 raise StylizeCancelled()
 
-        convergence = Convergence(s.tolerance)
+        convergence = Convergence(s.tolerance, recent=resume.recent_losses if resume else ())
 
         def on_step(step: Step) -> bool:
             """Report the step; True when the stage has converged (settings.tolerance)."""
-            run.iterations_done = base_iterations + step.iteration
+            if resume is not None and step.iteration == 0:
+                return False  # a restart's first point is the checkpoint's iterate: reported and counted
+            iteration = offset + step.iteration  # within the stage
+            run.iterations_done = base_iterations + iteration
             converged = convergence.converged(step.evaluation.loss)
-            if step.iteration == 0 and not stage.is_first:
+            if iteration == 0 and not stage.is_first:
                 return False  # a later stage's first point is the previous stage's result, reported
-            per_iteration = (time.perf_counter() - stage_started) / max(1, step.iteration)
+            per_iteration = (time.perf_counter() - stage_started) / max(1, iteration - done_before)
             run.observer.on_progress(
                 Progress(
                     iteration=run.iterations_done,
@@ -298,8 +341,8 @@ class Engine:
                     losses=_losses(step.evaluation),
                     elapsed_seconds=time.perf_counter() - run.started,
                     eta_seconds=(
-                        pyramid.remaining_seconds(run.stages, stage, step.iteration, per_iteration)
-                        if step.iteration > 0
+                        pyramid.remaining_seconds(run.stages, stage, iteration, per_iteration)
+                        if iteration > 0
                         else 0.0
                     ),
                     stage=stage.index,
@@ -313,12 +356,30 @@ class Engine:
                 )
             )
             run.evaluation_seconds.clear()
-            if s.frame_every and step.iteration > 0 and run.iterations_done % s.frame_every == 0:
+            if s.frame_every and iteration > 0 and run.iterations_done % s.frame_every == 0:
                 rgb = self._network.from_network(step.x)
                 run.observer.on_frame(
                     run.iterations_done, color.finish_output(s.color_mode, rgb, run.content)
                 )
             return converged
+
+        def on_continue(step: Step, optimizer_state: Callable[[], OptimizerState | None]) -> None:
+            """Save a checkpoint here if one is due (the stage goes on from this step)."""
+            assert run.checkpoints is not None
+            if not run.checkpoints.due():
+                return
+            checkpoint = Checkpoint(
+                stage=stage.index,
+                stage_iteration=offset + step.iteration,
+                iterations_done=run.iterations_done,
+                evaluations=run.evaluations,
+                elapsed_seconds=time.perf_counter() - run.started,
+                recent_losses=convergence.recent_losses,
+                image=step.x.copy(),
+                optimizer=optimizer_state(),
+                plan_key=run.plan_key,
+            )
+            run.checkpoints.save(checkpoint)
 
         def evaluate(x: np.ndarray) -> Evaluation:
             run.evaluations += 1
@@ -331,13 +392,52 @@ class Engine:
             evaluate,
             x0,
             self._network.pixel_bounds(stage.height, stage.width),
-            stage.iterations,
+            max(1, stage.iterations - offset),
             on_step,
             before_evaluation,
             history,
+            on_continue=on_continue if run.checkpoints is not None else None,
+            resume=state,
         )
-        run.iterations_done = base_iterations + last.iteration
+        run.iterations_done = base_iterations + offset + last.iteration
         return last
+
+
+def _check_resume(resume: Checkpoint, stages: Sequence[Stage], key: str) -> None:
+    """Raises CheckpointError unless the checkpoint's stage sizes are the plan's (its image then fits)."""
+    if plan_sizes(resume.plan_key) != plan_sizes(key):
+        raise CheckpointError(
+            f"the checkpoint was taken under other stages ({resume.plan_key}) than this job's plan ({key})"
+        )
+    if not 0 <= resume.stage < len(stages):  # pragma: no cover - the sizes agree, so it is in range
+        raise CheckpointError(f"the checkpoint's stage {resume.stage} is not in the plan ({key})")
+    stage = stages[resume.stage]
+    if resume.image.shape != (1, 3, stage.height, stage.width):
+        raise CheckpointError(
+            f"the checkpoint's image {resume.image.shape} does not fit its stage, {stage.width}x{stage.height}"
+        )
+
+
+def _exact_state(resume: Checkpoint | None, run: _Run, stage: Stage) -> OptimizerState | None:
+    """The checkpoint's optimiser state where it can go on exactly in this run, else None (a restart from
+    the checkpoint's iterate, logged with the reason)."""
+    if resume is None:
+        return None
+    state = resume.optimizer
+    if state is None:
+        reason = "it holds no L-BFGS-B state (taken with scipy.optimize.minimize)"
+    elif resume.plan_key != run.plan_key:
+        reason = f"its plan ({resume.plan_key}) differs from this job's ({run.plan_key})"
+    elif not exact_resume_available():
+        reason = "scipy's L-BFGS-B routine cannot be driven directly here"
+    elif state.routine != routine_id():
+        reason = f"its state is of {state.routine}, this engine runs {routine_id()}"
+    elif state.iterations != resume.stage_iteration or state.history != run.memory.histories[stage.index]:
+        reason = "its state does not match its own counts"
+    else:
+        return state
+    log.info("resuming stage %d from the checkpoint's image, not exactly: %s", stage.index, reason)
+    return None
 
 
 def _weights(settings: StylizeSettings) -> tuple[dict[str, float], dict[str, dict[str, float]]]:

@@ -18,6 +18,12 @@ at 512x384 on two shared cores, against 0.05-0.13 s with one (its calls are too 
 and the threads contend with onnxruntime's and other processes'), so run_lbfgs holds BLAS at one thread
 while it runs. A side effect: the iterates no longer depend on the machine's core count (a threaded BLAS
 sums in an order that does).
+
+Exact resume: at an iteration boundary `minimize_direct` holds all of setulb's state in its own arrays, so
+it can hand out a copy (OptimizerState, through a StateCapture) and later start from one instead of x0;
+the continuation is bit-identical to the uninterrupted run. The public driver's state lives inside scipy
+and cannot be taken: with it StateCapture.take() gives None and a restart from the iterate is the best
+a resume can do.
 """
 
 from __future__ import annotations
@@ -29,8 +35,10 @@ import logging
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+import scipy
 from scipy.optimize import Bounds, OptimizeResult, minimize
 from threadpoolctl import ThreadpoolController
 
@@ -41,7 +49,15 @@ try:  # private: see the module docstring for why, and how its use is guarded
 except ImportError:  # pragma: no cover - a scipy without it gets the public driver
     _scipy_lbfgsb = None
 
-from .lbfgs_workspace import MAXCOR, workspace_lengths
+from .lbfgs_workspace import (
+    DSAVE_LENGTH,
+    ISAVE_LENGTH,
+    LSAVE_LENGTH,
+    MAXCOR,
+    TASK_LENGTH,
+    OptimizerState,
+    workspace_lengths,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +76,18 @@ class Convergence:
     """The early stop of a stage: the relative improvement of the loss over the last `window`
     iterations, (L[i - window] - L[i]) / L[i - window], has fallen below `tolerance` (0 = never)."""
 
-    def __init__(self, tolerance: float, window: int = CONVERGENCE_WINDOW) -> None:
+    def __init__(
+        self, tolerance: float, window: int = CONVERGENCE_WINDOW, recent: tuple[float, ...] = ()
+    ) -> None:
+        """recent: the losses recorded so far (`recent_losses` of the rule being resumed)."""
         self.tolerance = tolerance
         self.window = window
-        self._losses: collections.deque[float] = collections.deque(maxlen=window + 1)
+        self._losses: collections.deque[float] = collections.deque(recent, maxlen=window + 1)
+
+    @property
+    def recent_losses(self) -> tuple[float, ...]:
+        """The losses the rule still looks at, oldest first: all it needs to go on after a resume."""
+        return tuple(self._losses)
 
     def converged(self, loss: float) -> bool:
         """Record the loss after the next iteration (the first call: the starting point's)."""
@@ -85,7 +109,49 @@ class LbfgsOptions:
     maxls: int = 20  # line-search steps per iteration (scipy's default)
 
 
-Driver = Callable[[Objective, np.ndarray, np.ndarray, np.ndarray, LbfgsOptions, IterationCallback], None]
+class StateCapture:
+    """Copies the driver's state on request while an iteration callback runs: the state at that iteration
+    boundary, from which `resume` continues exactly. Outside a callback, or with a driver whose state
+    cannot be taken (the public one), take() gives None."""
+
+    def __init__(self) -> None:
+        self._source: Callable[[], OptimizerState] | None = None
+
+    def take(self) -> OptimizerState | None:
+        """A copy (the run goes on changing its own arrays) of the state at the current boundary."""
+        return None if self._source is None else self._source()
+
+    @contextlib.contextmanager
+    def offering(self, source: Callable[[], OptimizerState]) -> Iterator[None]:
+        """For the driver: take() calls `source` for the duration."""
+        self._source = source
+        try:
+            yield
+        finally:
+            self._source = None
+
+
+class Driver(Protocol):
+    """Runs L-BFGS-B from x0 (or from `resume`, a state a capture took from the same driver), calling
+    `callback` with each accepted point and offering its state through `capture` meanwhile."""
+
+    def __call__(
+        self,
+        fun: Objective,
+        x0: np.ndarray,
+        lower: np.ndarray,
+        upper: np.ndarray,
+        options: LbfgsOptions,
+        callback: IterationCallback,
+        *,
+        resume: OptimizerState | None = None,
+        capture: StateCapture | None = None,
+    ) -> None: ...
+
+
+# After on_step returned False for an accepted iteration that the optimisation goes on from: the step,
+# and a function that copies the optimiser's state there (None where it cannot be taken).
+ContinueCallback = Callable[["Step", Callable[[], OptimizerState | None]], None]
 
 
 @dataclass(frozen=True)
@@ -104,6 +170,9 @@ def run_lbfgs(
     on_step: Callable[[Step], bool],
     before_evaluation: Callable[[], None],
     history: int = MAXCOR,
+    *,
+    on_continue: ContinueCallback | None = None,
+    resume: OptimizerState | None = None,
 ) -> Step:
     """Minimise from x0 for at most `iterations` L-BFGS iterations within the pixel bounds, keeping
     `history` correction pairs (server.engine.memory shortens it for images too large for the budget).
@@ -111,11 +180,23 @@ def run_lbfgs(
 
     `before_evaluation` runs before every evaluation and may raise to abandon the run (cancellation).
     on_step sees the starting point (iteration 0) and every iteration's accepted point. Returns the last step.
+
+    on_continue (checkpoints): called after on_step returned False when the optimisation goes on past that
+    iteration, with the step and a function that copies the optimiser's state there (an OptimizerState;
+    None with the public driver). resume: such a state, to continue that optimisation exactly instead of
+    starting from x0 (x0 then only gives the image's shape); `iterations` and `history` must be the
+    ones it ran with. No starting point is reported then: steps go on from the state's iteration.
     """
     shape = x0.shape
     lower, upper = _flat_bounds(bounds, x0.size)
     last: list[Step] = []
-    count = {"evaluations": 0, "iterations": 0}
+    # Resumed: the counts go on from the state's (they equal the driver's own counts).
+    count = {
+        "evaluations": resume.evaluations if resume else 0,
+        "iterations": resume.iterations if resume else 0,
+    }
+    options = LbfgsOptions(maxiter=iterations, maxfun=2 * iterations + 20, maxcor=history)
+    capture = StateCapture() if on_continue is not None else None
 
     def fun(flat: np.ndarray) -> tuple[float, np.ndarray]:
         before_evaluation()
@@ -140,12 +221,46 @@ def run_lbfgs(
             step = Step(0, count["evaluations"], x, evaluate(x))
         step = Step(count["iterations"], count["evaluations"], step.x, step.evaluation)
         last[:] = [step]
-        return on_step(step)
+        if on_step(step):
+            return True
+        if on_continue is not None and not _stops_after(count["iterations"], count["evaluations"], options):
+            assert capture is not None
+            on_continue(step, capture.take)
+        return False
 
-    options = LbfgsOptions(maxiter=iterations, maxfun=2 * iterations + 20, maxcor=history)
     with single_threaded_blas():
-        driver()(fun, x0.astype(np.float64).ravel(), lower, upper, options, callback)
+        driver()(
+            fun,
+            x0.astype(np.float64).ravel(),
+            lower,
+            upper,
+            options,
+            callback,
+            resume=resume,
+            capture=capture,
+        )
+        if not last:
+            # Resumed into a run that ended before evaluating again (setulb stopped at once): report the
+            # resumed point itself, evaluated once more.
+            before_evaluation()
+            x = x0.astype(np.float32)
+            last.append(Step(count["iterations"], count["evaluations"] + 1, x, evaluate(x)))
     return last[0]
+
+
+def _stops_after(iterations: int, evaluations: int, options: LbfgsOptions) -> bool:
+    """The stopping rules that both drivers apply after an iteration's callback (scipy's order)."""
+    return iterations >= options.maxiter or evaluations > options.maxfun
+
+
+def exact_resume_available() -> bool:
+    """Whether the driver in use can hand out and resume its state (the direct one)."""
+    return driver() is minimize_direct
+
+
+def routine_id() -> str:
+    """The setulb whose states minimize_direct takes and resumes (OptimizerState.routine)."""
+    return f"scipy {scipy.__version__} setulb"
 
 
 class _BlasHold:
@@ -210,8 +325,14 @@ def minimize_public(
     upper: np.ndarray,
     options: LbfgsOptions,
     callback: IterationCallback,
+    *,
+    resume: OptimizerState | None = None,
+    capture: StateCapture | None = None,
 ) -> None:
-    """L-BFGS-B through scipy.optimize.minimize (public API; slow bounds set-up for large problems)."""
+    """L-BFGS-B through scipy.optimize.minimize (public API; slow bounds set-up for large problems). Its
+    state stays inside scipy: `capture` offers nothing, and a `resume` state is refused."""
+    if resume is not None:
+        raise ValueError("scipy.optimize.minimize cannot resume an L-BFGS-B state")
 
     def scipy_callback(intermediate_result: OptimizeResult) -> None:
         if callback(intermediate_result.x):
@@ -255,9 +376,17 @@ def minimize_direct(
     upper: np.ndarray,
     options: LbfgsOptions,
     callback: IterationCallback,
+    *,
+    resume: OptimizerState | None = None,
+    capture: StateCapture | None = None,
 ) -> None:
     """L-BFGS-B by calling scipy's setulb routine in the loop that scipy.optimize.minimize runs, with the
-    bounds prepared as arrays. Same inputs to setulb, hence the same iterates, as `minimize_public`."""
+    bounds prepared as arrays. Same inputs to setulb, hence the same iterates, as `minimize_public`.
+
+    During each callback `capture` offers a copy of the loop's state as it will be when the loop calls
+    setulb next (the stopping rules change nothing where the run goes on); `resume` enters the loop with
+    such a state in place of x0's start, so the run goes on exactly as the one it was taken from. The
+    bounds and options must be that run's."""
     if _scipy_lbfgsb is None:
         raise RuntimeError("this scipy has no scipy.optimize._lbfgsb")
     setulb = _scipy_lbfgsb.setulb
@@ -269,29 +398,66 @@ def minimize_direct(
     low = np.where(has_lower, lower, 0.0)
     high = np.where(has_upper, upper, 0.0)
 
-    # Like scipy: the start is clipped into the bounds and evaluated before the first setulb call, f and g
-    # are handed to setulb only when it asks for them, and a request for the point last evaluated is
-    # answered from memory.
-    x = np.clip(np.asarray(x0, np.float64).ravel(), lower, upper)
-    evaluated_x = x.copy()
-    loss, grad = fun(x)
-    evaluations = 1
-    f = 0.0
-    g = np.zeros(n, np.float64)  # setulb may write into g; `grad` stays the evaluation's gradient
-    # The workspaces are written through at once rather than left to the kernel's lazy zero pages
-    # (np.zeros): setulb fills its 2 * m correction columns one pair per iteration, so they would keep
-    # growing in resident memory for m iterations after admission. Touched now, a stage reaches its
-    # peak in its first iteration, where the memory model (server.engine.memory) is measured.
-    wa_length, iwa_length = workspace_lengths(n, m)  # the sizes the memory model counts
-    wa = np.full(wa_length, 0.0)  # np.full writes every page
-    iwa = np.full(iwa_length, 0, np.int32)
-    task = np.zeros(2, np.int32)
-    ln_task = np.zeros(2, np.int32)
-    lsave = np.zeros(4, np.int32)
-    isave = np.zeros(44, np.int32)
-    dsave = np.zeros(29, np.float64)
+    if resume is not None:
+        if resume.routine != routine_id() or resume.history != m or resume.variables != n:
+            raise ValueError(
+                f"L-BFGS-B state of {resume.routine}, history {resume.history}, {resume.variables} "
+                f"variables cannot resume under {routine_id()}, history {m}, {n} variables"
+            )
+        resume.check()  # setulb trusts the arrays' sizes
+        # Copies: the state stays as it was (a checkpoint may be resumed twice).
+        x, g, wa, evaluated_x = (np.array(a) for a in (resume.x, resume.g, resume.wa, resume.evaluated_x))
+        iwa, task, ln_task = (np.array(a) for a in (resume.iwa, resume.task, resume.ln_task))
+        lsave, isave, dsave = (np.array(a) for a in (resume.lsave, resume.isave, resume.dsave))
+        f, loss, grad = resume.f, resume.loss, np.array(resume.grad)
+        evaluations, iterations = resume.evaluations, resume.iterations
+    else:
+        # Like scipy: the start is clipped into the bounds and evaluated before the first setulb call, f
+        # and g are handed to setulb only when it asks for them, and a request for the point last
+        # evaluated is answered from memory.
+        x = np.clip(np.asarray(x0, np.float64).ravel(), lower, upper)
+        evaluated_x = x.copy()
+        loss, grad = fun(x)
+        evaluations = 1
+        f = 0.0
+        g = np.zeros(n, np.float64)  # setulb may write into g; `grad` stays the evaluation's gradient
+        # The workspaces are written through at once rather than left to the kernel's lazy zero pages
+        # (np.zeros): setulb fills its 2 * m correction columns one pair per iteration, so they would keep
+        # growing in resident memory for m iterations after admission. Touched now, a stage reaches its
+        # peak in its first iteration, where the memory model (server.engine.memory) is measured.
+        wa_length, iwa_length = workspace_lengths(n, m)  # the sizes the memory model counts
+        wa = np.full(wa_length, 0.0)  # np.full writes every page
+        iwa = np.full(iwa_length, 0, np.int32)
+        task = np.zeros(TASK_LENGTH, np.int32)
+        ln_task = np.zeros(TASK_LENGTH, np.int32)
+        lsave = np.zeros(LSAVE_LENGTH, np.int32)
+        isave = np.zeros(ISAVE_LENGTH, np.int32)
+        dsave = np.zeros(DSAVE_LENGTH, np.float64)
+        iterations = 0
     factr, pgtol = 0.0, 0.0
-    iterations = 0
+
+    def state() -> OptimizerState:
+        """A copy of the loop's state, every variable that the next setulb call and its answers read."""
+        return OptimizerState(
+            routine=routine_id(),
+            history=m,
+            x=x.copy(),
+            f=f,
+            g=g.copy(),
+            wa=wa.copy(),
+            iwa=iwa.copy(),
+            task=task.copy(),
+            ln_task=ln_task.copy(),
+            lsave=lsave.copy(),
+            isave=isave.copy(),
+            dsave=dsave.copy(),
+            evaluated_x=evaluated_x.copy(),
+            loss=loss,
+            grad=np.array(grad).ravel(),  # np.array: a copy
+            evaluations=evaluations,
+            iterations=iterations,
+        )
+
     while True:
         setulb(
             m,
@@ -321,7 +487,9 @@ def minimize_direct(
             np.copyto(g, np.ravel(grad))
         elif task[0] == _TASK_NEW_X:
             iterations += 1
-            if callback(x):
+            with capture.offering(state) if capture is not None else contextlib.nullcontext():
+                stop = callback(x)
+            if stop:
                 return
             if iterations >= options.maxiter:
                 task[:] = (_TASK_STOP, _STOP_MAXITER)
