@@ -39,7 +39,8 @@ RUN --mount=type=cache,target=/root/.cache \
     && .venv/bin/python -m compileall -q protos server client models scripts
 
 FROM ${PYTHON_IMAGE} AS runtime
-RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent stylize
+RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /nonexistent stylize \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/stylize
 WORKDIR /app
 # The code, the venv and the built model, owned by root and read-only to the service user.
 COPY --from=builder /app /app
@@ -50,9 +51,13 @@ ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     STYLIZE_HOST=0.0.0.0 \
     STYLIZE_PORT=50051 \
+    STYLIZE_STATE_DIR=/var/lib/stylize \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 # Numeric, so that runtimes (e.g. Kubernetes runAsNonRoot) can tell it is not root.
 USER 10001:10001
+# The job store (jobs, their checkpoints and results): mount a volume here so that jobs outlive the
+# container (docs/jobs.md).
+VOLUME /var/lib/stylize
 EXPOSE 50051
 # The health check reads the server's own variables: with STYLIZE_TLS_CERT/STYLIZE_TLS_KEY set (PEM files
 # mounted into the container) it speaks TLS and trusts that certificate; with STYLIZE_TLS_CLIENT_CA it

@@ -214,7 +214,16 @@ def server_job(
     command = [sys.executable, "-m", "stylize_service.server.main", "--host", "127.0.0.1", "--port", "0"]
     with log_path.open("w") as log_file:
         server = subprocess.Popen(
-            [*command, "--memory-limit-mb", str(limit_mb), "--ready-file", str(ready)], stderr=log_file
+            [
+                *command,
+                "--memory-limit-mb",
+                str(limit_mb),
+                "--ready-file",
+                str(ready),
+                "--state-dir",
+                str(workdir / "state"),
+            ],
+            stderr=log_file,
         )
     try:
         try:

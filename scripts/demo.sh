@@ -93,7 +93,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 say "starting stylize-server on $address (log: $OUT/server.log)"
-STYLIZE_HOST=127.0.0.1 STYLIZE_PORT="$port" "$VENV/bin/stylize-server" >"$OUT/server.log" 2>&1 &
+STYLIZE_HOST=127.0.0.1 STYLIZE_PORT="$port" STYLIZE_STATE_DIR="$OUT/state" "$VENV/bin/stylize-server" >"$OUT/server.log" 2>&1 &
 server_pid=$!
 
 deadline=$((SECONDS + start_timeout))

@@ -241,6 +241,8 @@ class ServerProcess:
                 "INFO",
                 "--ready-file",
                 str(self.ready_path),
+                "--state-dir",
+                str(workdir / f"{name}.state"),
                 *flags,
             ],
             stdout=subprocess.DEVNULL,

@@ -82,7 +82,18 @@ class ServerProcess:
         )
         self._ready = Path(tempfile.mkdtemp(prefix="stylize-loadtest-")) / "ready.json"
         self.process = subprocess.Popen(
-            [*command, "--host", "127.0.0.1", "--port", "0", "--ready-file", str(self._ready), *flags],
+            [
+                *command,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--ready-file",
+                str(self._ready),
+                "--state-dir",
+                str(self._ready.parent / "state"),
+                *flags,
+            ],
             stderr=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             text=True,

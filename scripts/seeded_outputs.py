@@ -46,7 +46,9 @@ REQUESTS: dict[str, tuple[list[str], list[Any], dict[str, Any]]] = {
 def start_server(extra: list[str], ready: Path) -> subprocess.Popen[bytes]:
     command = [str(ROOT / ".venv" / "bin" / "stylize-server"), "--host", "127.0.0.1", "--port", "0"]
     return subprocess.Popen(
-        [*command, "--ready-file", str(ready), *extra], stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL
+        [*command, "--ready-file", str(ready), "--state-dir", str(ready.parent / "state"), *extra],
+        stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
     )
 
 

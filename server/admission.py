@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
+from stylize_service.server.engine.checkpoint import Checkpoint, CheckpointSink
 from stylize_service.server.engine.memory import MemoryExceeded
 from stylize_service.server.engine.plan import JobPlan, check_settings
 from stylize_service.server.engine.plan import plan as plan_job
@@ -53,6 +54,8 @@ class EngineLike(Protocol):
         *,
         init_image: np.ndarray | None = None,
         plan: JobPlan | None = None,
+        checkpoints: CheckpointSink | None = None,
+        resume: Checkpoint | None = None,
     ) -> StylizeResult: ...
 
 

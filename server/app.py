@@ -16,9 +16,13 @@ from grpc_reflection.v1alpha import reflection
 
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.protos.stylize.v1.contract import SERVICE_NAME
-from stylize_service.server.config import ServerConfig
+from stylize_service.server.call_metrics import counting_interceptor
+from stylize_service.server.config import ConfigError, ServerConfig, setting_name
 from stylize_service.server.engine.memory import megabytes
 from stylize_service.server.imageio import allow_pixels
+from stylize_service.server.jobs.directory_store import DirectoryStore
+from stylize_service.server.jobs.manager import JobManager, JobSettings
+from stylize_service.server.jobs.store import JobStore, StoreError
 from stylize_service.server.logsafe import install_grpc_redaction
 from stylize_service.server.metrics import MetricsEndpoint, ServerMetrics
 from stylize_service.server.procfs import rss_bytes
@@ -29,7 +33,7 @@ from stylize_service.server.servicer import EngineLike, ServiceLimits, StyleTran
 logger = logging.getLogger("stylize.server")
 
 OVERALL = ""  # grpc.health.v1's name for the server as a whole
-EXTRA_THREADS = 8  # handler threads beyond running + queued jobs: health checks, GetInfo, refusals
+EXTRA_THREADS = 8  # handler threads beyond the streams' bound: health checks, GetInfo, job calls, refusals
 
 
 def package_version() -> str:
@@ -43,8 +47,15 @@ class StylizeServer:
     """The server of one process. start() listens (health NOT_SERVING), set_engine() makes it SERVING,
     drain() stops it gracefully."""
 
-    def __init__(self, config: ServerConfig, security: ServerSecurity | None = None) -> None:
-        """security: what from_config(config) gives (read here when None; raises ConfigError)."""
+    def __init__(
+        self,
+        config: ServerConfig,
+        security: ServerSecurity | None = None,
+        store: JobStore | None = None,
+    ) -> None:
+        """security: what from_config(config) gives (read here when None; raises ConfigError).
+        store: the job store (default: a DirectoryStore on config's state dir; raises ConfigError naming
+        --state-dir when it cannot be used)."""
         self.config = config
         self.security = security if security is not None else ServerSecurity.from_config(config)
         install_grpc_redaction()  # grpc's own log must not show a token that is not valid UTF-8
@@ -60,8 +71,26 @@ class StylizeServer:
             reserved_memory=lambda: self.scheduler.reserved_memory,
         )
         self.metrics.set_memory_budget(config.memory_budget_bytes)
+        self.store = store if store is not None else open_store(config)
+        self.jobs = JobManager(
+            self.scheduler,
+            self.store,
+            JobSettings(
+                max_pixels=config.max_pixels,
+                checkpoint_seconds=config.checkpoint_seconds,
+                result_ttl_seconds=config.result_ttl_seconds,
+            ),
+            self.metrics,
+        )
+        self.metrics.track_jobs(
+            counts=self.jobs.counts,
+            store_bytes=self.store.used_bytes,
+            store_capacity=self.store.capacity_bytes,
+            result_ttl_seconds=config.result_ttl_seconds,
+        )
         self.servicer = StyleTransferServicer(
             self.scheduler,
+            self.jobs,
             ServiceLimits(
                 max_pixels=config.max_pixels,
                 max_message_bytes=config.max_message_bytes,
@@ -69,13 +98,12 @@ class StylizeServer:
                 stall_seconds=config.stall_seconds,
             ),
             version=package_version(),
-            # With tokens checked, a call's token names its client for the per-client bound.
+            # With tokens checked, a call's token names its client: its jobs and its bounds.
             trust_tokens=self.security.tokens is not None,
-            metrics=self.metrics,
         )
         self.health = health.HealthServicer()
-        # Every Stylize call holds a handler thread while it runs or waits, so size the pool to the
-        # scheduler's bounds; the rest answer health checks and GetInfo while the workers are busy.
+        # Every Stylize and WatchJob stream holds a handler thread, so size the pool to the streams'
+        # bound (server/streams.py); the rest answer health checks, GetInfo and the job calls.
         self._server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=config.concurrency + config.queue_size + EXTRA_THREADS,
@@ -86,7 +114,7 @@ class StylizeServer:
                 ("grpc.max_send_message_length", config.max_message_bytes),
             ],
             # The metrics first: they count the calls that the security interceptors refuse too.
-            interceptors=[self.metrics.interceptor(), *self.security.interceptors()],
+            interceptors=[counting_interceptor(self.metrics), *self.security.interceptors()],
         )
         pb_grpc.add_StyleTransferServicer_to_server(self.servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -138,25 +166,34 @@ class StylizeServer:
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 
     def drain(self, grace_seconds: float | None = None) -> None:
-        """Stop gracefully: report NOT_SERVING, refuse new and queued jobs, let running jobs finish
-        within the grace period, then cancel them (they stop within one evaluation)."""
+        """Stop gracefully: report NOT_SERVING and take no new jobs. Detached jobs (SubmitJob) checkpoint
+        at their next iteration and stop, and queued ones stay queued, for the next server on the store
+        to resume; Stylize calls' jobs may finish within the grace period, then are cancelled (they stop
+        within one evaluation)."""
         grace = self.config.grace_seconds if grace_seconds is None else grace_seconds
         self.health.enter_graceful_shutdown()  # every service NOT_SERVING, and it stays so
         self.scheduler.close()
+        self.jobs.drain()
         running = self.scheduler.running
         if running:
             logger.info("draining: waiting up to %.0fs for %d running job(s)", grace, running)
         self._server.stop(grace).wait()
-        # server.stop cancelled what was left; give the workers a moment to see it and release.
-        if not self.scheduler.wait_idle(timeout=10.0):
+        # server.stop cancelled what calls were left; stop their jobs and any detached job that has not
+        # checkpointed yet, and give them a moment to see it.
+        self.jobs.stop_all()
+        if not self.jobs.wait_idle(timeout=10.0):
             logger.warning("draining: some job did not stop within 10s of being cancelled")
+        self.jobs.close()
+        self.store.close()
         self.security.close()
         if self._metrics_endpoint is not None:  # last, so that the drain itself can be watched
             self._metrics_endpoint.stop()
             self._metrics_endpoint = None
 
     def cancel_all(self) -> None:
-        """Cut a drain's grace period short: cancel every call now (jobs stop within one evaluation)."""
+        """Cut a drain's grace period short: cancel every call now (jobs stop within one evaluation;
+        detached ones stay unfinished, for the next server)."""
+        self.jobs.drain()
         self._server.stop(0)
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -165,3 +202,11 @@ class StylizeServer:
     def _set_health(self, status: int) -> None:  # a health_pb2.HealthCheckResponse.ServingStatus value
         for name in (OVERALL, SERVICE_NAME):
             self.health.set(name, status)
+
+
+def open_store(config: ServerConfig) -> JobStore:
+    """The directory store of config's state dir; ConfigError naming the flag when it cannot be used."""
+    try:
+        return DirectoryStore(config.resolved_state_dir, config.store_bytes)
+    except StoreError as err:
+        raise ConfigError(f"{setting_name('state_dir')}: {err}") from None

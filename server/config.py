@@ -20,6 +20,11 @@ DEFAULT_QUEUE_SIZE = 8
 DEFAULT_GRACE_SECONDS = 30.0
 # A 64 MiB message (the largest) at about 1 MB/s: a client slower than that is taken to have stopped reading.
 DEFAULT_STALL_SECONDS = 60.0
+# The job store (server/jobs): a checkpoint holds L-BFGS-B's state, about 200 bytes per pixel with 10
+# correction pairs (130 MB at 512x384): room for a full queue of 512 px jobs and larger ones beside them.
+DEFAULT_STORE_MB = 4096
+DEFAULT_RESULT_TTL_SECONDS = 24 * 3600.0
+DEFAULT_CHECKPOINT_SECONDS = 30.0
 
 
 def available_cores() -> int:
@@ -34,6 +39,14 @@ def default_concurrency(cores: int | None = None) -> int:
     """One job per 4 cores (a job saturates a few cores by itself), and at least one."""
     cores = cores or available_cores()
     return 1 if cores <= 4 else cores // 4
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """$XDG_STATE_HOME/stylize, else ~/.local/state/stylize: per user, kept across runs (the container
+    image sets STYLIZE_STATE_DIR to its volume)."""
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "stylize"
 
 
 def default_jobs_per_client(queue_size: int) -> int:
@@ -72,6 +85,12 @@ class ServerConfig:
     provider: str = "auto"
     # Where to write host, port and pid once SERVING (server/readiness.py), for tools that start a server.
     ready_file: Path | None = None
+    # The job store (server/jobs/directory_store.py): its directory (None = default_state_dir()), its size,
+    # how long finished jobs stay, and how often running jobs checkpoint (0 = never).
+    state_dir: Path | None = None
+    store_mb: int = DEFAULT_STORE_MB
+    result_ttl_seconds: float = DEFAULT_RESULT_TTL_SECONDS
+    checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -87,6 +106,14 @@ class ServerConfig:
     @property
     def max_message_bytes(self) -> int:
         return int(self.max_message_mb * 1024 * 1024)
+
+    @property
+    def resolved_state_dir(self) -> Path:
+        return self.state_dir if self.state_dir is not None else default_state_dir()
+
+    @property
+    def store_bytes(self) -> int:
+        return self.store_mb * 1024 * 1024
 
     @property
     def resolved_model_path(self) -> Path:
@@ -223,6 +250,33 @@ _SETTINGS: tuple[tuple[str, str, type, str], ...] = (
         "once the model is loaded, write JSON with host, port, metrics_port and pid here (removed at "
         "exit), for tools that start a server on port 0 (default: none)",
     ),
+    (
+        "--state-dir",
+        "STYLIZE_STATE_DIR",
+        Path,
+        "directory of the job store: jobs, their events, checkpoints and results, kept across restarts; "
+        "one server per directory (default: $XDG_STATE_HOME/stylize, else ~/.local/state/stylize)",
+    ),
+    (
+        "--store-mb",
+        "STYLIZE_STORE_MB",
+        int,
+        "most the job store may hold, MiB; the oldest finished jobs are deleted first to make room, and a "
+        f"job that still does not fit is refused (default: {DEFAULT_STORE_MB})",
+    ),
+    (
+        "--result-ttl-seconds",
+        "STYLIZE_RESULT_TTL_SECONDS",
+        float,
+        f"how long a finished job and its result are kept (default: {DEFAULT_RESULT_TTL_SECONDS:g})",
+    ),
+    (
+        "--checkpoint-seconds",
+        "STYLIZE_CHECKPOINT_SECONDS",
+        float,
+        "how often a running job saves a checkpoint to resume from after a restart; 0 = never "
+        f"(default: {DEFAULT_CHECKPOINT_SECONDS:g})",
+    ),
 )
 
 
@@ -307,6 +361,18 @@ def _validate(config: ServerConfig) -> None:
         (
             config.memory_limit_mb is None or config.memory_limit_mb >= 256,
             f"{setting_name('memory_limit_mb')} must be >= 256, got {config.memory_limit_mb}",
+        ),
+        (
+            config.store_mb >= 64,
+            f"{setting_name('store_mb')} must be >= 64, got {config.store_mb}",
+        ),
+        (
+            config.result_ttl_seconds >= 0,
+            f"{setting_name('result_ttl_seconds')} must be >= 0, got {config.result_ttl_seconds}",
+        ),
+        (
+            config.checkpoint_seconds >= 0,
+            f"{setting_name('checkpoint_seconds')} must be >= 0, got {config.checkpoint_seconds}",
         ),
         (
             config.tile_size == 0 or config.tile_size >= 32,

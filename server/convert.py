@@ -1,11 +1,15 @@
-"""Engine values -> stylize.v1 messages: the conversions the servicer and the job's worker share."""
+"""Engine and job values -> stylize.v1 messages: the conversions the servicer and the job's worker share."""
 
 from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.server.engine.types import GraphCacheStats, Losses, Progress, StylizeResult
 from stylize_service.server.imageio import encode_image
+from stylize_service.server.jobs.views import JobView
 from stylize_service.server.options import JobOptions
+from stylize_service.server.outcome import Status
 
 
 def graph_cache_pb(stats: GraphCacheStats) -> pb.GraphCache:
@@ -60,3 +64,38 @@ def result_pb(result: StylizeResult, options: JobOptions) -> pb.Result:
         final_losses=losses_pb(result.losses),
         elapsed_seconds=result.elapsed_seconds,
     )
+
+
+def timestamp_pb(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(round(seconds * 1e9))
+    return stamp
+
+
+def job_pb(view: JobView) -> pb.Job:
+    record = view.record
+    job = pb.Job(
+        id=record.id,
+        state=pb.JobState.Value(record.state.value),  # type: ignore[arg-type]  # the stubs' enum type
+        queue_position=view.queue_position,
+        create_time=timestamp_pb(record.created),
+        last_sequence=view.last_sequence,
+        resumes=record.resumes,
+    )
+    if view.progress is not None:
+        job.progress.CopyFrom(view.progress)
+    if record.error_code:
+        job.error.CopyFrom(
+            pb.JobError(
+                code=Status[record.error_code].value if record.error_code in Status.__members__ else 2,
+                code_name=record.error_code,
+                message=record.error_message,
+            )
+        )
+    if record.started is not None:
+        job.start_time.CopyFrom(timestamp_pb(record.started))
+    if record.ended is not None:
+        job.end_time.CopyFrom(timestamp_pb(record.ended))
+    if view.result is not None:
+        job.result.CopyFrom(view.result)
+    return job

@@ -1,10 +1,9 @@
-"""One admitted job's run, on a thread of its own that holds the job's slot: decode its images, run the
+"""One run of an admitted job, on the thread that holds the job's slot: decode its images, run the
 engine, encode every frame and the result, and say how it ended.
 
 Everything the job costs is spent here, so that its CPU and memory count against its slot however large
-or frequent its frames. The worker hands ready messages to the call's handler through JobEvents, which
-never blocks it: a slow client loses old frames (the newest is kept), never stalls the job. JobLog writes
-the job's one log line and its metrics, once, whoever sees its end first.
+or frequent its frames. The worker hands ready messages to the job manager's feed, which never blocks it.
+JobLog writes the job's one log line and its metrics, once, whoever sees its end first.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,7 +18,8 @@ import numpy as np
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.server.admission import AcceptedJob, EngineLike, decode, plan_for
-from stylize_service.server.convert import result_pb
+from stylize_service.server.convert import progress_pb, result_pb
+from stylize_service.server.engine.checkpoint import Checkpoint, CheckpointError, CheckpointSink
 from stylize_service.server.engine.memory import MemoryExceeded, megabytes
 from stylize_service.server.engine.plan import JobPlan
 from stylize_service.server.engine.types import InvalidSettings, Progress, StyleSource, StylizeCancelled
@@ -29,102 +28,24 @@ from stylize_service.server.logsafe import LogThrottle
 from stylize_service.server.metrics import ServerMetrics
 from stylize_service.server.options import InvalidOption, invalid_option
 from stylize_service.server.outcome import Outcome
-from stylize_service.server.scheduler import Ticket
 
 logger = logging.getLogger("stylize.server")
 
-# Unsent frames (encoded) kept for a client that reads slowly, and always the newest one; older ones are
-# dropped beyond this rather than make the engine wait.
-PENDING_FRAME_BYTES = 64 * 1024 * 1024
 _refusal_log = LogThrottle()
 
 
-# What the worker hands to the call's handler: messages ready to send, or how the job ended.
-@dataclass(frozen=True)
-class FrameEvent:
-    frame: pb.Frame
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.frame.image)
-
-
-@dataclass(frozen=True)
-class Done:
-    result: pb.Result
-
-
-@dataclass(frozen=True)
-class Failed:
-    outcome: Outcome
-
-
-@dataclass(frozen=True)
-class Stopped:
-    pass
-
-
-JobEvent = Progress | FrameEvent | Done | Failed | Stopped
-
-
-class JobEvents:
-    """Worker -> handler hand-off. Never blocks the producer. Unsent frames are kept up to a memory
-    budget; past it the oldest unsent ones are dropped (the newest is always kept)."""
-
-    def __init__(self, max_pending_frame_bytes: int = PENDING_FRAME_BYTES) -> None:
-        self._cond = threading.Condition()
-        self._items: deque[JobEvent] = deque()
-        self._max_frame_bytes = max_pending_frame_bytes
-        self._frame_bytes = 0
-        self.dropped_frames = 0
-
-    def put(self, event: JobEvent) -> None:
-        with self._cond:
-            if isinstance(event, FrameEvent):
-                self._frame_bytes += event.nbytes
-                while self._frame_bytes > self._max_frame_bytes and self._drop_oldest_frame():
-                    self.dropped_frames += 1
-            self._items.append(event)
-            self._cond.notify_all()
-
-    def _drop_oldest_frame(self) -> bool:
-        for index, pending in enumerate(self._items):
-            if isinstance(pending, FrameEvent):
-                del self._items[index]
-                self._frame_bytes -= pending.nbytes
-                return True
-        return False
-
-    def get(self, timeout: float) -> JobEvent | None:
-        with self._cond:
-            if not self._items:
-                self._cond.wait(timeout)
-            if not self._items:
-                return None
-            event = self._items.popleft()
-            if isinstance(event, FrameEvent):
-                self._frame_bytes -= event.nbytes
-            return event
-
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-
 class JobObserver:
-    """The engine's view of one job: forwards events and answers should_stop (asked before every
-    evaluation). call_active: whether the call is still there (the transport's view of a cancel)."""
+    """The engine's view of one job: hands each Progress and frame, converted and encoded, to `publish`
+    (the job manager's feed), and answers should_stop (asked before every evaluation) from `stop`."""
 
     def __init__(
         self,
-        events: JobEvents,
+        publish: Callable[[pb.StylizeResponse], None],
         stop: threading.Event,
-        call_active: Callable[[], bool],
         metrics: ServerMetrics,
     ) -> None:
-        self._events = events
+        self._publish = publish
         self._stop = stop
-        self._call_active = call_active
         self._metrics = metrics
         self.last_progress: Progress | None = None
         self.frame_encoding = Encoding.JPEG
@@ -133,7 +54,7 @@ class JobObserver:
     def on_progress(self, progress: Progress) -> None:
         self.last_progress = progress
         self._metrics.evaluations(progress.evaluation_seconds)
-        self._events.put(progress)
+        self._publish(pb.StylizeResponse(progress=progress_pb(progress)))
 
     def on_frame(self, iteration: int, image: np.ndarray) -> None:
         # Scaled and encoded here, in the worker thread between two iterations: the job's own slot pays
@@ -146,10 +67,10 @@ class JobObserver:
             width=encoded.width,
             height=encoded.height,
         )
-        self._events.put(FrameEvent(frame))
+        self._publish(pb.StylizeResponse(frame=frame))
 
     def should_stop(self) -> bool:
-        return self._stop.is_set() or not self._call_active()
+        return self._stop.is_set()
 
     def stop_if_asked(self) -> None:
         if self.should_stop():
@@ -214,21 +135,29 @@ class DecodedInputs:
     plan: JobPlan
 
 
+@dataclass(frozen=True)
+class JobRun:
+    """How one run of a job ended: its outcome, and its Result when it succeeded."""
+
+    outcome: Outcome
+    result: pb.Result | None = None
+    iterations: int = 0
+    evaluations: int = 0
+
+
 def run_job(
     engine: EngineLike,
     job: AcceptedJob,
     observer: JobObserver,
-    events: JobEvents,
-    ticket: Ticket,
     log: JobLog,
     *,
     max_pixels: int,
     memory_capacity: int | None,
-) -> None:
-    """The worker thread's body, holding the job's slot: decode the images, run the engine, encode the
-    result, report how it ended, and always free the slot."""
-    outcome = Outcome.ok()
-    iterations = evaluations = 0
+    checkpoints: CheckpointSink | None = None,
+    resume: Checkpoint | None = None,
+) -> JobRun:
+    """The body of the thread that holds the job's slot: decode the images, run the engine (from `resume`
+    when given, saving to `checkpoints`), encode the result, and say how it ended. Never raises."""
     try:
         inputs = _decode_inputs(engine, job, observer, max_pixels, memory_capacity)
         log.sizes = _describe_sizes(inputs, job)
@@ -241,31 +170,26 @@ def run_job(
             observer,
             init_image=inputs.init_image,
             plan=inputs.plan,
+            checkpoints=checkpoints,
+            resume=resume,
         )
-        iterations, evaluations = result.iterations, result.evaluations
-        events.put(Done(result_pb(result, job.options)))
+        return JobRun(Outcome.ok(), result_pb(result, job.options), result.iterations, result.evaluations)
     except StylizeCancelled:
         outcome = Outcome.cancelled()
-        events.put(Stopped())
     except (InvalidSettings, InvalidOption) as err:
         outcome = Outcome.invalid(str(invalid_option(err) if isinstance(err, InvalidSettings) else err))
-        events.put(Failed(outcome))
+    except CheckpointError as err:
+        outcome = Outcome.internal(f"the job's checkpoint cannot be resumed: {err}")
     except MemoryExceeded as err:  # the decoded image planned larger than its header did
         outcome = Outcome.refused(f"memory: {err}")
-        events.put(Failed(outcome))
     except Exception as err:
         logger.exception("job %s: the engine failed", job.id)
         failure = f"{type(err).__name__}: {err}"
         outcome = Outcome.internal(f"the engine failed: {failure}", log_text=failure)
-        events.put(Failed(outcome))
-    finally:
-        ticket.finish()  # the slot and memory are free; the call keeps its place until it ends
-        if observer.last_progress is not None and outcome.label != "ok":
-            iterations = observer.last_progress.iteration
-            evaluations = observer.last_progress.evaluations
-        if events.dropped_frames:
-            outcome = outcome.noting(f"({events.dropped_frames} frames skipped for a slow client)")
-        log.finish(outcome, iterations, evaluations)
+    progress = observer.last_progress
+    if progress is None:
+        return JobRun(outcome)
+    return JobRun(outcome, None, progress.iteration, progress.evaluations)
 
 
 def _decode_inputs(

@@ -1,5 +1,5 @@
-"""The server's Prometheus metrics: their definitions, a gRPC interceptor that counts every call, and the
-HTTP endpoint that serves them at /metrics (prometheus-client's exposition, not our own).
+"""The server's Prometheus metrics: their definitions and the HTTP endpoint that serves them at /metrics
+(prometheus-client's exposition, not our own). server/call_metrics.py counts the gRPC calls into them.
 
 One ServerMetrics per StylizeServer, on its own CollectorRegistry rather than the process-wide one, so that
 several servers in one process (the tests) keep separate counts. Every metric is documented in the README's
@@ -9,15 +9,15 @@ several servers in one process (the tests) keep separate counts. Every metric is
 from __future__ import annotations
 
 import contextlib
+import functools
 import socket
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import grpc
 from prometheus_client import (
     GC_COLLECTOR,
     PLATFORM_COLLECTOR,
@@ -39,17 +39,9 @@ OUTCOMES = LABELS
 JOB_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
 QUEUE_WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 # One evaluation: milliseconds at 64 px, about 1.5 s at 512 px and 5.5 s at 1024 px on two cores.
+# A checkpoint: milliseconds at 256 px, about a second at 2048 px (its file is written and synced).
+CHECKPOINT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 EVALUATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
-
-# A call that ended within this long of its deadline is taken to have ended by it: the cancellation comes
-# from gRPC core's clock and time_remaining() from Python's, which may differ by a little.
-DEADLINE_SLACK_SECONDS = 0.05
-
-
-def call_deadline_passed(context: grpc.ServicerContext) -> bool:
-    """True when the call had a deadline and it has passed (gRPC reports that as a cancellation)."""
-    remaining = context.time_remaining()
-    return remaining is not None and remaining <= DEADLINE_SLACK_SECONDS
 
 
 class ServerMetrics:
@@ -97,6 +89,25 @@ class ServerMetrics:
             "Memory reserved by the running jobs (their predicted peaks).",
             registry=r,
         )
+        self.jobs_held = Gauge("stylize_jobs_held", "Jobs in the job store, by state.", ["state"], registry=r)
+        self.store_bytes = Gauge("stylize_job_store_bytes", "Bytes the job store holds.", registry=r)
+        self.store_capacity_bytes = Gauge(
+            "stylize_job_store_capacity_bytes", "The most the job store may hold (--store-mb).", registry=r
+        )
+        self.result_ttl_seconds = Gauge(
+            "stylize_job_result_ttl_seconds",
+            "How long finished jobs are kept (--result-ttl-seconds).",
+            registry=r,
+        )
+        self.checkpoint_seconds = Histogram(
+            "stylize_checkpoint_seconds",
+            "Time to save one checkpoint of a running job (its _count: checkpoints written).",
+            buckets=CHECKPOINT_BUCKETS,
+            registry=r,
+        )
+        self.jobs_resumed = Counter(
+            "stylize_jobs_resumed", "Jobs resumed from a checkpoint after a server stopped.", registry=r
+        )
         self.grpc_requests = Counter(
             "stylize_grpc_requests",
             "gRPC calls by full method name and status code.",
@@ -117,6 +128,27 @@ class ServerMetrics:
         self.jobs_running.set_function(running)
         self.queue_depth.set_function(waiting)
         self.memory_reserved_bytes.set_function(reserved_memory)
+
+    def track_jobs(
+        self,
+        *,
+        counts: Callable[[], dict[str, int]],
+        store_bytes: Callable[[], float],
+        store_capacity: int,
+        result_ttl_seconds: float,
+    ) -> None:
+        """Read the jobs held (by state) and the store's bytes when scraped."""
+        for state in ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"):
+            self.jobs_held.labels(state).set_function(functools.partial(_count_of, counts, state))
+        self.store_bytes.set_function(store_bytes)
+        self.store_capacity_bytes.set(store_capacity)
+        self.result_ttl_seconds.set(result_ttl_seconds)
+
+    def checkpoint_written(self, seconds: float) -> None:
+        self.checkpoint_seconds.observe(seconds)
+
+    def job_resumed(self) -> None:
+        self.jobs_resumed.inc()
 
     def job_finished(self, outcome: str, *, queue_wait: float | None, ran: float | None) -> None:
         """One call's end: outcome is one of OUTCOMES; the times are None for a job that never started."""
@@ -140,14 +172,13 @@ class ServerMetrics:
         """The metrics in Prometheus' text format, as /metrics serves them."""
         return generate_latest(self.registry)
 
-    def interceptor(self) -> grpc.ServerInterceptor:
-        """Counts every call in stylize_grpc_requests_total. Put it first in grpc.server's interceptors
-        so that calls that later interceptors refuse are counted too."""
-        return _CountingInterceptor(self.grpc_requests)
-
     def serve(self, host: str, port: int) -> MetricsEndpoint:
         """Serve /metrics over HTTP on host:port (0: any free port) in a daemon thread; raises OSError."""
         return MetricsEndpoint(self.registry, host, port)
+
+
+def _count_of(counts: Callable[[], dict[str, int]], state: str) -> float:
+    return counts().get(state, 0)
 
 
 class MetricsEndpoint:
@@ -228,109 +259,3 @@ def _shut(connection: socket.socket) -> None:
 
 class _BoundedWSGIServer6(_BoundedWSGIServer):
     address_family = socket.AF_INET6
-
-
-class _CountingInterceptor(grpc.ServerInterceptor):
-    def __init__(self, counter: Counter) -> None:
-        self._counter = counter
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None  # an unknown method: gRPC answers UNIMPLEMENTED; not counted (unbounded names)
-        method: str = handler_call_details.method
-        return _counted_handler(handler, lambda code: self._counter.labels(method, code.name).inc())
-
-
-def _final_code(context: grpc.ServicerContext, default: grpc.StatusCode) -> grpc.StatusCode:
-    """The status a call that ended without an exception of ours will get."""
-    code = context.code()  # type: ignore[attr-defined]  # grpc has it (experimental); its stubs lack it
-    if isinstance(code, grpc.StatusCode) and code is not grpc.StatusCode.OK:
-        return code  # set_code() or abort()
-    if not context.is_active():  # the client cancelled, its deadline passed, or the server stopped
-        return (
-            grpc.StatusCode.DEADLINE_EXCEEDED if call_deadline_passed(context) else grpc.StatusCode.CANCELLED
-        )
-    return default
-
-
-def _counted_handler(
-    handler: grpc.RpcMethodHandler, record: Callable[[grpc.StatusCode], None]
-) -> grpc.RpcMethodHandler:
-    """The same handler, calling record(code) once when its call ends."""
-
-    def unary_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapped(request: Any, context: grpc.ServicerContext) -> Any:
-            try:
-                response = behavior(request, context)
-            except Exception:
-                record(_final_code(context, grpc.StatusCode.UNKNOWN))
-                raise
-            record(_final_code(context, grpc.StatusCode.OK))
-            return response
-
-        return wrapped
-
-    def non_blocking_stream(behavior: Callable[..., Any]) -> Callable[..., Any]:
-        # grpcio's non-blocking streams (health's Watch): the behaviour returns at once and answers later
-        # through send_response_callback, so the call holds no handler thread while it lasts. The wrapper
-        # must stay non-blocking (same attributes, same signature), or every Watch would hold a thread.
-        def wrapped(request: Any, context: grpc.ServicerContext, send_response_callback: Any) -> None:
-            recorded = threading.Event()
-
-            def record_once(code: grpc.StatusCode) -> None:
-                if not recorded.is_set():
-                    recorded.set()
-                    record(code)
-
-            def send(response: Any) -> None:
-                if response is None:  # the behaviour ends the call
-                    record_once(_final_code(context, grpc.StatusCode.OK))
-                send_response_callback(response)
-
-            context.add_callback(lambda: record_once(_final_code(context, grpc.StatusCode.CANCELLED)))
-            try:
-                behavior(request, context, send)
-            except Exception:
-                record_once(_final_code(context, grpc.StatusCode.UNKNOWN))
-                raise
-
-        wrapped.experimental_non_blocking = True  # type: ignore[attr-defined]
-        wrapped.experimental_thread_pool = getattr(  # type: ignore[attr-defined]
-            behavior, "experimental_thread_pool", None
-        )
-        return wrapped
-
-    def stream_response(behavior: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
-        def wrapped(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            try:
-                yield from behavior(request, context)
-            except GeneratorExit:  # gRPC stopped reading and dropped the stream: cancelled or timed out
-                record(_final_code(context, grpc.StatusCode.CANCELLED))
-                raise
-            except Exception:
-                record(_final_code(context, grpc.StatusCode.UNKNOWN))
-                raise
-            record(_final_code(context, grpc.StatusCode.OK))
-
-        return wrapped
-
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary_response(handler.unary_unary), **serializers)
-    if handler.unary_stream is not None:
-        behavior = handler.unary_stream
-        if getattr(behavior, "experimental_non_blocking", False):
-            return grpc.unary_stream_rpc_method_handler(non_blocking_stream(behavior), **serializers)
-        return grpc.unary_stream_rpc_method_handler(stream_response(behavior), **serializers)
-    if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(unary_response(handler.stream_unary), **serializers)
-    assert handler.stream_stream is not None  # a handler has exactly one of the four behaviours
-    return grpc.stream_stream_rpc_method_handler(stream_response(handler.stream_stream), **serializers)

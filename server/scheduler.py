@@ -128,20 +128,31 @@ class Scheduler:
         with self._cond:
             return self._per_client[client]
 
-    def enqueue(self, client: str = "", memory: int = 0) -> Ticket:
+    def enqueue(self, client: str = "", memory: int = 0, *, admitted_before: bool = False) -> Ticket:
         """A ticket that is admitted at once if a slot and its memory are free, else queued; raises
         SchedulerClosed, ClientLimit (the client has max_per_client jobs already) or QueueFull, checked in
         that order.
 
         client: who asks (any string; one bound is kept per distinct value). memory: bytes the job
         reserves while it runs; one larger than memory_capacity must be refused by the caller
-        beforehand (it could never start beside another), and is admitted alone."""
+        beforehand (it could never start beside another), and is admitted alone.
+
+        admitted_before: a job that a server accepted before it stopped, queued again at the start:
+        neither the client's bound nor the queue's may refuse it now (it waits like any other)."""
         with self._cond:
             if self._closed:
                 raise SchedulerClosed()
+            ticket = Ticket(self, client, memory)
+            if admitted_before:
+                if not self._waiting and self._fits(ticket):
+                    self._admit(ticket)
+                else:
+                    self._waiting.append(ticket)
+                    ticket.position = len(self._waiting)
+                self._per_client[client] += 1
+                return ticket
             if self.max_per_client is not None and self._per_client[client] >= self.max_per_client:
                 raise ClientLimit(self.max_per_client)
-            ticket = Ticket(self, client, memory)
             if self._running + len(self._waiting) + self._delivering >= self.concurrency + self.queue_size:
                 # Every call holds a handler thread until its stream ends, its job's or not: past this
                 # bound the threads kept for health checks and GetInfo would be taken too.

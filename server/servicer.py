@@ -1,23 +1,19 @@
-"""stylize.v1.StyleTransfer over an engine: a thin shell that converts messages, never touching ONNX.
+"""stylize.v1.StyleTransfer over the job manager: a thin shell that converts messages and statuses.
 
-One Stylize call:
-1. admission (server/admission.py): the cheap checks, INVALID_ARGUMENT naming the field, and the job's
-   plan from the images' headers;
-2. a ticket from the scheduler for the calling client (RESOURCE_EXHAUSTED past the queue's or the client's
-   bound; Queued events while it waits). Until here a request holds only its encoded bytes;
-3. a worker thread (server/job_worker.py), holding the ticket's slot, decodes the images, runs the engine
-   and encodes every frame and the result, so that all of the job's CPU and memory count against it;
-4. the handler thread streams what the worker made. A slow client costs the worker nothing: past a memory
-   budget, unsent frames are dropped (the newest is kept) instead of blocking it; a client that takes no
-   message for --stall-seconds is cancelled (server/stalls.py).
+The job manager (server/jobs/manager.py) owns every job: admission, the queue, running, events,
+checkpoints and retention. Here each call names its caller (server/identity.py), turns the request into the
+manager's terms and the answer into messages, and the manager's Outcome statuses into gRPC's.
+
+Stylize is SubmitJob, then WatchJob, then CancelJob when the call goes away. Streams (Stylize, WatchJob)
+hold a handler thread each, so they are bounded (server/streams.py); a client that takes no message for
+--stall-seconds is cancelled (server/stalls.py). A slow watcher costs the job nothing: past a memory
+budget, its unsent frames are dropped (the newest is kept) instead of blocking it.
 """
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import logging
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,33 +21,23 @@ import grpc
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
-from stylize_service.server.admission import AcceptedJob, EngineLike, Refused, accept
+from stylize_service.server.admission import EngineLike, Refused
+from stylize_service.server.call_metrics import call_deadline_passed
 from stylize_service.server.config import DEFAULT_STALL_SECONDS
-from stylize_service.server.convert import graph_cache_pb, progress_pb
-from stylize_service.server.engine.types import Progress
+from stylize_service.server.convert import graph_cache_pb, job_pb
 from stylize_service.server.engine.validation import MAX_ITERATIONS, MAX_SIZE, MAX_STYLES, MAX_WEIGHT
 from stylize_service.server.identity import context_identity
-from stylize_service.server.job_worker import (
-    Done,
-    Failed,
-    FrameEvent,
-    JobEvents,
-    JobLog,
-    JobObserver,
-    run_job,
-)
-from stylize_service.server.metrics import ServerMetrics, call_deadline_passed
+from stylize_service.server.jobs.feed import JobEnd
+from stylize_service.server.jobs.manager import LOADING, JobManager, JobNotFound
 from stylize_service.server.options import default_options
-from stylize_service.server.outcome import Outcome
-from stylize_service.server.scheduler import ClientLimit, QueueFull, Scheduler, SchedulerClosed, Ticket
+from stylize_service.server.outcome import Outcome, Status
+from stylize_service.server.scheduler import Scheduler
 from stylize_service.server.stalls import StallWatch
+from stylize_service.server.streams import StreamLimit, StreamSlots
 
 __all__ = ["EngineLike", "ServiceLimits", "StyleTransferServicer"]
 
 logger = logging.getLogger("stylize.server")
-
-POLL_SECONDS = 0.5  # how often waiting threads re-check the call's liveness (cancels also wake them)
-_LOADING = "the model is still loading; retry shortly"
 
 
 @dataclass(frozen=True)
@@ -66,34 +52,35 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
     def __init__(
         self,
         scheduler: Scheduler,
+        manager: JobManager,
         limits: ServiceLimits,
-        engine: EngineLike | None = None,
         version: str = "unknown",
         *,
         trust_tokens: bool = False,
-        metrics: ServerMetrics | None = None,
     ) -> None:
         """trust_tokens: the server refuses calls without a valid bearer token, so a call's token may
-        identify its client for the per-client bound (server.identity); else its address does."""
+        identify its client (server.identity) for its jobs and bounds; else its address does."""
         self._scheduler = scheduler
+        self._manager = manager
         self._limits = limits
-        self._engine = engine
+        self._engine: EngineLike | None = None
         self._version = version
         self._trust_tokens = trust_tokens
-        self._metrics = metrics or ServerMetrics()
-        self._ids = itertools.count(1)
         self._stalls = StallWatch(limits.stall_seconds)
+        total = scheduler.concurrency + scheduler.queue_size
+        self._streams = StreamSlots(total, min(total, scheduler.max_per_client or total))
 
     def set_engine(self, engine: EngineLike) -> None:
         """Called once the model has loaded; until then calls are answered UNAVAILABLE."""
         self._engine = engine
+        self._manager.set_engine(engine)
 
     # --- GetInfo ---------------------------------------------------------------------------------
 
     def GetInfo(self, request: pb.GetInfoRequest, context: grpc.ServicerContext) -> pb.GetInfoResponse:
         engine = self._engine
         if engine is None:
-            context.abort(grpc.StatusCode.UNAVAILABLE, _LOADING)
+            context.abort(grpc.StatusCode.UNAVAILABLE, LOADING)
         info = engine.info
         return pb.GetInfoResponse(
             model=pb.ModelInfo(
@@ -127,159 +114,144 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             server_version=self._version,
             graph_cache=graph_cache_pb(engine.graph_cache),
             load=pb.Load(running_jobs=self._scheduler.running, queued_jobs=self._scheduler.waiting),
+            job_store=self._job_store_info(),
         )
 
-    # --- Stylize ---------------------------------------------------------------------------------
+    def _job_store_info(self) -> pb.JobStoreInfo:
+        manager, store = self._manager, self._manager.store
+        return pb.JobStoreInfo(
+            kind=store.kind,
+            jobs=manager.counts(),
+            used_bytes=store.used_bytes(),
+            capacity_bytes=store.capacity_bytes,
+            result_ttl_seconds=round(manager.settings.result_ttl_seconds),
+            checkpoint_interval_seconds=manager.settings.checkpoint_seconds,
+            checkpoints_written=manager.checkpoints_written,
+            checkpoint_seconds=manager.checkpoint_seconds,
+            jobs_resumed=manager.jobs_resumed,
+            frames_retained_per_job=store.retention.count,
+            frame_bytes_retained_per_job=store.retention.nbytes,
+        )
+
+    # --- Stylize: a job that ends with its call --------------------------------------------------------
 
     def Stylize(
         self, request: pb.StylizeRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.StylizeResponse]:
-        log = JobLog(
-            id=f"{next(self._ids):06d}",
-            metrics=self._metrics,
-            deadline_passed=lambda: call_deadline_passed(context),
-            client=context_identity(context, trust_tokens=self._trust_tokens),
-        )
-        try:
-            yield from self._stylize(request, context, log)
-        except Refused as refused:
-            log.finish(refused.outcome)
-            context.abort(refused.outcome.code, refused.outcome.message)
-        except Exception as err:
-            # A bug of ours, not of the request: answer it rather than leave the client with UNKNOWN.
-            logger.exception("job %s failed", log.id)
-            outcome = Outcome.internal(
-                f"internal error: {type(err).__name__}: {err}", f"{type(err).__name__}: {err}"
+        owner = self._caller(context)
+        with self._answering(context):
+            # The job's bounds first (their refusals name the queue and the client's bound), then the
+            # stream's: a stream refused takes its job with it.
+            view = self._manager.submit(
+                request,
+                owner,
+                bound_to_call=True,
+                deadline_passed=lambda: call_deadline_passed(context),
             )
-            log.finish(outcome)
-            context.abort(outcome.code, outcome.message)
+            job_id = view.record.id
 
-    def _stylize(
-        self, request: pb.StylizeRequest, context: grpc.ServicerContext, log: JobLog
-    ) -> Iterator[pb.StylizeResponse]:
-        engine = self._engine
-        if engine is None:
-            raise Refused(Outcome.refused(_LOADING, grpc.StatusCode.UNAVAILABLE))
-        job = accept(
-            request,
-            engine,
-            log.id,
-            max_pixels=self._limits.max_pixels,
-            memory_capacity=self._scheduler.memory_capacity,
-        )
-        ticket = self._enqueue(log.client, job)
-        stop = threading.Event()
-        events = JobEvents()
+            def on_termination(outcome: Outcome | None = None) -> None:
+                # The call ended (cancelled, deadline passed, or finished): so does its job.
+                with contextlib.suppress(JobNotFound):  # deleted already (a very short TTL)
+                    self._manager.cancel(job_id, owner, outcome or Outcome.cancelled())
 
-        def on_termination() -> None:  # the call ended: cancelled, deadline passed, or finished
-            stop.set()
-            ticket.cancel()
-            events.wake()
-
-        if not context.add_callback(on_termination):
-            on_termination()  # already terminated
-        worker_started = False
-        try:
-            yield from self._wait_for_turn(ticket, stop, context)
-            if stop.is_set():
-                log.finish(Outcome.cancelled("while queued"))
-                return
-            observer = JobObserver(events, stop, context.is_active, self._metrics)
-            log.started_at = time.monotonic()
-            worker = threading.Thread(
-                target=run_job,
-                args=(engine, job, observer, events, ticket, log),
-                kwargs={
-                    "max_pixels": self._limits.max_pixels,
-                    "memory_capacity": self._scheduler.memory_capacity,
-                },
-                name=f"stylize-job-{job.id}",
-                daemon=True,
-            )
-            worker.start()
-            worker_started = True
-            yield from self._stream(events, stop, context, job.id)
-        except GeneratorExit:  # the client went away while we were yielding to it
-            if not worker_started:
-                log.finish(Outcome.cancelled("while queued"))
-            raise
-        finally:
-            # Whatever ended the stream (including the client going away mid-yield), stop the engine.
-            stop.set()
-            if worker_started:
-                ticket.end_call()  # the place goes once the worker has finished the job (at once if it has)
-            else:
-                ticket.release()
-
-    def _enqueue(self, client: str, job: AcceptedJob) -> Ticket:
-        try:
-            return self._scheduler.enqueue(client, job.plan.memory.peak_bytes)
-        except ClientLimit as err:
-            raise Refused(
-                Outcome.refused(
-                    f"this client already has {err.limit} job(s) running or queued, the most the server "
-                    f"allows one client (max_jobs_per_client = {err.limit}); retry when one has finished"
-                )
-            ) from None
-        except QueueFull:
-            raise Refused(
-                Outcome.refused(
-                    f"the server is busy: {self._scheduler.concurrency} job(s) running and "
-                    f"{self._scheduler.queue_size} waiting, the most it queues; retry later"
-                )
-            ) from None
-        except SchedulerClosed:
-            raise Refused(
-                Outcome.refused("the server is shutting down", grpc.StatusCode.UNAVAILABLE)
-            ) from None
-
-    def _wait_for_turn(
-        self, ticket: Ticket, stop: threading.Event, context: grpc.ServicerContext
-    ) -> Iterator[pb.StylizeResponse]:
-        """Yield Queued whenever the position changes, until the ticket is admitted or the call ends."""
-        reported = 0
-        while not stop.is_set():
-            position = ticket.position
-            if position == 0:
-                return
-            if position != reported:
-                reported = position
-                with self._stalls.sending(context, "a queued job"):
-                    yield pb.StylizeResponse(queued=pb.Queued(position=position))
+            if not context.add_callback(on_termination):
+                on_termination()  # already terminated
             try:
-                ticket.wait(reported, timeout=POLL_SECONDS)
-            except SchedulerClosed:
-                raise Refused(
-                    Outcome.refused(
-                        "the server is shutting down", grpc.StatusCode.UNAVAILABLE, when="while queued"
-                    )
-                ) from None
-            if not context.is_active():
-                stop.set()
+                with self._stream(owner):
+                    yield from self._events(job_id, owner, 0, context)
+            except Refused as refused:
+                on_termination(refused.outcome)
+                raise
+            finally:
+                # However the stream ended (the client going away mid-yield included), stop the job.
+                on_termination()
 
-    def _stream(
-        self, events: JobEvents, stop: threading.Event, context: grpc.ServicerContext, job_id: str
+    # --- jobs -----------------------------------------------------------------------------------------
+
+    def SubmitJob(self, request: pb.StylizeRequest, context: grpc.ServicerContext) -> pb.Job:
+        with self._answering(context):
+            return job_pb(self._manager.submit(request, self._caller(context)))
+        raise AssertionError("unreachable: _answering aborts")  # pragma: no cover
+
+    def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.StylizeResponse]:
-        """Send the worker's messages as they come; everything was converted and encoded by the worker.
-        A message that the client does not take within the stall bound cancels the call (StallWatch)."""
-        what = f"job {job_id}"
-        while True:
-            event = events.get(POLL_SECONDS)
-            if event is None:
-                if stop.is_set() or not context.is_active():
-                    return  # the call is over; the worker stops at its next evaluation
-                continue
-            if isinstance(event, Progress):
-                with self._stalls.sending(context, what):
-                    yield pb.StylizeResponse(progress=progress_pb(event))
-            elif isinstance(event, FrameEvent):
-                with self._stalls.sending(context, what):
-                    yield pb.StylizeResponse(frame=event.frame)
-            elif isinstance(event, Done):
-                with self._stalls.sending(context, what):
-                    yield pb.StylizeResponse(result=event.result)
+        owner = self._caller(context)
+        with self._answering(context), self._stream(owner):
+            yield from self._events(request.id, owner, request.after_sequence, context)
+
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        with self._answering(context):
+            view = self._manager.get(
+                request.id, self._caller(context), include_image=not request.omit_result_image
+            )
+            return job_pb(view)
+        raise AssertionError("unreachable: _answering aborts")  # pragma: no cover
+
+    def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
+        with self._answering(context):
+            return job_pb(self._manager.cancel(request.id, self._caller(context)))
+        raise AssertionError("unreachable: _answering aborts")  # pragma: no cover
+
+    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
+        with self._answering(context):
+            views, token = self._manager.jobs(self._caller(context), request.page_size, request.page_token)
+            return pb.ListJobsResponse(jobs=[job_pb(view) for view in views], next_page_token=token)
+        raise AssertionError("unreachable: _answering aborts")  # pragma: no cover
+
+    # --- the shell ------------------------------------------------------------------------------------
+
+    def _caller(self, context: grpc.ServicerContext) -> str:
+        return context_identity(context, trust_tokens=self._trust_tokens)
+
+    def _events(
+        self, job_id: str, owner: str, after: int, context: grpc.ServicerContext
+    ) -> Iterator[pb.StylizeResponse]:
+        """The job's events as the manager gives them; its end as the stream's status."""
+        what = f"job {job_id[:12]}"
+        for item in self._manager.watch(job_id, owner, after, context.is_active):
+            if isinstance(item, JobEnd):
+                if item.outcome.label != "ok" and context.is_active():  # else nobody is listening
+                    raise Refused(item.outcome)
                 return
-            elif isinstance(event, Failed):
-                raise Refused(event.outcome)  # the worker has logged it; the client gets its status
-            else:
-                return  # Stopped: the call was cancelled; nobody is listening
+            with self._stalls.sending(context, what):
+                yield item
+
+    @contextlib.contextmanager
+    def _stream(self, owner: str) -> Iterator[None]:
+        try:
+            with self._streams.held(owner):
+                yield
+        except StreamLimit as err:
+            raise Refused(Outcome.refused(str(err))) from None
+
+    @contextlib.contextmanager
+    def _answering(self, context: grpc.ServicerContext) -> Iterator[None]:
+        """Every failure as a status: a refusal or a job's end with its own, a bad id INVALID_ARGUMENT,
+        an unknown one NOT_FOUND, a bug of ours INTERNAL rather than UNKNOWN."""
+        try:
+            yield
+        except Refused as refused:
+            outcome = refused.outcome
+            context.abort(_status(outcome.code), outcome.message or outcome.text)
+        except JobNotFound as err:
+            context.abort(grpc.StatusCode.NOT_FOUND, f"job {err} not found")
+        except ValueError as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except GeneratorExit:
+            raise
+        except Exception as err:
+            if _is_abort(err):
+                raise
+            logger.exception("a job call failed")
+            context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(err).__name__}: {err}")
+
+
+def _status(code: Status) -> grpc.StatusCode:
+    return grpc.StatusCode[code.name]
+
+
+def _is_abort(err: Exception) -> bool:
+    """context.abort() raises a bare Exception after setting the status; let it through."""
+    return type(err) is Exception

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import io
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -23,6 +25,7 @@ from PIL import Image
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.server.app import StylizeServer
 from stylize_service.server.config import ServerConfig
+from stylize_service.server.engine.checkpoint import Checkpoint, CheckpointSink
 from stylize_service.server.engine.plan import JobPlan, check_settings
 from stylize_service.server.engine.plan import plan as plan_job
 from stylize_service.server.engine.resample import scaled_size
@@ -65,6 +68,7 @@ class FakeEngine:
         self.stylize_calls = 0
         self.cancelled = 0
         self.completed = 0
+        self.resumed_from: list[int] = []  # the iteration of each checkpoint a job resumed from
 
     @property
     def info(self) -> ModelInfo:
@@ -92,6 +96,8 @@ class FakeEngine:
         *,
         init_image: np.ndarray | None = None,
         plan: JobPlan | None = None,
+        checkpoints: CheckpointSink | None = None,  # the fake keeps no state worth saving
+        resume: Checkpoint | None = None,
     ) -> StylizeResult:
         with self._lock:
             self.stylize_calls += 1  # before any check: tests can tell that a request never got here
@@ -116,7 +122,7 @@ class FakeEngine:
             self.started[index].set()
         try:
             history = plan.memory.histories[-1]
-            return self._run(content, styles, settings, observer, history)
+            return self._run(content, styles, settings, observer, history, checkpoints, resume)
         except StylizeCancelled:
             with self._lock:
                 self.cancelled += 1
@@ -132,13 +138,20 @@ class FakeEngine:
         settings: StylizeSettings,
         observer: StylizeObserver,
         history: int,
+        checkpoints: CheckpointSink | None = None,
+        resume: Checkpoint | None = None,
     ) -> StylizeResult:
         started = time.perf_counter()
         width, height = scaled_size(content.shape[1], content.shape[0], settings.max_size)
         colour = np.mean([s.image.mean(axis=(0, 1)) for s in styles], axis=0) if styles else np.zeros(3)
         evaluations = 0
         losses = _losses(0, settings)
-        for iteration in range(settings.iterations + 1):
+        first = 0 if resume is None else resume.iterations_done + 1
+        if resume is not None:
+            evaluations = resume.evaluations
+            with self._lock:
+                self.resumed_from.append(resume.iterations_done)
+        for iteration in range(first, settings.iterations + 1):
             self._hold(observer)
             if observer.should_stop():
                 raise StylizeCancelled()
@@ -166,6 +179,21 @@ class FakeEngine:
                 observer.on_frame(iteration, _image(width, height, colour, iteration / settings.iterations))
                 if self.on_frame_sent is not None:
                     self.on_frame_sent(iteration)
+            if checkpoints is not None and 0 < iteration < settings.iterations and checkpoints.due():
+                # What the engine saves, in miniature: where it is, and an iterate.
+                checkpoints.save(
+                    Checkpoint(
+                        stage=0,
+                        stage_iteration=iteration,
+                        iterations_done=iteration,
+                        evaluations=evaluations,
+                        elapsed_seconds=time.perf_counter() - started,
+                        recent_losses=(),
+                        image=np.zeros((1, 3, 2, 2), np.float32),
+                        optimizer=None,
+                        plan_key="fake",
+                    )
+                )
         with self._lock:
             self.completed += 1
         return StylizeResult(
@@ -247,15 +275,18 @@ TEST_CONFIG = ServerConfig(
 
 @contextlib.contextmanager
 def running_server(engine: EngineLike | None = None, **overrides: Any) -> Iterator[tuple[StylizeServer, str]]:
-    """An in-process server on an ephemeral loopback port; yields (server, "127.0.0.1:PORT")."""
-    server = StylizeServer(replace(TEST_CONFIG, **overrides))
-    port = server.start()
-    if engine is not None:
-        server.set_engine(engine)
-    try:
-        yield server, f"127.0.0.1:{port}"
-    finally:
-        server.drain(0)
+    """An in-process server on an ephemeral loopback port; yields (server, "127.0.0.1:PORT"). Its job
+    store is a temporary directory of its own unless `state_dir` is given."""
+    with tempfile.TemporaryDirectory(prefix="stylize-state-") as state_dir:
+        overrides.setdefault("state_dir", Path(state_dir))
+        server = StylizeServer(replace(TEST_CONFIG, **overrides))
+        port = server.start()
+        if engine is not None:
+            server.set_engine(engine)
+        try:
+            yield server, f"127.0.0.1:{port}"
+        finally:
+            server.drain(0)
 
 
 def channel(address: str, max_message_mb: float = 64) -> grpc.Channel:

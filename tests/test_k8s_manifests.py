@@ -222,7 +222,13 @@ def test_runs_as_the_images_user_with_a_read_only_root(pod: Obj, container: Obj)
     assert security["readOnlyRootFilesystem"] is True
     assert security["allowPrivilegeEscalation"] is False
     assert security["capabilities"]["drop"] == ["ALL"]
-    assert container.get("volumeMounts", []) == [], "the server writes no file; see ORT_DISABLE_TELEMETRY"
+    # The server writes no file but the job store's (see ORT_DISABLE_TELEMETRY), on a volume of its own.
+    mounts = container.get("volumeMounts", [])
+    assert [m["mountPath"] for m in mounts] == ["/var/lib/stylize"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["STYLIZE_STATE_DIR"] == "/var/lib/stylize"
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    assert "emptyDir" in volumes[mounts[0]["name"]]
     assert resolved_env(container)["ORT_DISABLE_TELEMETRY"] == "1"
 
 

@@ -117,7 +117,10 @@ def test_server_on_auto_serves_on_what_started_and_says_so(tmp_path: Path) -> No
     env = {**_environ(), "STYLIZE_PROVIDER": "auto"}
     with log_path.open("w") as log_file:
         process = subprocess.Popen(
-            [*command, "--ready-file", str(ready)], stderr=log_file, text=True, env=env
+            [*command, "--ready-file", str(ready), "--state-dir", str(tmp_path / "state")],
+            stderr=log_file,
+            text=True,
+            env=env,
         )
     try:
         address = wait_for_ready_file(ready, process, timeout=LIVENESS * 4).address

@@ -134,7 +134,17 @@ def test_server_process_serves_then_drains_on_sigterm(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "stylize_service.server.main", "--host", "127.0.0.1", "--port", "0"]
     with log_path.open("w") as log:
         process = subprocess.Popen(
-            [*command, "--grace-seconds", "600", "--ready-file", str(ready)], stderr=log, text=True
+            [
+                *command,
+                "--grace-seconds",
+                "600",
+                "--ready-file",
+                str(ready),
+                "--state-dir",
+                str(tmp_path / "state"),
+            ],
+            stderr=log,
+            text=True,
         )
     try:
         info = wait_for_ready_file(ready, process, timeout=LIVENESS * 4)

@@ -20,8 +20,8 @@ from PIL import Image
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.app import SERVICE_NAME, StylizeServer
-from stylize_service.server.engine.types import Losses, Progress
-from stylize_service.server.job_worker import FrameEvent, JobEvents
+from stylize_service.server.engine.types import Losses
+from stylize_service.server.jobs.feed import Subscription
 from tests.fakes import (
     LIVENESS,
     FakeEngine,
@@ -136,7 +136,15 @@ def test_reflection_describes_the_service(server: tuple[StylizeServer, str]) -> 
         assert SERVICE_NAME in services and "grpc.health.v1.Health" in services
         descriptor = database.FindFileContainingSymbol(SERVICE_NAME)
         assert descriptor.package == "stylize.v1"
-        assert [m.name for m in descriptor.service[0].method] == ["Stylize", "GetInfo"]
+        assert [m.name for m in descriptor.service[0].method] == [
+            "Stylize",
+            "GetInfo",
+            "SubmitJob",
+            "WatchJob",
+            "GetJob",
+            "CancelJob",
+            "ListJobs",
+        ]
 
 
 def test_get_info_reports_model_defaults_and_limits(
@@ -211,27 +219,31 @@ def test_frames_are_scaled_to_frame_max_size_and_format(stub: pb_grpc.StyleTrans
 
 
 def test_unread_frames_are_coalesced_without_blocking_the_producer() -> None:
-    def frame(iteration: int) -> FrameEvent:
-        return FrameEvent(pb.Frame(iteration=iteration, image=b"x" * 100))
+    def frame(iteration: int) -> pb.StylizeResponse:
+        return pb.StylizeResponse(frame=pb.Frame(iteration=iteration, image=b"x" * 100))
 
-    events = JobEvents(max_pending_frame_bytes=200)  # room for two unsent frames
+    def progress(iteration: int) -> pb.StylizeResponse:
+        return pb.StylizeResponse(progress=pb.Progress(iteration=iteration))
+
+    events = Subscription(max_pending_frame_bytes=200)  # room for two unsent frames
     for iteration in (1, 2, 3, 4):
         events.put(frame(iteration))  # nobody reads: must not block
-        events.put(Progress(iteration, iteration, LOSSES, 0.0, 0.0, 0, 1, 2, 2))
+        events.put(progress(iteration))
     assert events.dropped_frames == 2
     drained = iter(lambda: events.get(0.0), None)
-    kept = [
-        (type(e).__name__, e.frame.iteration if isinstance(e, FrameEvent) else e.iteration)  # type: ignore[union-attr]
-        for e in drained
-    ]
+    kept = []
+    for item in drained:
+        assert isinstance(item, pb.StylizeResponse)
+        kind = item.WhichOneof("event")
+        kept.append((kind, getattr(item, kind).iteration))
     # Every progress event is kept, in order; the two oldest frames gave way to the newest two.
     assert kept == [
-        ("Progress", 1),
-        ("Progress", 2),
-        ("FrameEvent", 3),
-        ("Progress", 3),
-        ("FrameEvent", 4),
-        ("Progress", 4),
+        ("progress", 1),
+        ("progress", 2),
+        ("frame", 3),
+        ("progress", 3),
+        ("frame", 4),
+        ("progress", 4),
     ]
 
 
