@@ -207,6 +207,11 @@ class JobWatch:
                 self._on_reconnect(error, self._failures, delay)
             if self._cancelled.wait(delay):
                 raise StylizeError(grpc.StatusCode.CANCELLED, "the watch was cancelled")
+            if error.code is grpc.StatusCode.NOT_FOUND:
+                # Most likely a replica without the job (round robin over stores of their own): watch
+                # again at once. A GetJob first would take the next pick and, with two replicas, send
+                # every watch back to the same wrong one.
+                return
             try:
                 job = self._get_job()
             except StylizeError as probe_error:
