@@ -3,6 +3,7 @@
 
     .venv/bin/python scripts/loadtest.py --clients 32 --seconds 300       # the README's figures
     .venv/bin/python scripts/loadtest.py --clients 8 --seconds 30 --json out/load.json
+    .venv/bin/python scripts/loadtest.py --clients 8 --seconds 120 --kill-every 20   # server crashes
 
 The server runs as a subprocess (`stylize-server` on a free loopback port). Each client loops until the
 time is up, each call picking one behaviour at random (weights: --mix):
@@ -26,17 +27,40 @@ its deadline). It also reports p50/p95 of the queue wait (call start to first Pr
 (first Progress to Result) of completed calls, the server's peak RSS (VmHWM) and CPU time, and whether every
 worker is free at the end (GetInfo's load, polled after the clients stop). The exit status is 1 when anything
 was lost, a worker stayed busy, a call failed with an unexpected status or the server did not stop cleanly.
+
+--kill-every SECONDS: the server crashes. It listens on one free port picked at the start and keeps its jobs
+in one --state-dir, with --checkpoint-seconds 1; a chaos thread kills it with SIGKILL SECONDS after it
+became SERVING, and starts it again at once on the same port and state directory, until the time is up
+(the last one stays up). The clients' mix then includes a sixth behaviour (default mix: KILL_MIX):
+
+  submit     SubmitJob (a larger job: max_size 96-128, 10-30 iterations, so that some of them are
+             checkpointed and resumed), then follows it to its end with the client API's follow(), which
+             reattaches after each restart and resumes the stream after the last sequence it saw.
+
+A call the server had accepted that ends UNAVAILABLE while a kill happened is "interrupted by a kill": the
+client got a status, so it is not lost; UNAVAILABLE before acceptance (the server is down) is a refusal. Every
+job SubmitJob accepted is recorded by id; once the kills and the clients have stopped, with the server up,
+GetJob is polled for each until every one is final (within JOB_SETTLE_TIMEOUT). A job is lost when it is
+NOT_FOUND, still unfinished by then, SUCCEEDED without a Result, or FAILED or CANCELLED without an error
+status. ListJobs then checks the whole store (the jobs of Stylize calls and of submissions whose answer a
+kill cut off included) the same way. The report adds the kills done, the time back to SERVING, the calls
+interrupted, the jobs resumed from a checkpoint (GetInfo's job_store.jobs_resumed read before each kill and
+at the end, summed, beside the log's "resumed from its checkpoint" lines) and the jobs by final state; lost
+jobs count as lost, and a server that does not come back counts as an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
 import random
 import re
+import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -52,28 +76,48 @@ import grpc
 import numpy as np
 from PIL import Image
 
+from stylize_service.client.api import StylizeClient, StylizeError
+from stylize_service.client.reattach import FINAL_STATES
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server import procfs
 from stylize_service.server.readiness import wait_for_ready_file
 
-BEHAVIOURS = ("complete", "cancel", "kill", "slow", "deadline")
+BEHAVIOURS = ("complete", "cancel", "kill", "slow", "deadline", "submit")
 DEFAULT_MIX = "complete=4,cancel=2,kill=1,slow=1,deadline=2"
+KILL_MIX = "complete=2,cancel=1,kill=1,slow=1,deadline=1,submit=4"  # the default with --kill-every
 CALL_TIMEOUT = 120.0  # a generous deadline for calls that should finish: missing it counts as lost
 START_TIMEOUT = 180.0  # the server loads the model and compiles the default graphs
 MAX_BACKOFF = 2.0  # seconds a refused client waits at most before it tries again
 SETTLE_TIMEOUT = 30.0  # after the clients stop, how long the workers may take to become free
-JOB_LINE = re.compile(r" job (\d+) .*outcome=(.*)$")
+JOB_LINE = re.compile(r" job ([0-9a-f]{12}) .*outcome=(.*)$")  # a job id's first 12 hex digits
+RESUMED_LINE = re.compile(r" job [0-9a-f]{12}: resumed from its checkpoint$")
+QUEUED_AGAIN_LINE = re.compile(r" job [0-9a-f]{12}: queued again$")
+KILL_CHECKPOINT_SECONDS = 1  # the server's --checkpoint-seconds under --kill-every: most jobs get one
+FOLLOW_RECONNECT_SECONDS = 60.0  # a follow gives up after this long without a new event
+JOB_SETTLE_TIMEOUT = 90.0  # after the clients stop, how long the accepted jobs may take to end
+# A channel that lost its server tries again within 1 s (gRPC's own backoff grows to 120 s), so that the
+# clients find a restarted server at once.
+KILL_CHANNEL_OPTIONS = [("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000)]
 
 
 # --- the server ------------------------------------------------------------------------------------
 
 
 class ServerProcess:
-    """stylize-server as a subprocess on 127.0.0.1 and a free port; its log is kept (and optionally
-    written to a file) by a reader thread."""
+    """stylize-server as a subprocess on 127.0.0.1 and a free port (or `port`); its log is kept (and
+    optionally written, or appended, to a file) by a reader thread. Its job store is `state_dir`, by
+    default a fresh directory."""
 
-    def __init__(self, flags: Sequence[str], log_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        flags: Sequence[str],
+        log_path: Path | None = None,
+        *,
+        port: int = 0,
+        state_dir: Path | None = None,
+        append_log: bool = False,
+    ) -> None:
         executable = Path(sys.executable).with_name("stylize-server")
         command = (
             [str(executable)]
@@ -87,11 +131,11 @@ class ServerProcess:
                 "--host",
                 "127.0.0.1",
                 "--port",
-                "0",
+                str(port),
                 "--ready-file",
                 str(self._ready),
                 "--state-dir",
-                str(self._ready.parent / "state"),
+                str(state_dir or self._ready.parent / "state"),
                 *flags,
             ],
             stderr=subprocess.PIPE,
@@ -100,7 +144,7 @@ class ServerProcess:
             env={**os.environ, "STYLIZE_LOG_LEVEL": "INFO"},
         )
         self.lines: list[str] = []
-        self._log = log_path.open("w") if log_path else None
+        self._log = log_path.open("a" if append_log else "w") if log_path else None
         self.address = ""
         self._reader = threading.Thread(target=self._read, name="server-log", daemon=True)
         self._reader.start()
@@ -142,6 +186,99 @@ class ServerProcess:
             self._log.close()
         return code
 
+    def kill(self) -> None:
+        """SIGKILL: a crash, with no drain and no last checkpoint."""
+        self.process.kill()
+        self.process.wait()
+        self._reader.join(10)
+        if self._log:
+            self._log.close()
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (the server reuses it after every restart)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class ServerUnderKills:
+    """--kill-every: one stylize-server at a time on a fixed port and state directory. A chaos thread
+    (start_kills) kills it with SIGKILL `every` seconds after it became SERVING and starts it again, until
+    `stop_at`; the figures of each killed process (CPU, peak RSS, jobs resumed) are read just before."""
+
+    def __init__(self, flags: Sequence[str], log_path: Path | None, every: float) -> None:
+        self.flags = list(flags)
+        self.log_path = log_path
+        self.every = every
+        self.port = free_port()
+        self.state_dir = Path(tempfile.mkdtemp(prefix="stylize-loadtest-state-"))
+        self.address = f"127.0.0.1:{self.port}"
+        self.server = self._start(append_log=False)
+        self.killed: list[ServerProcess] = []
+        self.kill_times: list[float] = []  # monotonic, taken just before each SIGKILL
+        self.restart_seconds: list[float] = []  # from each SIGKILL to SERVING again
+        self.jobs_resumed = 0  # GetInfo's job_store.jobs_resumed, summed over the killed processes
+        self.cpu_seconds = 0.0  # ... their CPU time
+        self.peak_rss = 0  # ... and the largest VmHWM
+        self.failure = ""  # why the chaos thread stopped early (a server that did not come back)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _start(self, *, append_log: bool) -> ServerProcess:
+        return ServerProcess(
+            self.flags, self.log_path, port=self.port, state_dir=self.state_dir, append_log=append_log
+        )
+
+    def wait_serving(self) -> None:
+        self.server.wait_serving()
+
+    def start_kills(self, stop_at: float) -> None:
+        self._thread = threading.Thread(target=self._run, args=(stop_at,), name="chaos", daemon=True)
+        self._thread.start()
+
+    def stop_kills(self) -> None:
+        """Stop killing; returns once the server is up again (or its restart failed)."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(START_TIMEOUT + 30)
+
+    def killed_during(self, started: float, ended: float) -> bool:
+        return any(started <= t <= ended for t in list(self.kill_times))
+
+    def lines(self) -> list[str]:
+        """The log lines of every server process, in order."""
+        return [line for server in [*self.killed, self.server] for line in server.lines]
+
+    def _run(self, stop_at: float) -> None:
+        try:
+            while True:
+                kill_at = time.monotonic() + self.every
+                if kill_at >= stop_at or self._stop.wait(self.every):
+                    return  # the last server stays up for the end of the run and the checks
+                self._kill_and_restart()
+        except Exception as err:  # a server that does not come back: reported, and the run goes on
+            self.failure = f"{type(err).__name__}: {err}"
+
+    def _kill_and_restart(self) -> None:
+        old = self.server
+        self.jobs_resumed += jobs_resumed(self.address)  # per process: read it before it is gone
+        self.cpu_seconds += old.cpu_seconds()
+        self.peak_rss = max(self.peak_rss, old.proc_status("VmHWM"))
+        self.kill_times.append(time.monotonic())
+        old.kill()
+        self.killed.append(old)
+        self.server = self._start(append_log=True)
+        self.server.wait_serving()
+        self.restart_seconds.append(time.monotonic() - self.kill_times[-1])
+
+
+def jobs_resumed(address: str) -> int:
+    """GetInfo's job_store.jobs_resumed: the jobs this server process resumed from a checkpoint."""
+    with grpc.insecure_channel(address) as channel:
+        info = pb_grpc.StyleTransferStub(channel).GetInfo(pb.GetInfoRequest(), timeout=10)
+        return int(info.job_store.jobs_resumed)
+
 
 # --- one call --------------------------------------------------------------------------------------
 
@@ -155,6 +292,9 @@ class Call:
     queue_wait: float | None = None
     job_time: float | None = None
     frames: int = 0
+    started: float = 0.0  # monotonic
+    ended: float = 0.0
+    reattached: int = 0  # submit: the watches follow() opened again
 
 
 def job_request(rng: random.Random, images: tuple[bytes, bytes], *, frames: bool) -> pb.StylizeRequest:
@@ -182,13 +322,17 @@ def tiny_images(seed: int) -> tuple[bytes, bytes]:
 
 
 def run_call(
-    stub: pb_grpc.StyleTransferStub, behaviour: str, rng: random.Random, images: tuple[bytes, bytes]
+    stub: pb_grpc.StyleTransferStub,
+    behaviour: str,
+    rng: random.Random,
+    images: tuple[bytes, bytes],
+    chaos: ServerUnderKills | None = None,
 ) -> Call:
-    """One in-process call with the given behaviour (all but kill)."""
+    """One in-process Stylize call with the given behaviour (all but kill and submit)."""
     call = Call(behaviour)
     timeout = rng.uniform(0.2, 1.5) if behaviour == "deadline" else CALL_TIMEOUT
     cancel_after = rng.randint(0, 3) if behaviour == "cancel" else None
-    started = time.monotonic()
+    started = call.started = time.monotonic()
     first_progress: float | None = None
     stream = stub.Stylize(job_request(rng, images, frames=behaviour == "slow"), timeout=timeout)
     result = None
@@ -211,20 +355,27 @@ def run_call(
         call.status = "OK"
     except grpc.RpcError as err:
         call.status = err.code().name
-    ended = time.monotonic()
+    ended = call.ended = time.monotonic()
     if result is not None:
         call.outcome = "completed"
         if first_progress is not None:
             call.queue_wait = first_progress - started
             call.job_time = ended - first_progress
     else:
-        call.outcome = _classify(call, behaviour)
+        call.outcome = _classify(call, behaviour, chaos)
     return call
 
 
-def _classify(call: Call, behaviour: str) -> str:
+def _classify(call: Call, behaviour: str, chaos: ServerUnderKills | None = None) -> str:
     """The outcome of a call that brought no Result."""
     status = call.status
+    if (
+        chaos is not None
+        and status == "UNAVAILABLE"
+        and call.accepted
+        and chaos.killed_during(call.started, call.ended)
+    ):
+        return "interrupted"  # by a kill: the dying server's connection ended it with a status
     if status in ("RESOURCE_EXHAUSTED", "UNAVAILABLE") and not call.accepted:
         return "refused"
     if status == "CANCELLED" and behaviour == "cancel":
@@ -236,9 +387,11 @@ def _classify(call: Call, behaviour: str) -> str:
     return "error"
 
 
-def run_killed_call(address: str, rng: random.Random, args: argparse.Namespace) -> Call:
+def run_killed_call(
+    address: str, rng: random.Random, args: argparse.Namespace, chaos: ServerUnderKills | None = None
+) -> Call:
     """A client process that starts a call and is killed with SIGKILL at a random moment of it."""
-    call = Call("kill")
+    call = Call("kill", started=time.monotonic())
     child = subprocess.Popen(
         [sys.executable, __file__, "--child", address, "--seed", str(rng.randrange(2**31))],
         stdout=subprocess.PIPE,
@@ -266,6 +419,7 @@ def run_killed_call(address: str, rng: random.Random, args: argparse.Namespace) 
         child.send_signal(signal.SIGKILL)
     child.wait()
     reader.join(5)
+    call.ended = time.monotonic()
     call.accepted = any(s.startswith("event") for s in seen)
     if any(s == "event result" for s in seen):
         call.outcome, call.status = "completed", "OK"
@@ -275,7 +429,74 @@ def run_killed_call(address: str, rng: random.Random, args: argparse.Namespace) 
         ended = [s for s in seen if s.startswith("status ")]
         call.status = ended[-1].removeprefix("status ") if ended else "child exited"
         call.outcome = "refused" if call.status == "RESOURCE_EXHAUSTED" and not call.accepted else "error"
+        if chaos is not None and call.status == "UNAVAILABLE":  # the server was down, or killed mid-call
+            call.outcome = _classify(call, "kill", chaos)
     return call
+
+
+def submit_request(rng: random.Random, images: tuple[bytes, bytes]) -> pb.StylizeRequest:
+    """A job of a few seconds, long enough to be checkpointed (--checkpoint-seconds 1) and resumed."""
+    options = pb.StylizeOptions(
+        max_size=rng.choice((96, 112, 128)), iterations=rng.randint(10, 30), init=pb.INIT_CONTENT
+    )
+    return pb.StylizeRequest(
+        content_image=images[0], styles=[pb.StyleImage(image=images[1])], options=options
+    )
+
+
+def run_submitted_job(
+    client: StylizeClient,
+    rng: random.Random,
+    images: tuple[bytes, bytes],
+    accepted_jobs: list[str],
+    lock: threading.Lock,
+) -> Call:
+    """submit: SubmitJob, then follow the job to its end across restarts. Its id is recorded as soon as
+    SubmitJob answers, for the check at the end, which decides whether the job was lost."""
+    call = Call("submit", started=time.monotonic())
+    try:
+        job = client.submit_request(submit_request(rng, images))
+    except StylizeError as err:
+        call.status, call.ended = err.code.name, time.monotonic()
+        # UNAVAILABLE: the server is down (or died before it answered: the store check finds such a job).
+        refused = err.code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE)
+        call.outcome = "refused" if refused else "error"
+        return call
+    call.accepted = True
+    with lock:
+        accepted_jobs.append(job.id)
+    first_progress: float | None = None
+    after = 0
+    deadline = call.started + CALL_TIMEOUT
+    while True:
+        watch = client.follow(job.id, after, reconnect_seconds=FOLLOW_RECONNECT_SECONDS)
+        try:
+            for event in watch:
+                if isinstance(event.event, pb.Progress) and first_progress is None:
+                    first_progress = time.monotonic()
+            call.status, call.outcome = "OK", "completed"
+        except StylizeError as err:
+            call.reattached += watch.reconnects
+            after = watch.last_sequence
+            if err.code is grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() + 1 < deadline:
+                time.sleep(rng.uniform(0.2, 1.0))  # too many streams open at once: watch again later
+                continue
+            call.status = err.code.name
+            # The job's own error status (it failed or was cancelled), or follow() gave up: either way the
+            # check at the end looks at the job itself.
+            call.outcome = "job ended" if err.code not in _GAVE_UP else "unfollowed"
+        else:
+            call.reattached += watch.reconnects
+        break
+    call.ended = time.monotonic()
+    if call.outcome == "completed" and first_progress is not None:
+        call.queue_wait = first_progress - call.started
+        call.job_time = call.ended - first_progress
+    return call
+
+
+# A follow that raised one of these stopped watching; the job may still be running.
+_GAVE_UP = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.NOT_FOUND)
 
 
 def child_main(address: str, seed: int) -> int:
@@ -294,6 +515,36 @@ def child_main(address: str, seed: int) -> int:
 
 
 # --- the run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobCheck:
+    """The jobs SubmitJob accepted, looked up at the end (GetJob), and the whole store (ListJobs)."""
+
+    accepted: int = 0
+    final_states: dict[str, int] = field(default_factory=dict)  # by state, NOT_FOUND, or still unfinished
+    lost: int = 0
+    lost_jobs: list[str] = field(default_factory=list)  # "ID: why", the first 20
+    reattached: int = 0  # watches that follow() opened again after a restart
+    # The submit calls by how their follow() ended: completed, "job ended" (the job's error status) or
+    # "unfollowed" (it gave up reattaching; the job itself is checked all the same).
+    followed: dict[str, int] = field(default_factory=dict)
+    store_jobs: dict[str, int] = field(default_factory=dict)  # the client's jobs in the store, by state
+    store_lost: int = 0  # other jobs of the store (Stylize calls', cut submissions') not final with a status
+
+
+@dataclass
+class KillReport:
+    kill_every: float
+    kills: int = 0
+    restart_p50: float | None = None  # seconds from SIGKILL to SERVING again
+    restart_max: float | None = None
+    interrupted: int = 0  # accepted calls ended UNAVAILABLE by a kill
+    refused_down: int = 0  # calls refused UNAVAILABLE: the server was down or still loading its model
+    jobs_resumed: int = 0  # GetInfo's job_store.jobs_resumed, summed over the server processes
+    resumed_log_lines: int = 0  # "resumed from its checkpoint"
+    queued_again_log_lines: int = 0  # unfinished jobs that had no checkpoint yet
+    failure: str = ""  # a server that did not come back
 
 
 @dataclass
@@ -316,6 +567,8 @@ class Report:
     server_jobs: dict[str, int] = field(default_factory=dict)  # outcomes in the server's job log
     server_exit: int | None = None
     frames_received: int = 0
+    jobs: JobCheck | None = None  # when the mix has submit
+    kills: KillReport | None = None  # with --kill-every
 
     @property
     def ok(self) -> bool:
@@ -350,19 +603,32 @@ def client_loop(
     args: argparse.Namespace,
     calls: list[Call],
     lock: threading.Lock,
+    accepted_jobs: list[str],
+    chaos: ServerUnderKills | None = None,
 ) -> None:
     rng = random.Random(args.seed * 1000 + index)
     images = tiny_images(args.seed + index)
     behaviours, weights = zip(*args.mix.items(), strict=True)
-    with grpc.insecure_channel(address) as channel:
+    options = KILL_CHANNEL_OPTIONS if chaos is not None else None
+    with contextlib.ExitStack() as stack:
+        channel = stack.enter_context(grpc.insecure_channel(address, options))
         stub = pb_grpc.StyleTransferStub(channel)
+        # The client API for SubmitJob and follow(): its channel also comes back to a restarted server soon.
+        client = (
+            stack.enter_context(StylizeClient(address, timeout=CALL_TIMEOUT))
+            if "submit" in args.mix
+            else None
+        )
         refusals = 0  # in a row
         while time.monotonic() < stop_at:
             behaviour = rng.choices(behaviours, weights)[0]
             if behaviour == "kill":
-                call = run_killed_call(address, rng, args)
+                call = run_killed_call(address, rng, args, chaos)
+            elif behaviour == "submit":
+                assert client is not None
+                call = run_submitted_job(client, rng, images, accepted_jobs, lock)
             else:
-                call = run_call(stub, behaviour, rng, images)
+                call = run_call(stub, behaviour, rng, images, chaos)
             with lock:
                 calls.append(call)
             refusals = refusals + 1 if call.outcome == "refused" else 0
@@ -391,6 +657,83 @@ def server_job_outcomes(lines: list[str]) -> dict[str, int]:
     return dict(counts)
 
 
+def job_problem(job: pb.Job) -> str | None:
+    """Why a job counts as lost at the end, or None: it must be final, a SUCCEEDED one with its Result, a
+    FAILED or CANCELLED one with its error status."""
+    state = pb.JobState.Name(job.state)
+    if job.state not in FINAL_STATES:
+        return f"still {state}"
+    if job.state == pb.SUCCEEDED and not job.HasField("result"):
+        return "SUCCEEDED without a Result"
+    if job.state != pb.SUCCEEDED and not (job.HasField("error") and job.error.code_name):
+        return f"{state} without an error status"
+    return None
+
+
+def check_jobs(address: str, accepted_jobs: list[str], timeout: float) -> JobCheck:
+    """Poll GetJob for every accepted job until each is final (or NOT_FOUND), within `timeout`; then list
+    the store's jobs and check those that no SubmitJob answer named."""
+    check = JobCheck(accepted=len(accepted_jobs))
+    final: dict[str, pb.Job | None] = {}  # None: NOT_FOUND
+    last: dict[str, pb.Job] = {}
+    deadline = time.monotonic() + timeout
+    with StylizeClient(address, timeout=10) as client:
+        while True:
+            for job_id in accepted_jobs:
+                if job_id in final:
+                    continue
+                try:
+                    job = client.get(job_id, include_image=False)
+                except StylizeError as err:
+                    if err.code is grpc.StatusCode.NOT_FOUND:
+                        final[job_id] = None
+                    continue  # else ask again on the next round
+                last[job_id] = job
+                if job.state in FINAL_STATES:
+                    final[job_id] = job
+            if len(final) == len(accepted_jobs) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        states: Counter[str] = Counter()
+        for job_id in accepted_jobs:
+            if job_id not in final:
+                seen = last.get(job_id)
+                why = f"still {pb.JobState.Name(seen.state)}" if seen else "no answer"
+                states["unfinished"] += 1
+            elif (ended := final[job_id]) is None:
+                why = "NOT_FOUND"
+                states["NOT_FOUND"] += 1
+            else:
+                states[pb.JobState.Name(ended.state)] += 1
+                if (problem := job_problem(ended)) is None:
+                    continue
+                why = problem
+            check.lost += 1
+            if len(check.lost_jobs) < 20:
+                check.lost_jobs.append(f"{job_id}: {why}")
+        check.final_states = dict(states)
+        # The store holds the Stylize calls' jobs too: one whose client process was just killed ends
+        # when the server notices, so give the others the rest of the same time.
+        while True:
+            try:
+                store = list(client.jobs(page_size=100))
+            except StylizeError as err:
+                check.store_lost = 1
+                check.lost_jobs.append(f"ListJobs failed: {err}")
+                return check
+            if all(job.state in FINAL_STATES for job in store) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    check.store_jobs = dict(Counter(pb.JobState.Name(job.state) for job in store))
+    ours = set(accepted_jobs)
+    for job in store:
+        if job.id not in ours and (problem := job_problem(job)) is not None:
+            check.store_lost += 1
+            if len(check.lost_jobs) < 20:
+                check.lost_jobs.append(f"{job.id} (not submitted by a submit call): {problem}")
+    return check
+
+
 def run(args: argparse.Namespace) -> Report:
     flags = [
         "--concurrency",
@@ -404,44 +747,103 @@ def run(args: argparse.Namespace) -> Report:
     ]
     if args.threads:
         flags += ["--threads", str(args.threads)]
+    if args.kill_every:
+        flags += ["--checkpoint-seconds", str(KILL_CHECKPOINT_SECONDS)]
     report = Report(clients=args.clients, seconds=args.seconds, server_flags=flags)
-    server = ServerProcess(flags, args.server_log)
+    chaos = ServerUnderKills(flags, args.server_log, args.kill_every) if args.kill_every else None
+    server = chaos.server if chaos else ServerProcess(flags, args.server_log)
     try:
         server.wait_serving()
+        address = chaos.address if chaos else server.address
         calls: list[Call] = []
+        accepted_jobs: list[str] = []
         lock = threading.Lock()
         stop_at = time.monotonic() + args.seconds
         threads = [
             threading.Thread(
-                target=client_loop, args=(i, server.address, stop_at, args, calls, lock), daemon=True
+                target=client_loop,
+                args=(i, address, stop_at, args, calls, lock, accepted_jobs, chaos),
+                daemon=True,
             )
             for i in range(args.clients)
         ]
         for thread in threads:
             thread.start()
+        if chaos:
+            chaos.start_kills(stop_at)
+            # The kills end with the clients' time; the clients' last calls then run on a server that stays.
+            time.sleep(max(0.0, stop_at - time.monotonic()))
+            chaos.stop_kills()
+            server = chaos.server
         for thread in threads:
             thread.join(args.seconds + CALL_TIMEOUT + 60)
         stuck = sum(thread.is_alive() for thread in threads)
 
-        report.workers_free = wait_workers_free(server.address, SETTLE_TIMEOUT)
-        report.peak_rss_mb = server.proc_status("VmHWM") / 2**20
-        report.server_cpu_seconds = server.cpu_seconds()
+        if args.mix.get("submit") or chaos:
+            report.jobs = check_jobs(address, list(accepted_jobs), JOB_SETTLE_TIMEOUT)
+            report.jobs.reattached = sum(call.reattached for call in calls)
+            report.jobs.followed = dict(
+                Counter(c.outcome for c in calls if c.behaviour == "submit" and c.accepted)
+            )
+        try:
+            report.workers_free = wait_workers_free(address, SETTLE_TIMEOUT)
+        except grpc.RpcError:
+            if not chaos:
+                raise
+            report.workers_free = False  # the server did not come back: chaos.failure says why
+        report.peak_rss_mb = max(server.proc_status("VmHWM"), chaos.peak_rss if chaos else 0) / 2**20
+        report.server_cpu_seconds = server.cpu_seconds() + (chaos.cpu_seconds if chaos else 0.0)
         report.submitted = len(calls)
         report.outcomes = dict(Counter(call.outcome for call in calls))
         report.statuses = dict(Counter(call.status for call in calls))
         report.lost = report.outcomes.get("lost", 0) + stuck
         report.errors = report.outcomes.get("error", 0)
+        if report.jobs:
+            report.lost += report.jobs.lost + report.jobs.store_lost
         report.frames_received = sum(call.frames for call in calls)
         waits = [c.queue_wait for c in calls if c.queue_wait is not None]
         times = [c.job_time for c in calls if c.job_time is not None]
         report.queue_wait_p50, report.queue_wait_p95 = percentiles(waits)
         report.job_time_p50, report.job_time_p95 = percentiles(times)
+        if chaos:
+            report.kills = kill_report(chaos, report.outcomes.get("interrupted", 0))
+            report.kills.refused_down = sum(
+                c.outcome == "refused" and c.status == "UNAVAILABLE" for c in calls
+            )
+            if report.kills.failure:
+                report.errors += 1
     finally:
+        if chaos:
+            chaos.stop_kills()  # should anything above have failed while it was killing
+            server = chaos.server
         report.server_exit = server.stop()
-    report.server_jobs = server_job_outcomes(server.lines)
+    lines = chaos.lines() if chaos else server.lines
+    report.server_jobs = server_job_outcomes(lines)
     if report.server_jobs.get("internal error"):
         report.errors += report.server_jobs["internal error"]
+    if report.kills:
+        report.kills.resumed_log_lines = sum(bool(RESUMED_LINE.search(line)) for line in lines)
+        report.kills.queued_again_log_lines = sum(bool(QUEUED_AGAIN_LINE.search(line)) for line in lines)
+    if chaos and report.ok:
+        shutil.rmtree(chaos.state_dir, ignore_errors=True)
+    elif chaos:  # for a look at what was lost
+        print(f"loadtest: the job store is kept in {chaos.state_dir}", file=sys.stderr)
     return report
+
+
+def kill_report(chaos: ServerUnderKills, interrupted: int) -> KillReport:
+    """The kills' figures, with the server that is up now (the last one) counted in."""
+    kills = KillReport(kill_every=chaos.every, kills=len(chaos.kill_times), interrupted=interrupted)
+    kills.restart_p50, _ = percentiles(chaos.restart_seconds)
+    kills.restart_max = max(chaos.restart_seconds, default=None)
+    kills.failure = chaos.failure
+    kills.jobs_resumed = chaos.jobs_resumed
+    if not chaos.failure:
+        try:
+            kills.jobs_resumed += jobs_resumed(chaos.address)
+        except grpc.RpcError as err:
+            kills.failure = f"GetInfo failed at the end: {err.code().name}"
+    return kills
 
 
 def _s(value: float | None) -> str:
@@ -469,10 +871,48 @@ def print_report(report: Report) -> None:
     print(
         f"  workers free     {'yes' if report.workers_free else 'NO'} (GetInfo load after the clients stopped)"
     )
+    if report.kills:
+        print_kills(report.kills)
+    if report.jobs:
+        print_jobs(report.jobs)
     print(f"  server job log   {json.dumps(report.server_jobs, sort_keys=True)}")
     print(f"  server exit      {report.server_exit}")
     print(f"  statuses         {json.dumps(report.statuses, sort_keys=True)}")
     print("result: " + ("ok" if report.ok else "FAILED"))
+
+
+OPTIONAL = ("jobs", "kills")  # parts of the report left out of its JSON when they do not apply
+
+
+def print_kills(kills: KillReport) -> None:
+    print(
+        f"  kills            {kills.kills} (SIGKILL {kills.kill_every:g} s after SERVING; back to SERVING in "
+        f"p50 {_s(kills.restart_p50)}, at most {_s(kills.restart_max)})"
+    )
+    if kills.failure:
+        print(f"  kill FAILURE     {kills.failure}")
+    print(f"  interrupted      {kills.interrupted} calls ended UNAVAILABLE by a kill")
+    print(f"  refused as down  {kills.refused_down} of the refused: UNAVAILABLE, the server down or starting")
+    print(
+        f"  jobs resumed     {kills.jobs_resumed} from a checkpoint (GetInfo; the log: "
+        f"{kills.resumed_log_lines}), {kills.queued_again_log_lines} queued again without one"
+    )
+
+
+def print_jobs(jobs: JobCheck) -> None:
+    print(
+        f"  jobs submitted   {jobs.accepted} accepted by SubmitJob, followed with "
+        f"{jobs.reattached} reattachments"
+    )
+    print(f"  jobs followed    {json.dumps(jobs.followed, sort_keys=True)}")
+    print(f"  jobs at the end  {json.dumps(jobs.final_states, sort_keys=True)}")
+    print(f"  jobs lost        {jobs.lost}")
+    print(
+        f"  job store        {json.dumps(jobs.store_jobs, sort_keys=True)}; "
+        f"{jobs.store_lost} other jobs not final with a status"
+    )
+    for line in jobs.lost_jobs:
+        print(f"    {line}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -487,8 +927,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--mix",
         type=parse_mix,
-        default=parse_mix(DEFAULT_MIX),
-        help=f"behaviour weights (default: {DEFAULT_MIX})",
+        help=f"behaviour weights (default: {DEFAULT_MIX}; with --kill-every: {KILL_MIX})",
+    )
+    parser.add_argument(
+        "--kill-every",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="kill the server with SIGKILL this many seconds after it became SERVING and start it again on "
+        "the same port and state directory, over and over (default: never)",
     )
     parser.add_argument("--concurrency", type=int, default=1, help="the server's --concurrency (default: 1)")
     parser.add_argument("--queue-size", type=int, default=8, help="the server's --queue-size (default: 8)")
@@ -508,12 +955,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return child_main(args.child, args.seed)
     if args.clients < 1 or args.seconds <= 0:
         parser.error("--clients must be >= 1 and --seconds > 0")
+    if args.kill_every < 0:
+        parser.error("--kill-every must be >= 0")
+    if args.mix is None:
+        args.mix = parse_mix(KILL_MIX if args.kill_every else DEFAULT_MIX)
 
     report = run(args)
     print_report(report)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**asdict(report), "ok": report.ok}, indent=2, sort_keys=True) + "\n")
+        data = {
+            key: value for key, value in asdict(report).items() if value is not None or key not in OPTIONAL
+        }
+        args.json.write_text(json.dumps({**data, "ok": report.ok}, indent=2, sort_keys=True) + "\n")
     return 0 if report.ok else 1
 
 

@@ -433,7 +433,8 @@ def _exact_state(resume: Checkpoint | None, run: _Run, stage: Stage) -> Optimize
     elif state.routine != routine_id():
         reason = f"its state is of {state.routine}, this engine runs {routine_id()}"
     elif state.iterations != resume.stage_iteration or state.history != run.memory.histories[stage.index]:
-        reason = "its state does not match its own counts"
+        # E.g. taken after a restart, whose L-BFGS-B counted (and was limited) from the restart.
+        reason = "its state's counts are not its stage's"
     else:
         return state
     log.info("resuming stage %d from the checkpoint's image, not exactly: %s", stage.index, reason)
