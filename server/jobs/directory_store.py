@@ -28,7 +28,7 @@ import struct
 import threading
 import zlib
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -236,14 +236,14 @@ class DirectoryStore:
         found.sort(key=lambda event: event.sequence)
         return found
 
-    def put_checkpoint(self, job_id: str, data: bytes) -> None:
+    def put_checkpoint(self, job_id: str, write: Callable[[IO[bytes]], None]) -> None:
         job_dir = self._dir(job_id)
         log = job_dir / "events.log"
         if log.exists():  # what the checkpoint continues from is on disk before it
             with open(log, "ab") as handle:
                 os.fsync(handle.fileno())
-        _write_atomic(job_dir / "checkpoint", data)
-        self._set_size(job_id, "checkpoint", len(data))
+        size = _write_atomic(job_dir / "checkpoint", write)
+        self._set_size(job_id, "checkpoint", size)
 
     def checkpoint(self, job_id: str) -> bytes | None:
         try:
@@ -311,14 +311,21 @@ def _valid_length(data: bytes) -> int:
     return sum(_ENTRY.size + len(event.data) for event in _entries(data))
 
 
-def _write_atomic(path: Path, data: bytes, *, sync: bool = True, sync_dir: bool = True) -> None:
-    """Write a whole file so that a crash leaves the old file or the new one, never a torn one."""
+def _write_atomic(
+    path: Path, data: bytes | Callable[[IO[bytes]], None], *, sync: bool = True, sync_dir: bool = True
+) -> int:
+    """Write a whole file (the bytes, or what the callable writes into it) so that a crash leaves the old
+    file or the new one, never a torn one; returns its size."""
     temporary = path.with_name(f".{path.name}.tmp{os.getpid()}-{threading.get_ident()}")
     try:
         with open(temporary, "wb") as handle:
-            handle.write(data)
+            if isinstance(data, bytes):
+                handle.write(data)
+            else:
+                data(handle)
+            handle.flush()
+            size = handle.tell()
             if sync:
-                handle.flush()
                 os.fsync(handle.fileno())
         os.replace(temporary, path)
     except BaseException:
@@ -326,6 +333,7 @@ def _write_atomic(path: Path, data: bytes, *, sync: bool = True, sync_dir: bool 
         raise
     if sync and sync_dir:
         _fsync_dir(path.parent)
+    return size
 
 
 def _fsync_dir(path: Path) -> None:

@@ -70,6 +70,7 @@ class _LiveJob:
     stop: threading.Event = field(default_factory=threading.Event)
     cancel_outcome: Outcome | None = None  # why it was asked to stop (None: the server's drain)
     interrupt: bool = False  # drain: checkpoint at the next iteration, stop, and stay unfinished
+    checkpointing: bool = False  # running, with checkpoints
     cond: threading.Condition = field(default_factory=threading.Condition)
     subscribers: list[Subscription] = field(default_factory=list)
     last_sequence: int = 0
@@ -130,8 +131,8 @@ class JobManager:
         for job in live:
             if not job.record.bound_to_call:
                 job.interrupt = True
-                if self.settings.checkpoint_seconds <= 0 or not job.ticket.admitted:
-                    job.stop.set()  # nothing to save: stop at once
+                if not job.checkpointing:
+                    job.stop.set()  # queued, or running without checkpoints: nothing to save
 
     def stop_all(self) -> None:
         """The drain's grace is over: every job stops now (within one evaluation). Detached ones stay
@@ -363,7 +364,10 @@ class JobManager:
         live.log.started_at = time.monotonic()
         self._update(live, state=JobState.RUNNING, started=live.record.started or now)
         observer = JobObserver(lambda response: self._publish(live, response), live.stop, self._metrics)
-        sink = _CheckpointSink(self, live)
+        sink = _CheckpointSink(self, live) if self._checkpoints_fit(live) else None
+        live.checkpointing = sink is not None
+        if live.interrupt and sink is None:
+            live.stop.set()  # a drain began as it started
         return run_job(
             engine,
             live.job,
@@ -371,7 +375,7 @@ class JobManager:
             live.log,
             max_pixels=self.settings.max_pixels,
             memory_capacity=self._scheduler.memory_capacity,
-            checkpoints=sink if self.settings.checkpoint_seconds > 0 else None,
+            checkpoints=sink,
             resume=live.resume,
         )
 
@@ -532,10 +536,29 @@ class JobManager:
 
     # --- checkpoints -------------------------------------------------------------------------------
 
+    def _checkpoints_fit(self, live: _LiveJob) -> bool:
+        """Whether the job checkpoints: they are on, and the copy of L-BFGS-B's state that a checkpoint
+        takes (as large as the state) fits in the memory for jobs beside the job's own planned peak."""
+        if self.settings.checkpoint_seconds <= 0:
+            return False
+        capacity = self._scheduler.memory_capacity
+        plan = live.job.plan
+        needed = plan.memory.peak_bytes + _largest_checkpoint(plan)
+        if capacity is None or needed <= capacity:
+            return True
+        logger.info(
+            "job %s: no checkpoints: one needs %d MB beside the job's %d MB, over the %d MB for jobs",
+            live.log.id,
+            megabytes(_largest_checkpoint(plan)),
+            megabytes(plan.memory.peak_bytes),
+            megabytes(capacity),
+        )
+        return False
+
     def _save_checkpoint(self, live: _LiveJob, checkpoint: Checkpoint) -> bool:
         started = time.perf_counter()
         try:
-            self._store.put_checkpoint(live.record.id, checkpoint.to_bytes())
+            self._store.put_checkpoint(live.record.id, checkpoint.write)
         except OSError as err:
             logger.warning(
                 "job %s: checkpoint not saved (%s); the job goes on without it",
@@ -676,13 +699,7 @@ def _predicted_store_bytes(job: AcceptedJob, retention: FrameRetention) -> int:
     """What the job may write to the store: its largest stage's checkpoint, its Progress events, its
     frames (within the retention bound) and its Result (an uncompressed image, at most)."""
     plan: JobPlan = job.plan
-    checkpoint = max(
-        (
-            checkpoint_bytes(stage.width, stage.height, history)
-            for stage, history in zip(plan.stages, plan.memory.histories, strict=True)
-        ),
-        default=0,
-    )
+    checkpoint = _largest_checkpoint(plan)
     out_w, out_h = plan.output_size
     progress = PROGRESS_EVENT_BYTES * (job.options.settings.iterations + len(plan.stages))
     frames = 0
@@ -692,6 +709,17 @@ def _predicted_store_bytes(job: AcceptedJob, retention: FrameRetention) -> int:
         count = min(job.options.settings.iterations // job.options.settings.frame_every, retention.count)
         frames = min(count * frame_w * frame_h * 3, retention.nbytes)
     return checkpoint + progress + frames + out_w * out_h * 3
+
+
+def _largest_checkpoint(plan: JobPlan) -> int:
+    """The bytes of the job's largest checkpoint (its largest stage's, with L-BFGS-B's state)."""
+    return max(
+        (
+            checkpoint_bytes(stage.width, stage.height, history)
+            for stage, history in zip(plan.stages, plan.memory.histories, strict=True)
+        ),
+        default=0,
+    )
 
 
 def _final_state(outcome: Outcome) -> JobState:

@@ -12,9 +12,9 @@ job's events, a string per checkpoint), so that a shared store can take the same
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import IO, Protocol
 
 from stylize_service.server.jobs.records import JobRecord
 
@@ -75,9 +75,10 @@ class JobStore(Protocol):
         """The job's retained events with a sequence greater than `after`, in order."""
         ...
 
-    def put_checkpoint(self, job_id: str, data: bytes) -> None:
-        """Replace the job's checkpoint, all or nothing, with its events made durable first. Raises
-        OSError (a full disk: the job goes on without it)."""
+    def put_checkpoint(self, job_id: str, write: Callable[[IO[bytes]], None]) -> None:
+        """Replace the job's checkpoint, all or nothing, with its events made durable first; `write`
+        streams it into the file it is given (a checkpoint is as large as L-BFGS-B's state: no copy of it
+        is made in memory). Raises OSError (a full disk: the job goes on without it)."""
         ...
 
     def checkpoint(self, job_id: str) -> bytes | None: ...
