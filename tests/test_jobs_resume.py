@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +20,7 @@ from stylize_service.models.paths import default_model_path
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.readiness import wait_for_ready_file
-from tests.fakes import LIVENESS, channel, image_bytes
+from tests.fakes import LIVENESS, channel, image_bytes, wait_until
 
 pytestmark = pytest.mark.skipif(
     not default_model_path().is_file(), reason="the model is not built; run `bash scripts/setup.sh`"
@@ -153,3 +154,53 @@ def test_grpc_status_of_a_dead_server_is_unavailable(tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as raised:
             list(watch)
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_a_cli_run_survives_a_server_restart(tmp_path: Path) -> None:
+    """`stylize` reattaches to its job after its server was killed and started again on the same port
+    and store, and writes the result of the job it submitted once."""
+    content, style, out = tmp_path / "content.png", tmp_path / "style.png", tmp_path / "out.png"
+    content.write_bytes(image_bytes(96, 64, seed=3))
+    style.write_bytes(image_bytes(64, 64, seed=4))
+    with socket.socket() as probe:  # a port for both servers: the CLI knows one address
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    state = tmp_path / "state"
+    with server(state, port) as (process, _):
+        cli = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "stylize_service.client.cli",
+                str(content),
+                "--style",
+                str(style),
+                "--server",
+                f"127.0.0.1:{port}",
+                "--max-size",
+                "96",
+                "-n",
+                "60",
+                "--tolerance",
+                "0",
+                "--seed",
+                "7",
+                "--reconnect-seconds",
+                "120",
+                "-o",
+                str(out),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        jobs = state / "jobs"
+        assert wait_until(lambda: any((d / "checkpoint").is_file() for d in jobs.iterdir()), LIVENESS * 4)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=LIVENESS)
+    with server(state, port):
+        _, stderr = cli.communicate(timeout=LIVENESS * 8)
+        assert cli.returncode == 0, stderr
+    assert out.is_file() and out.stat().st_size > 0
+    assert len(list(jobs.iterdir())) == 1  # submitted once
+    assert "reattaching" in stderr or "lost the job's stream" in stderr
