@@ -156,8 +156,10 @@ def test_server_process_serves_then_drains_on_sigterm(tmp_path: Path) -> None:
 
             call = pb_grpc.StyleTransferStub(ch).Stylize(request(iterations=5000), timeout=LIVENESS * 4)
             assert next(call).HasField("progress")  # the job runs
-            process.send_signal(signal.SIGTERM)  # drain: the job could run for the 600 s grace period...
+            # Watched from before the signal: a call that starts once the drain has begun may be refused.
             watch = health.Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=LIVENESS)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            process.send_signal(signal.SIGTERM)  # drain: the job could run for the 600 s grace period...
             assert any(r.status == health_pb2.HealthCheckResponse.NOT_SERVING for r in watch)
             assert next(call).HasField("progress")  # ... and goes on while draining
             assert process.poll() is None
