@@ -358,6 +358,8 @@ def test_the_event_log_cuts_a_torn_entry_and_frames_stay_within_their_bound(tmp_
         store.append(record.id, StoredEvent(sequence, b"frame-%d" % sequence, is_frame=True))
     assert [e.sequence for e in store.events(record.id)] == [1, 2, 3, 6, 7]
     assert [e.sequence for e in store.events(record.id, after=2)] == [3, 6, 7]
+    assert [e.sequence for e in store.events(record.id, frames=False)] == [1, 2, 3]
+    assert store.last_sequence(record.id) == 7  # a frame's: sequences go on after it
     store.close()
     log = tmp_path / "jobs" / record.id / "events.log"
     whole = log.read_bytes()

@@ -222,9 +222,11 @@ class DirectoryStore:
         for sequence in dropped:
             (frame_dir / f"{sequence:020d}").unlink(missing_ok=True)
 
-    def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
+    def events(self, job_id: str, after: int = 0, *, frames: bool = True) -> list[StoredEvent]:
         job_dir = self._dir(job_id)
         found = [event for event in _read_log(job_dir / "events.log") if event.sequence > after]
+        if not frames:
+            return found
         with self._lock:
             frame_sequences = [s for s, _ in self._frames.get(job_id, ()) if s > after]
         for sequence in frame_sequences:
@@ -235,6 +237,13 @@ class DirectoryStore:
             found.append(StoredEvent(sequence, data, is_frame=True))
         found.sort(key=lambda event: event.sequence)
         return found
+
+    def last_sequence(self, job_id: str) -> int:
+        logged = _read_log(self._dir(job_id) / "events.log")
+        with self._lock:
+            frames = self._frames.get(job_id, ())
+            newest_frame = frames[-1][0] if frames else 0
+        return max(logged[-1].sequence if logged else 0, newest_frame)
 
     def put_checkpoint(self, job_id: str, write: Callable[[IO[bytes]], None]) -> None:
         job_dir = self._dir(job_id)

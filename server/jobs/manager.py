@@ -499,9 +499,9 @@ class JobManager:
             logger.warning("job %s: its checkpoint cannot be read (%s); it starts again", log.id, err)
         record = record.with_changes(state=JobState.QUEUED, resumes=record.resumes + (resume is not None))
         live = _LiveJob(record, job, ticket, log, resume=resume)
-        events = self._store.events(record.id)
-        live.last_sequence = events[-1].sequence if events else 0
-        for event in reversed(events):
+        # Sequences go on after every stored event; the last Progress is all that is read back.
+        live.last_sequence = self._store.last_sequence(record.id)
+        for event in reversed(self._store.events(record.id, frames=False)):
             response = _response(event)
             if response.WhichOneof("event") == "progress":
                 live.last_progress = response.progress
@@ -648,9 +648,8 @@ class JobManager:
                     None,
                     live.last_sequence,
                 )
-        events = self._store.events(record.id)
         progress = result = None
-        for event in reversed(events):
+        for event in reversed(self._store.events(record.id, frames=False)):  # frames are not shown
             response = _response(event)
             kind = response.WhichOneof("event")
             if kind == "result" and result is None:
@@ -660,7 +659,7 @@ class JobManager:
             elif kind == "progress":
                 progress = response.progress
                 break
-        return JobView(record, 0, progress, result, events[-1].sequence if events else 0)
+        return JobView(record, 0, progress, result, self._store.last_sequence(record.id))
 
     def _replay_finished(self, job_id: str, after: int) -> Iterator[FeedItem]:
         with self._lock:

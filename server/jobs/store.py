@@ -71,8 +71,13 @@ class JobStore(Protocol):
         others reach it at the next durable write or checkpoint). Raises OSError."""
         ...
 
-    def events(self, job_id: str, after: int = 0) -> list[StoredEvent]:
-        """The job's retained events with a sequence greater than `after`, in order."""
+    def events(self, job_id: str, after: int = 0, *, frames: bool = True) -> list[StoredEvent]:
+        """The job's retained events with a sequence greater than `after`, in order; frames=False leaves
+        the frames out (and unread)."""
+        ...
+
+    def last_sequence(self, job_id: str) -> int:
+        """The sequence of the job's newest retained event, frames included; 0 for none."""
         ...
 
     def put_checkpoint(self, job_id: str, write: Callable[[IO[bytes]], None]) -> None:
