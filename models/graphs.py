@@ -23,6 +23,7 @@ from .autodiff import add_gradient
 from .export import INPUT_NAME, OPSET
 from .layers import LayerChoice
 from .onnx_builder import GraphBuilder
+from .segments import Segment, deepest_block, segment
 from .terms import TERMS
 from .vgg16 import RELU_LAYERS
 
@@ -64,6 +65,11 @@ def coefficient_input(term: str, layer: str) -> str:
     return f"coefficient/{term}/{layer}"
 
 
+def upstream_input(output: str) -> str:
+    """Input of a segment's tile loss graph: dL/d(the segment's output), on the tile's owned positions."""
+    return f"upstream/{output}"
+
+
 def statistic_output(term: str, layer: str) -> str:
     """Output of the tile statistics graph: a tile's share of a non-separable term's statistic."""
     return f"statistic/{term}/{layer}"
@@ -94,18 +100,42 @@ def layer_losses_output(term: str) -> str:
 
 def _network(features: onnx.ModelProto, choice: LayerChoice, builder: GraphBuilder) -> None:
     """Copy the feature network's nodes up to the deepest layer used, with the requested pooling."""
-    deepest = choice.deepest
+    _segment_network(features, choice, segment(choice, 1, deepest_block(choice)), builder)
+
+
+def segment_input(seg: Segment) -> str:
+    """The name of a segment's input: the image, or the pool output of the block before it."""
+    return INPUT_NAME if seg.first == 1 else f"pool{seg.first - 1}"
+
+
+def _segment_network(
+    features: onnx.ModelProto, choice: LayerChoice, seg: Segment, builder: GraphBuilder
+) -> None:
+    """Copy the feature network's nodes of one segment (from its input to its output), with the requested
+    pooling."""
+    start = segment_input(seg)
+    end = seg.output or seg.deepest
+    copying = seg.first == 1
     used_initializers: set[str] = set()
     for node in features.graph.node:
+        copying = copying or start in node.input
+        if not copying:
+            continue
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         if node.op_type in ("MaxPool", "AveragePool"):
             copy.op_type = POOLING_OPS[choice.pooling]
         builder.nodes.append(copy)
         used_initializers.update(node.input)
-        if deepest in node.output:
+        if end in node.output:
             break
     builder.initializers.extend(t for t in features.graph.initializer if t.name in used_initializers)
+
+
+def _segment_input(seg: Segment) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(
+        segment_input(seg), TensorProto.FLOAT, [1, seg.input_channels, "height", "width"]
+    )
 
 
 def _image_input() -> onnx.ValueInfoProto:
@@ -178,17 +208,29 @@ def _mask(layer: str) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(mask_input(layer), TensorProto.FLOAT, [1, 1, None, None])
 
 
-def build_tile_statistics_model(features: onnx.ModelProto, choice: LayerChoice) -> onnx.ModelProto:
-    """A tile (with its halo) and the masks of its owned positions -> the tile's share of every
-    non-separable term's statistic (statistic/<term>/<layer>) and the raw features of the separable
-    layered terms' layers (feature/<layer>), from which the caller cuts the owned parts."""
+def _segment_layers(choice: LayerChoice, seg: Segment, term_name: str) -> tuple[str, ...]:
+    """A term's layers within the segment; an unlayered term's "layer" is the image, in the first one."""
+    if not TERMS[term_name].layered:
+        return (IMAGE_LAYER,) if seg.first == 1 else ()
+    return tuple(layer for layer in choice.layers_of(term_name) if layer in seg.layers(choice))
+
+
+def build_segment_statistics_model(
+    features: onnx.ModelProto, choice: LayerChoice, first: int, last: int
+) -> onnx.ModelProto:
+    """A tile of segment first..last's input (with its halo) and the masks of its owned positions -> the
+    tile's share of every non-separable term's statistic at the segment's layers
+    (statistic/<term>/<layer>), the raw features of its separable layered terms' layers
+    (feature/<layer>), and the segment's output (pool<last>) when another segment follows; the caller
+    cuts the owned parts of the last two."""
+    seg = segment(choice, first, last)
     b = GraphBuilder()
-    _network(features, choice, b)
-    inputs, masks = [_image_input()], set()
+    _segment_network(features, choice, seg, b)
+    inputs, masks = [_segment_input(seg)], set()
     outputs: list[onnx.ValueInfoProto] = []
-    for term_name, layers in choice.layers:
+    for term_name, _ in choice.layers:
         term = TERMS[term_name]
-        for layer in layers:
+        for layer in _segment_layers(choice, seg, term_name):
             if term.region_separable:
                 out = b.op("Identity", [layer], feature_output(layer))
             else:
@@ -200,20 +242,26 @@ def build_tile_statistics_model(features: onnx.ModelProto, choice: LayerChoice) 
                 )
             if out not in {o.name for o in outputs}:
                 outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+    if seg.output:
+        outputs.append(helper.make_tensor_value_info(seg.output, TensorProto.FLOAT, None))
     inputs.extend(_mask(layer) for layer in sorted(masks, key=RELU_LAYERS.index))
-    return _model(b, "stylize_tile_statistics", inputs, outputs, features)
+    return _model(b, "stylize_segment_statistics", inputs, outputs, features)
 
 
-def build_tile_loss_model(features: onnx.ModelProto, choice: LayerChoice) -> onnx.ModelProto:
-    """A tile's share of the loss and its gradient with respect to the tile: every separable term's
-    scaled region sums (region/<term>/<layer>), and `loss`, the sum of those and of the non-separable
-    terms' surrogates, whose gradient `grad` is the tile's exact share of dL/dimage."""
+def build_segment_loss_model(
+    features: onnx.ModelProto, choice: LayerChoice, first: int, last: int
+) -> onnx.ModelProto:
+    """A tile's share of the loss at segment first..last's layers and the gradient with respect to the
+    tile of the segment's input: every separable term's scaled region sums (region/<term>/<layer>), and
+    `loss`, the sum of those, of the non-separable terms' surrogates and, where another segment follows,
+    of sum(upstream * output) with `upstream/<output>` the loss's gradient at the tile's owned output
+    positions (0 elsewhere). Its gradient `grad` is the tile's exact share of dL/d(segment input)."""
+    seg = segment(choice, first, last)
     b = GraphBuilder()
-    _network(features, choice, b)
-    inputs, outputs, values, masks = [_image_input()], [], [], set()
+    _segment_network(features, choice, seg, b)
+    inputs, outputs, values, masks = [_segment_input(seg)], [], [], set()
     for term_name, term in TERMS.items():
-        layers = choice.layers_of(term_name) if term.layered else (IMAGE_LAYER,)
-        for layer in layers:
+        for layer in _segment_layers(choice, seg, term_name):
             masks.add(layer)
             mask = mask_input(layer)
             if term.region_separable:
@@ -236,11 +284,57 @@ def build_tile_loss_model(features: onnx.ModelProto, choice: LayerChoice) -> onn
                     helper.make_tensor_value_info(coefficient, TensorProto.FLOAT, term.statistic_shape(layer))
                 )
                 values.append(term.surrogate(b, layer, mask, coefficient, layer))
+    if seg.output:
+        upstream = upstream_input(seg.output)
+        inputs.append(
+            helper.make_tensor_value_info(upstream, TensorProto.FLOAT, [1, seg.output_channels, None, None])
+        )
+        values.append(b.op("ReduceSum", [b.op("Mul", [upstream, seg.output])], keepdims=0))
     b.op("Sum", values or [b.zero()], LOSS)
     inputs.extend(_mask(layer) for layer in sorted(masks, key=lambda name: (name != IMAGE_LAYER, name)))
     outputs.insert(0, helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))
-    model = _model(b, "stylize_tile_loss", inputs, outputs, features)
-    return add_gradient(model, LOSS, INPUT_NAME, GRAD)
+    model = _model(b, "stylize_segment_loss", inputs, outputs, features)
+    return add_gradient(model, LOSS, segment_input(seg), GRAD)
+
+
+def build_tail_targets_model(features: onnx.ModelProto, choice: LayerChoice, first: int) -> onnx.ModelProto:
+    """The untiled tail of a tiled evaluation, blocks first..deepest: pool<first-1> -> every layered
+    term's target at the tail's layers (target/<term>/<layer>), as the targets graph computes them."""
+    seg = segment(choice, first, deepest_block(choice))
+    b = GraphBuilder()
+    _segment_network(features, choice, seg, b)
+    outputs = []
+    for term_name, _ in choice.layers:
+        for layer in _segment_layers(choice, seg, term_name):
+            out = TERMS[term_name].target(b, layer, layer, target_input(term_name, layer))
+            outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
+    return _model(b, "stylize_tail_targets", [_segment_input(seg)], outputs, features)
+
+
+def build_tail_loss_model(features: onnx.ModelProto, choice: LayerChoice, first: int) -> onnx.ModelProto:
+    """The untiled tail of a tiled evaluation, blocks first..deepest: pool<first-1>, the tail's targets and
+    each layer's weight (scale/<term>/<layer>: the term's weight times the layer's) -> each layer's
+    weighted value (region/<term>/<layer>), their sum `loss`, and its gradient `grad` with respect to
+    pool<first-1>, as the loss graph computes them for the whole network in one run."""
+    seg = segment(choice, first, deepest_block(choice))
+    b = GraphBuilder()
+    _segment_network(features, choice, seg, b)
+    inputs, outputs, values = [_segment_input(seg)], [], []
+    for term_name, _ in choice.layers:
+        term = TERMS[term_name]
+        for layer in _segment_layers(choice, seg, term_name):
+            scale, target = scale_input(term_name, layer), target_input(term_name, layer)
+            inputs.append(helper.make_tensor_value_info(scale, TensorProto.FLOAT, []))
+            inputs.append(helper.make_tensor_value_info(target, TensorProto.FLOAT, term.target_shape(layer)))
+            out = b.op(
+                "Mul", [scale, term.layer_loss(b, layer, target, layer)], region_output(term_name, layer)
+            )
+            outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, []))
+            values.append(out)
+    b.op("Sum", values or [b.zero()], LOSS)
+    outputs.insert(0, helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))
+    model = _model(b, "stylize_tail_loss", inputs, outputs, features)
+    return add_gradient(model, LOSS, segment_input(seg), GRAD)
 
 
 def _per_layer(b: GraphBuilder, values: list[str], out: str) -> None:

@@ -39,9 +39,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:  # the engine is imported in the children only
+    from stylize_service.models.layers import LayerChoice
+    from stylize_service.server.engine.tile_layout import TileScheme
 
 from stylize_service.server import procfs
 
@@ -65,14 +70,26 @@ def load(path: Path, longest: int) -> np.ndarray:
     return resize_longest(np.asarray(Image.open(path).convert("RGB"), np.float32) / 255.0, longest)
 
 
-def child_job(size: int, budget_mb: int) -> dict:
+def parse_scheme(text: str, choice: LayerChoice) -> TileScheme | None:
+    """A tile scheme on the command line: 0 (untiled), TILE:whole or TILE:BLOCKS (TileScheme.by_block)."""
+    from stylize_service.server.engine.tile_layout import TileScheme
+
+    if text == "0":
+        return None
+    tile, form = text.split(":")
+    return (
+        TileScheme.whole(int(tile), choice) if form == "whole" else TileScheme.by_block(int(tile), int(form))
+    )
+
+
+def child_job(size: int, budget_mb: int, tile: int = 0) -> dict:
     from stylize_service.models.paths import default_model_path
     from stylize_service.server.engine.engine import Engine
     from stylize_service.server.engine.memory import MemoryExceeded, default_budget_bytes
     from stylize_service.server.engine.types import Init, SilentObserver, StyleSource, StylizeSettings
     from stylize_service.server.procfs import rss_bytes as current_rss_bytes
 
-    engine = Engine(default_model_path())
+    engine = Engine(default_model_path(), tile_size=tile)
     engine.warm_up()
     content, style = load(SHARED / "tubingen.jpg", size), load(SHARED / "starry_night.jpg", size)
     idle = current_rss_bytes()
@@ -89,7 +106,7 @@ def child_job(size: int, budget_mb: int) -> dict:
     seconds = time.perf_counter() - started
     return {
         **row,
-        "tiles": plan.memory.tiles[0],
+        "tiles": str(plan.memory.schemes[0] or 0),
         "correction_pairs": plan.memory.histories[0],
         "predicted": idle + plan.memory.peak_bytes,
         "peak": peak_rss(),
@@ -98,8 +115,9 @@ def child_job(size: int, budget_mb: int) -> dict:
     }
 
 
-def child_targets(size: int, tile: int) -> dict:
-    """One style target pass at `size` px, untiled (tile 0) or in tiles of `tile` px, in this process."""
+def child_targets(size: int, scheme_text: str) -> dict:
+    """One style target pass at `size` px, untiled (0) or in a tile scheme (parse_scheme), in this
+    process."""
     from stylize_service.models.paths import default_model_path
     from stylize_service.server.engine.network import FeatureNetwork
     from stylize_service.server.engine.plan import layer_choice
@@ -117,7 +135,12 @@ def child_targets(size: int, tile: int) -> dict:
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # as tile_sessions() does, so "sessions" is theirs alone
     before_sessions = current_rss_bytes()
-    tiled = TiledEvaluator(network.tile_sessions(choice), tile) if tile else None
+    scheme = parse_scheme(scheme_text, choice)
+    tiled = None
+    if scheme is not None:
+        sessions = network.tile_sessions(choice)
+        sessions.prepare(*scheme.cut(choice), backward=False)
+        tiled = TiledEvaluator(sessions, scheme)
     idle = current_rss_bytes()
     if not procfs.reset_peak():
         return {"error": "cannot reset VmHWM (/proc/self/clear_refs)"}
@@ -130,7 +153,7 @@ def child_targets(size: int, tile: int) -> dict:
         window = tiled.layout(x).largest_window()
     return {
         "size": size,
-        "tile": tile,
+        "scheme": scheme_text,
         "width": x.shape[-1],
         "height": x.shape[-2],
         "pixels": x.shape[-2] * x.shape[-1],
@@ -139,6 +162,94 @@ def child_targets(size: int, tile: int) -> dict:
         "idle": idle,
         "peak": peak_rss(),
     }
+
+
+def child_scheme(size: int, scheme_text: str) -> dict:
+    """One loss-and-gradient evaluation of the Tübingen photograph at `size` px in a tile scheme (0:
+    untiled), its targets computed first: its peak above the ready network and targets, and its time."""
+    from stylize_service.models.paths import default_model_path
+    from stylize_service.server.engine.evaluators import WholeImageEvaluator, blend_targets
+    from stylize_service.server.engine.network import FeatureNetwork
+    from stylize_service.server.engine.plan import layer_choice
+    from stylize_service.server.engine.tiling import TiledEvaluator
+    from stylize_service.server.engine.types import StylizeSettings
+    from stylize_service.server.procfs import rss_bytes as current_rss_bytes
+
+    network = FeatureNetwork(default_model_path())
+    settings = StylizeSettings()
+    choice = layer_choice(settings, 1)
+    compiled = network.compiled(choice)
+    compiled.targets(network.to_network(load(SHARED / "starry_night.jpg", 64)))  # warm, as the server is
+    compiled.shrink_arenas()
+    scheme = parse_scheme(scheme_text, choice)
+    evaluator: object = WholeImageEvaluator(compiled)
+    if scheme is not None:
+        sessions = network.tile_sessions(choice)
+        sessions.prepare(*scheme.cut(choice), backward=True)
+        evaluator = TiledEvaluator(sessions, scheme)
+    x = network.to_network(load(SHARED / "tubingen.jpg", size))
+    style = network.to_network(load(SHARED / "starry_night.jpg", size))
+    targets = blend_targets(
+        choice,
+        evaluator.separable_targets(x),
+        [(1.0, evaluator.statistic_targets(style))],  # type: ignore[attr-defined]
+    )
+    del style
+    compiled.shrink_arenas()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    idle = current_rss_bytes()
+    if not procfs.reset_peak():
+        return {"error": "cannot reset VmHWM (/proc/self/clear_refs)"}
+    weights = {"content": settings.content_weight, "style": settings.style_weight, "tv": settings.tv_weight}
+    layer_weights = {term: dict.fromkeys(layers, 1.0) for term, layers in choice.layers}
+    evaluate = evaluator.evaluator(targets, weights, layer_weights)  # type: ignore[attr-defined]
+    started = time.perf_counter()
+    result = evaluate(x)
+    seconds = time.perf_counter() - started
+    return {
+        "size": size,
+        "scheme": scheme_text,
+        "height": x.shape[-2],
+        "width": x.shape[-1],
+        "idle": idle,
+        "peak": peak_rss(),
+        "seconds": seconds,
+        "loss": result.loss,
+    }
+
+
+def schemes_table(size: int, schemes: list[str]) -> None:
+    """One evaluation per scheme, each in a fresh process: its peak above the ready network and targets,
+    server.engine.memory's prediction of it, and its time beside the untiled one's."""
+    from stylize_service.server.engine import memory
+    from stylize_service.server.engine.plan import layer_choice
+    from stylize_service.server.engine.pyramid import Stage
+    from stylize_service.server.engine.types import StylizeSettings
+
+    choice = layer_choice(StylizeSettings(), 1)
+    print("| size | scheme | above idle MB | predicted MB | s/eval | vs untiled | loss vs untiled |")
+    print("|---|---|---|---|---|---|---|")
+    base: dict | None = None
+    for text in ["0", *schemes]:
+        row = spawn("scheme", str(size), text)
+        if "error" in row:
+            print(f"| {size} | {text} | error: {row['error']} |||||", flush=True)
+            continue
+        base = base or row
+        stage = Stage(0, 1, row["width"], row["height"], iterations=1)
+        scheme = parse_scheme(text, choice)
+        if scheme is None:
+            predicted = memory.EVAL_FIXED_BYTES + memory.EVAL_BYTES_PER_PIXEL * stage.pixels
+        else:
+            cost = memory.scheme_cost(stage.height, stage.width, scheme, choice)
+            predicted = cost.boundaries + cost.evaluation
+        print(
+            f"| {row['width']}x{row['height']} | {scheme or 'untiled'} | {mb(row['peak'] - row['idle'])} | "
+            f"{mb(predicted)} | {row['seconds']:.2f} | {row['seconds'] / base['seconds']:.2f} | "
+            f"{abs(row['loss'] - base['loss']) / base['loss']:.1e} |",
+            flush=True,
+        )
 
 
 def child_evaluation(size: int, kind: str) -> dict:
@@ -286,28 +397,32 @@ def spawn(*args: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def targets_table(sizes: list[int], tiles: list[int]) -> None:
+def targets_table(sizes: list[int], schemes: list[str]) -> None:
     """One style target pass per row, each in a fresh process, against server.engine.memory's model."""
     from stylize_service.server.engine.memory import TILE_SESSIONS_BYTES, style_pass_bytes
+    from stylize_service.server.engine.plan import layer_choice
+    from stylize_service.server.engine.types import StylizeSettings
 
-    print("| style px | tile | sessions MB | above idle MB | predicted MB | bytes/px | bytes/window px |")
-    print("|---|---|---|---|---|---|---|")
+    choice = layer_choice(StylizeSettings(), 1)
+    print("| style px | scheme | sessions MB | above idle MB | predicted MB | bytes/px |")
+    print("|---|---|---|---|---|---|")
     for size in sizes:
-        for tile in tiles:
-            if tile >= size:
+        for text in schemes:
+            scheme = parse_scheme(text, choice)
+            if scheme is not None and scheme.tile >= size:
                 continue
-            row = spawn("targets", str(size), str(tile))
+            row = spawn("targets", str(size), text)
             if "error" in row:
-                print(f"| {size} | {tile} | error: {row['error']} |||||", flush=True)
+                print(f"| {size} | {text} | error: {row['error']} ||||", flush=True)
                 continue
             above = row["peak"] - row["idle"] + row["sessions"]
             shape = (row["width"], row["height"])
             decoded = (2 * row["width"], 2 * row["height"])  # as child_targets holds it (near enough)
-            predicted = style_pass_bytes(shape, decoded, row["window_pixels"] if tile else 0)
-            predicted += TILE_SESSIONS_BYTES if tile else 0
+            predicted = style_pass_bytes(shape, decoded, scheme, choice)
+            predicted += TILE_SESSIONS_BYTES if scheme else 0
             print(
-                f"| {size} | {tile or 'none'} | {mb(row['sessions'])} | {mb(above)} | {mb(predicted)} | "
-                f"{above / row['pixels']:.0f} | {above / row['window_pixels']:.0f} |",
+                f"| {size} | {scheme or 'untiled'} | {mb(row['sessions'])} | {mb(above)} | {mb(predicted)} | "
+                f"{above / row['pixels']:.0f} |",
                 flush=True,
             )
 
@@ -336,7 +451,22 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=1, help="with --server")
     parser.add_argument("--min-size", type=int, help="with --server: default SIZE; 0 = the default pyramid")
     parser.add_argument("--targets", type=int, nargs="+", metavar="SIZE", help="style target passes")
-    parser.add_argument("--targets-tiles", type=int, nargs="+", default=[0, 256, 512])
+    parser.add_argument(
+        "--targets-schemes",
+        nargs="+",
+        default=["0", "256:whole", "512:whole", "256:3"],
+        help="with --targets: 0 (untiled), TILE:whole or TILE:BLOCKS",
+    )
+    parser.add_argument(
+        "--schemes",
+        nargs="+",
+        metavar="SCHEME",
+        help="one evaluation per tile scheme (TILE:whole, TILE:BLOCKS)",
+    )
+    parser.add_argument("--schemes-size", type=int, default=1024, help="with --schemes")
+    parser.add_argument(
+        "--tile-sizes", type=int, nargs="+", default=[0], help="forced tile sizes of the jobs (0: as planned)"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.server:
@@ -362,15 +492,20 @@ def main() -> None:
     if args.child:
         kind, size, extra = args.child[0], int(args.child[1]), args.child[2]
         if kind == "job":
-            row = child_job(size, int(extra))
+            row = child_job(size, int(extra), int(args.child[3]) if len(args.child) > 3 else 0)
         elif kind == "targets":
-            row = child_targets(size, int(extra))
+            row = child_targets(size, extra)
+        elif kind == "scheme":
+            row = child_scheme(size, extra)
         else:
             row = child_evaluation(size, extra)
         print(json.dumps(row))
         return
     if args.targets:
-        targets_table(args.targets, args.targets_tiles)
+        targets_table(args.targets, args.targets_schemes)
+        return
+    if args.schemes:
+        schemes_table(args.schemes_size, args.schemes)
         return
 
     print(
@@ -379,19 +514,20 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|")
     for budget in args.budgets_mb:
         for size in args.sizes:
-            row = spawn("job", str(size), str(budget))
-            label = f"| {size} | {mb(row['budget']) if 'budget' in row else budget} |"
-            if "error" in row:
-                print(f"{label} error: {row['error']} ||||||||", flush=True)
-            elif "refused" in row:
-                print(f"{label} refused: {row['refused']} ||||||||", flush=True)
-            else:
-                print(
-                    f"{label} {row['tiles'] or 'none'} | {row['correction_pairs']} | {mb(row['idle'])} | {mb(row['predicted'])} | "
-                    f"{mb(row['peak'])} | {row['predicted'] / row['peak']:.2f} | {row['seconds_per_evaluation']:.1f} | "
-                    f"{mb(row['after'])} |",
-                    flush=True,
-                )
+            for tile in args.tile_sizes:
+                row = spawn("job", str(size), str(budget), str(tile))
+                label = f"| {size} | {mb(row['budget']) if 'budget' in row else budget} |"
+                if "error" in row:
+                    print(f"{label} error: {row['error']} ||||||||", flush=True)
+                elif "refused" in row:
+                    print(f"{label} refused: {row['refused']} ||||||||", flush=True)
+                else:
+                    print(
+                        f"{label} {row['tiles'] or 'none'} | {row['correction_pairs']} | {mb(row['idle'])} | {mb(row['predicted'])} | "
+                        f"{mb(row['peak'])} | {row['predicted'] / row['peak']:.2f} | {row['seconds_per_evaluation']:.1f} | "
+                        f"{mb(row['after'])} |",
+                        flush=True,
+                    )
     if args.torch:
         print()
         print(

@@ -253,7 +253,7 @@ def job_table(
     for name in ways:
         for history in histories:
             # The memory plan is where a job's history comes from (server.engine.memory), one stage here.
-            memory = JobMemory(tiles=(0,), histories=(history,), peak_bytes=0, style_tiles=(0,))
+            memory = JobMemory(schemes=(None,), histories=(history,), peak_bytes=0, style_schemes=(None,))
             plan = dataclasses.replace(
                 engine.plan((width, height), [(style.shape[1], style.shape[0])], settings), memory=memory
             )

@@ -168,10 +168,10 @@ def run_curves(args: argparse.Namespace) -> None:
                 for i, (size, n) in enumerate([*schedule.coarse, (schedule.final, final_iterations)])
             ]
             memory = JobMemory(
-                (0,) * len(stages),
+                (None,) * len(stages),
                 (schedule.history or MAXCOR,) * len(stages),
                 peak_bytes=0,
-                style_tiles=(0,) * len(stages),
+                style_schemes=(None,) * len(stages),
             )
             style_sizes = [(s.image.shape[1], s.image.shape[0]) for s in style]
             planned = engine.plan((width, height), style_sizes, settings, schedule=stages)

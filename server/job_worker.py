@@ -229,8 +229,8 @@ def _describe_sizes(inputs: DecodedInputs, job: AcceptedJob) -> str:
     height, width = inputs.content.shape[:2]
     out_w, out_h = inputs.plan.output_size
     styles = ",".join(f"{s.image.shape[1]}x{s.image.shape[0]}" for s in inputs.styles) or "none"
-    tiles = ",".join(str(t) for t in inputs.plan.memory.tiles)
-    style_tiles = ",".join(str(t) for t in inputs.plan.memory.style_tiles)
+    tiles = ",".join(str(t or 0) for t in inputs.plan.memory.schemes)
+    style_tiles = ",".join(str(t or 0) for t in inputs.plan.memory.style_schemes)
     histories = ",".join(str(h) for h in inputs.plan.memory.histories)
     return (
         f"content={width}x{height} styles={styles} output={out_w}x{out_h} "

@@ -15,7 +15,7 @@ from stylize_service.server.engine import memory
 from stylize_service.server.engine.memory import MemoryExceeded, plan_job, stage_bytes
 from stylize_service.server.engine.plan import layer_choice, plan
 from stylize_service.server.engine.pyramid import Stage
-from stylize_service.server.engine.tile_layout import TileLayout
+from stylize_service.server.engine.tile_layout import TileScheme
 from stylize_service.server.engine.types import StylizeSettings
 from stylize_service.server.scheduler import Scheduler
 from tests.fakes import FakeEngine, channel, image_bytes, running_server
@@ -46,28 +46,47 @@ def plan_content(stages: list[Stage], budget: int | None, forced_tile: int = 0) 
     return plan_job(stages, CHOICE, budget, forced_tile, style_sizes=(), style_scale=1.0)
 
 
-def test_untiled_where_it_fits_else_the_largest_tile_that_fits():
+def all_schemes(stage_: Stage) -> list[TileScheme]:
+    return [s for t in memory.TILE_SIZES if t < stage_.longest for s in memory.tile_schemes(t, CHOICE)]
+
+
+def test_untiled_where_it_fits_else_the_fastest_tiles_that_fit():
     big = stage(2048, 1536)
-    untiled = stage_bytes(big, CHOICE, 0)
+    untiled = stage_bytes(big, CHOICE, None)
     headroom = 1 - memory.PLAN_HEADROOM
     assert plan_content([big], None).tiles == (0,)
     assert plan_content([big], int(untiled / headroom) + 1).tiles == (0,)
-    # Untiled would fill the budget, so tiles that leave the headroom free are taken.
+    # Untiled would fill the budget, so tiles that leave the headroom free are taken: of the ways that
+    # do, the one of least predicted time.
     tiled = plan_content([big], untiled)
     assert tiled.tiles[0] in memory.TILE_SIZES and tiled.peak_bytes <= untiled * headroom
-    # Smaller budgets, smaller tiles; the L-BFGS state itself is never tiled.
-    smaller = plan_content([big], stage_bytes(big, CHOICE, 256))
-    assert smaller.tiles[0] <= tiled.tiles[0]
+    fitting = [s for s in all_schemes(big) if stage_bytes(big, CHOICE, s) <= untiled * headroom]
+    fastest = min(fitting, key=lambda s: memory.predicted_seconds(big, CHOICE, s))
+    assert memory.predicted_seconds(big, CHOICE, tiled.schemes[0]) == memory.predicted_seconds(
+        big, CHOICE, fastest
+    )
+    # Tiling a block one at a time, with its own small halo, is predicted faster than the whole network
+    # as one segment with the deepest layer's halo, and leaving the deep blocks untiled faster still.
+    assert (
+        memory.predicted_seconds(big, CHOICE, TileScheme.by_block(256, 1))
+        < memory.predicted_seconds(big, CHOICE, TileScheme.by_block(256, 5))
+        < memory.predicted_seconds(big, CHOICE, TileScheme.whole(256, CHOICE))
+    )
+    # A smaller budget, a slower way; the L-BFGS state itself is never tiled.
+    smaller = plan_content([big], int(stage_bytes(big, CHOICE, TileScheme.by_block(256, 5)) / headroom))
+    assert memory.predicted_seconds(big, CHOICE, smaller.schemes[0]) >= memory.predicted_seconds(
+        big, CHOICE, tiled.schemes[0]
+    )
     assert tiled.histories == smaller.histories == (memory.MAXCOR,)
-    # Below what the smallest tile needs with the full history, a shorter history; below the shortest
+    # Below what the least memory way needs with the full history, a shorter history; below the shortest
     # one's L-BFGS state alone, nothing fits.
-    smallest = min(memory.TILE_SIZES)
-    squeezed = plan_content([big], stage_bytes(big, CHOICE, smallest) - 1)
+    least = min(stage_bytes(big, CHOICE, s) for s in all_schemes(big))
+    squeezed = plan_content([big], least - 1)
     assert squeezed.histories[0] < memory.MAXCOR and squeezed.histories[0] in memory.HISTORIES
-    assert squeezed.peak_bytes == stage_bytes(big, CHOICE, squeezed.tiles[0], squeezed.histories[0])
+    assert squeezed.peak_bytes == stage_bytes(big, CHOICE, squeezed.schemes[0], squeezed.histories[0])
     shortest = min(memory.HISTORIES)
     # Where nothing leaves the headroom free, the whole budget is used rather than the job refused.
-    tightest = stage_bytes(big, CHOICE, smallest, shortest)
+    tightest = min(stage_bytes(big, CHOICE, s, shortest) for s in all_schemes(big))
     assert plan_content([big], tightest).peak_bytes == tightest
     with pytest.raises(MemoryExceeded, match="MB of memory"):
         plan_content([big], memory.lbfgs_bytes_per_variable(shortest) * 3 * 2048 * 1536)
@@ -78,7 +97,11 @@ def test_the_peak_is_the_largest_stage_and_forced_tiles_apply_above_their_size()
     job = plan_content(stages, None, forced_tile=256)
     assert job.tiles == (0, 256)
     assert job.histories == (memory.MAXCOR, memory.MAXCOR)
-    assert job.peak_bytes == max(stage_bytes(stages[0], CHOICE, 0), stage_bytes(stages[1], CHOICE, 256))
+    # Forced tiles without a budget: the fastest scheme, the first block tiled and the others not.
+    assert job.schemes[1] == TileScheme.by_block(256, 1)
+    assert job.peak_bytes == max(
+        stage_bytes(stages[0], CHOICE, None), stage_bytes(stages[1], CHOICE, job.schemes[1])
+    )
 
 
 def test_budget_comes_from_the_cgroup_limit_less_a_margin(monkeypatch):
@@ -194,9 +217,10 @@ def test_the_plan_counts_a_style_pass_larger_than_the_content_and_tiles_it():
     plan = plan_job_memory((1024, 768), settings, styles, budget)
     assert plan.tiles == (0,) and plan.style_tiles[0] in memory.TILE_SIZES
     assert plan.peak_bytes <= budget
-    layout = TileLayout(2048, 2048, plan.style_tiles[0], layer_choice(settings, 1))
-    rows, cols = layout.largest_window()
-    assert plan.peak_bytes >= memory.style_pass_bytes((2048, 2048), (2048, 2048), rows * cols)
+    choice = layer_choice(settings, 1)
+    assert plan.peak_bytes >= memory.style_pass_bytes(
+        (2048, 2048), (2048, 2048), plan.style_schemes[0], choice
+    )
     # Below what its smallest tiles need, refused naming the style image and its size.
     with pytest.raises(MemoryExceeded, match=r"the style image styles\[0\], scaled to 2048x2048 px"):
         plan_job_memory((1024, 768), settings, styles, 300 * MB)

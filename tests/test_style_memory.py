@@ -14,6 +14,7 @@ from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.engine.lbfgs_workspace import MAXCOR
 from stylize_service.server.engine.memory import JobMemory
+from stylize_service.server.engine.tile_layout import TileScheme
 from stylize_service.server.engine.types import (
     Init,
     StyleSource,
@@ -34,7 +35,8 @@ def test_a_tiled_style_pass_gives_the_untiled_job_s_losses(real_engine):
 
     def run(style_tile: int) -> list[float]:
         planned = real_engine.plan((64, 48), [(192, 160)], settings)
-        memory = JobMemory(tiles=(0,), histories=(MAXCOR,), peak_bytes=0, style_tiles=(style_tile,))
+        style_scheme = TileScheme.whole(style_tile, planned.choice) if style_tile else None
+        memory = JobMemory(schemes=(None,), histories=(MAXCOR,), peak_bytes=0, style_schemes=(style_scheme,))
         observer = LossRecorder()
         real_engine.stylize(
             content,

@@ -1,4 +1,6 @@
-"""Exact tiled evaluation (server.engine.tiling) against the untiled loss graph: same loss and gradient."""
+"""Exact tiled evaluation (server.engine.tiling) against the untiled loss graph: same loss and gradient, in
+every tile scheme: the first blocks tiled one at a time with the rest untiled, every block tiled, and the
+whole network as one tiled segment."""
 
 from __future__ import annotations
 
@@ -11,9 +13,17 @@ import pytest
 from stylize_service.models import export
 from stylize_service.models.layers import LayerChoice
 from stylize_service.models.paths import default_model_path
+from stylize_service.models.segments import segment
 from stylize_service.server.engine.evaluators import blend_targets
 from stylize_service.server.engine.network import FeatureNetwork, Targets
-from stylize_service.server.engine.tile_layout import TileLayout, halo, receptive_radius, spans
+from stylize_service.server.engine.tile_layout import (
+    TileLayout,
+    TileScheme,
+    halo,
+    receptive_radius,
+    segment_layouts,
+    spans,
+)
 from stylize_service.server.engine.tiling import TiledEvaluator
 from tests.test_gradients import random_weights
 
@@ -43,9 +53,13 @@ def compare(
     style: tuple[str, ...] = STYLE,
     pooling: str = "max",
     seed: int = 0,
+    blocks: int | None = None,
 ) -> int:
-    """Untiled and tiled loss and gradient of the same point; returns the number of tiles."""
+    """Untiled and tiled loss and gradient of the same point; returns the number of tiles (of the first
+    segment). blocks: the first `blocks` blocks tiled one at a time (TileScheme.by_block), the rest
+    untiled; None: the whole network as one tiled segment."""
     choice = LayerChoice.of({"content": content, "style": style}, pooling)
+    scheme = TileScheme.whole(tile, choice) if blocks is None else TileScheme.by_block(tile, blocks)
     rng = np.random.default_rng(seed)
 
     def image(h: int, w: int) -> np.ndarray:
@@ -64,7 +78,7 @@ def compare(
     )
     untiled = compiled.evaluate(x, compiled.feeds(untiled_targets, weights, layer_weights))
 
-    tiled = TiledEvaluator(network.tile_sessions(choice), tile)
+    tiled = TiledEvaluator(network.tile_sessions(choice), scheme)
     targets = blend_targets(
         choice, tiled.separable_targets(content_image), [(1.0, tiled.statistic_targets(style_image))]
     )
@@ -122,7 +136,8 @@ def test_random_net_one_tile(random_network):
 def test_random_net_tile_edge_on_a_pooling_boundary_and_thin_strips(random_network):
     # 96 = 3 tiles of 32 exactly (edges on the pooling grid); 97 leaves a last owned strip 1 px thin.
     assert compare(random_network, 96, 97, 32) == 3 * 4
-    layout = TileLayout(96, 97, 32, LayerChoice.of({"content": ("relu4_2",), "style": STYLE}))
+    choice = LayerChoice.of({"content": ("relu4_2",), "style": STYLE})
+    layout = TileLayout(96, 97, 32, segment(choice, 1, 5))
     assert min(t.cols.own_end - t.cols.own_start for t in layout) == 1
 
 
@@ -147,10 +162,81 @@ def test_style_targets_in_tiles_are_the_untiled_ones(random_network, tile):
     choice = LayerChoice.of({"content": ("relu4_2",), "style": STYLE})
     style = np.random.default_rng(4).uniform(-110, 140, (1, 3, 101, 77)).astype(np.float32)
     untiled = random_network.compiled(choice).targets(style).by_term["style"]
-    tiled = TiledEvaluator(random_network.tile_sessions(choice), tile)
+    tiled = TiledEvaluator(random_network.tile_sessions(choice), TileScheme.whole(tile, choice))
     assert len(tiled.layout(style)) > 1
     targets = tiled.statistic_targets(style)
     assert set(targets) == {"style"} and set(targets["style"]) == set(STYLE)
     for layer, expected in untiled.items():
         error = np.linalg.norm(targets["style"][layer] - expected) / np.linalg.norm(expected)
         assert error < 1e-5, layer
+
+
+# Per-segment tiling: each block (or the first few) tiled with its own small halo, the rest untiled.
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("pooling", ["max", "avg"])
+def test_random_net_segments_odd_shape(random_network, blocks, pooling):
+    # 75 x 109: every pool output has an odd side somewhere, so the last row or column is dropped at
+    # some pool and the segments' maps are not multiples of the tiles.
+    assert compare(random_network, 75, 109, 32, pooling=pooling, blocks=blocks) == 3 * 4
+
+
+@pytest.mark.parametrize(
+    "deepest", ["relu1_1", "relu1_2", "relu2_1", "relu2_2", "relu3_3", "relu4_1", "relu5_3"]
+)
+def test_random_net_segments_each_layer_as_the_deepest(random_network, deepest):
+    # The last segment ends at the deepest layer, with no pool after it; a tiled one has no output.
+    for blocks in (1, 5):
+        compare(random_network, 61, 83, 16, content=(deepest,), style=("relu1_1",), blocks=blocks)
+
+
+def test_random_net_segments_tiles_smaller_than_their_halos(random_network):
+    # 8 px tiles: each segment's windows overlap their neighbours' by more than the owned parts.
+    compare(random_network, 45, 38, 8, blocks=3)
+
+
+def test_random_net_segments_one_tile(random_network):
+    assert compare(random_network, 40, 56, 64, blocks=2) == 1
+
+
+def test_real_vgg16_segments(real_network):
+    compare(real_network, 81, 117, 32, blocks=3)
+    compare(
+        real_network,
+        70,
+        95,
+        24,
+        content=("relu5_3", "relu2_2"),
+        style=("relu1_1", "relu3_1"),
+        pooling="avg",
+        blocks=2,
+    )
+
+
+def test_segment_halos_are_a_few_positions_and_cover_the_receptive_field():
+    choice = LayerChoice.of({"content": ("relu4_2",), "style": STYLE})
+    # Two or three 3x3 convolutions, rounded up to the trailing pool's grid of 2.
+    assert [segment(choice, b, b).halo for b in (1, 2, 3, 4)] == [2, 2, 4, 4]
+    assert segment(choice, 5, 5).halo == 1  # conv5_1 alone, no pool after it
+    assert segment(choice, 1, 5).halo == halo("relu5_1")  # the whole network as one segment
+    # Deeper segments' tiles are as large in memory: fewer positions where there are more channels.
+    layouts = segment_layouts(768, 1024, TileScheme.by_block(256, 4), choice)
+    assert [layout.tile for layout in layouts] == [256, 180, 128, 90]
+    assert len(layouts[0]) == 12
+
+
+@pytest.mark.parametrize("blocks", [None, 2])
+def test_style_targets_in_segment_tiles_are_the_untiled_ones(random_network, blocks):
+    choice = LayerChoice.of({"content": ("relu4_2",), "style": STYLE})
+    style = np.random.default_rng(5).uniform(-110, 140, (1, 3, 101, 77)).astype(np.float32)
+    untiled = random_network.compiled(choice).targets(style).by_term
+    scheme = TileScheme.whole(24, choice) if blocks is None else TileScheme.by_block(24, blocks)
+    tiled = TiledEvaluator(random_network.tile_sessions(choice), scheme)
+    for term, targets in (
+        ("style", tiled.statistic_targets(style)),
+        ("content", tiled.separable_targets(style)),
+    ):
+        for layer, expected in untiled[term].items():
+            got = targets[term][layer]
+            assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 1e-5, (term, layer)

@@ -22,7 +22,7 @@ from .plan import plan as plan_job
 from .providers import ProviderSpec
 from .pyramid import Stage
 from .resample import resize, resize_longest
-from .tile_layout import TileLayout
+from .tile_layout import TileScheme, segment_layouts
 from .tiling import TiledEvaluator
 from .types import (
     GraphCacheStats,
@@ -179,17 +179,23 @@ class Engine:
         last: Step | None = None
         # Built first, while the job holds little: compiling them takes a few hundred MB for a moment
         # (memory.TILE_SESSIONS_BUILD_BYTES); memory.plan_job counts them in every stage.
-        uses_tiles = any(memory_plan.tiles) or any(memory_plan.style_tiles)
+        uses_tiles = any(memory_plan.schemes) or any(memory_plan.style_schemes)
         tile_sessions = self._network.tile_sessions(choice) if uses_tiles else None
+        if tile_sessions is not None:
+            for scheme, style_scheme in zip(memory_plan.schemes, memory_plan.style_schemes, strict=True):
+                for one, backward in ((scheme, True), (style_scheme, False)):
+                    if one is not None:
+                        tile_sessions.prepare(*one.cut(choice), backward=backward)
         try:
             for stage in stages:
                 if resume is not None and stage.index < resume.stage:
                     continue  # done before the checkpoint
                 stage_content = resize(net_content, stage.width, stage.height)
-                tile, style_tile = memory_plan.tiles[stage.index], memory_plan.style_tiles[stage.index]
-                evaluator = self._evaluator(run, tile_sessions, tile)
+                scheme = memory_plan.schemes[stage.index]
+                style_scheme = memory_plan.style_schemes[stage.index]
+                evaluator = self._evaluator(run, tile_sessions, scheme)
                 style_evaluator = (
-                    evaluator if style_tile == tile else self._evaluator(run, tile_sessions, style_tile)
+                    evaluator if style_scheme == scheme else self._evaluator(run, tile_sessions, style_scheme)
                 )
                 targets = self._targets(
                     run, stage_content, net_styles, blend, stage, evaluator, style_evaluator
@@ -216,12 +222,12 @@ class Engine:
         )
 
     @staticmethod
-    def _evaluator(run: _Run, sessions: TileSessions | None, tile: int) -> StageEvaluator:
-        """The stage's evaluator: the whole image, or exact tiles of `tile` px."""
-        if not tile:
+    def _evaluator(run: _Run, sessions: TileSessions | None, scheme: TileScheme | None) -> StageEvaluator:
+        """The stage's evaluator: the whole image, or exact tiles as the scheme cuts them."""
+        if scheme is None:
             return WholeImageEvaluator(run.compiled)
         assert sessions is not None
-        return TiledEvaluator(sessions, tile, functools.partial(_stop_if_asked, run.observer))
+        return TiledEvaluator(sessions, scheme, functools.partial(_stop_if_asked, run.observer))
 
     def _targets(
         self,
@@ -312,10 +318,11 @@ class Engine:
         # Restarted from a checkpoint's iterate, run_lbfgs counts from 0 again; resumed exactly, it goes on
         # counting from the state's.
         offset = done_before if state is None else 0
-        tile_size = run.memory.tiles[stage.index]
+        scheme = run.memory.schemes[stage.index]
+        tile_size = scheme.tile if scheme else 0
         history = run.memory.histories[stage.index]
         tile_count = (
-            len(TileLayout(stage.height, stage.width, tile_size, run.compiled.choice)) if tile_size else 0
+            len(segment_layouts(stage.height, stage.width, scheme, run.compiled.choice)[0]) if scheme else 0
         )
 
         def before_evaluation() -> None:

@@ -5,16 +5,24 @@ The model counts what a job holds above the idle server at its peak, the largest
   its last evaluated copy, gradient and bounds, all float64, integer workspaces, and our float32 copies:
   lbfgs_bytes_per_variable(history) per variable, three variables (colour channels) per pixel;
 - the stage's own arrays (content, start point, gradient, targets at full size);
-- one loss-and-gradient evaluation: EVAL_BYTES_PER_PIXEL of the stage's pixels untiled, or, tiled, the
-  tile sessions and TILE_EVAL_BYTES_PER_PIXEL of the largest tile window;
+- one loss-and-gradient evaluation: EVAL_BYTES_PER_PIXEL of the stage's pixels untiled, or, tiled
+  (server/engine/tiling.py, a TileScheme), the tile sessions, the pool outputs held whole between the
+  tiled segments, and the largest of one tile's run, the untiled tail's, and the gradients passed between
+  segments; a feature map's memory grows with its channels times its positions ("channel-positions"),
+  so the tiles and the tail are counted per channel-position;
 and, before the optimisation, the stage's target passes: the content's, then each style image's, one at a
 time, at the stage's longest side times style_scale in the style's own aspect ratio, which can be far
 larger than the stage (a 256 px stage at style_scale 8 takes a 2048 px style). A style pass too large for
 the budget runs in tiles of its own (exact: its Gram matrices are sums over the tiles). The decoded style
 images are held for the whole job.
-The per-pixel figures were measured with the default layers (the deepest, relu5_1, with five style
-layers) by scripts/benchmark_memory.py, which also prints predicted against measured peaks; deeper or
-fewer layers need no more.
+The figures were measured with the default layers (the deepest, relu5_1, with five style layers) by
+scripts/benchmark_memory.py, which also prints predicted against measured peaks; deeper or fewer layers
+need no more.
+
+Among the ways that fit, the planner takes the full L-BFGS-B history where it fits, untiled where that
+fits (the untiled evaluation is the reference), else the tiled way of least predicted time
+(predicted_seconds: the network's multiply-adds, a tiled segment's three passes over its windows, halos
+included, and a fixed cost per tile run).
 """
 
 from __future__ import annotations
@@ -27,13 +35,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from stylize_service.models.layers import LayerChoice
+from stylize_service.models.segments import Segment, deepest_block, segment
 from stylize_service.models.terms import TERMS
-from stylize_service.models.vgg16 import CHANNELS, POOLS_BEFORE
+from stylize_service.models.vgg16 import CHANNELS, CONVS, POOLS_BEFORE
 
 from .lbfgs_workspace import MAXCOR, lbfgs_bytes_per_variable
 from .pyramid import Stage, style_longest
 from .resample import scaled_size, shrunk_size
-from .tile_layout import TileLayout
+from .tile_layout import TileScheme, segment_layouts
 
 MiB = 2**20
 # L-BFGS-B's history (correction pairs) per stage, tried in this order: the full one at any tile size
@@ -47,27 +56,26 @@ HISTORIES = (MAXCOR, 5, 3)
 # Measured (one-iteration single-stage jobs on the Tübingen/Starry Night pair, peak RSS above the warmed-up
 # server, with L-BFGS-B's workspace resident from the start; scripts/benchmark_memory.py prints predicted
 # against measured): untiled at 512 and 1024 px, 412 and 1520 MB above the L-BFGS state and the stage's
-# arrays, i.e. 40 MB and 1.88 KB per pixel. Tiled: 2048x1536 in 256 px tiles (a 416 x 416 window) and
-# 4096x3072 in 1024 px tiles (1184 x 1184) held 844 and 6705 MB above those and the whole-size targets,
-# which TILE_SESSIONS_BYTES + TILE_EVAL_BYTES_PER_PIXEL x the window covers (925 and 6785 MB). A tiled
-# evaluation costs more per window pixel than an untiled one per image pixel: each tile's run also
-# takes the whole-image Grams, masks and its share of the gradient.
+# arrays, i.e. 40 MB and 1.88 KB per pixel.
 EVAL_FIXED_BYTES = 40 * MiB
 EVAL_BYTES_PER_PIXEL = 1880
-TILE_EVAL_BYTES_PER_PIXEL = 5000
-TILE_SESSIONS_BYTES = 100 * MiB
 STAGE_ARRAY_BYTES_PER_PIXEL = 64  # float32 RGB content, start, point and gradient copies
 # Target passes (forward only), measured by scripts/benchmark_memory.py --targets (one style pass of The
 # Starry Night per fresh process, scaled from a decoded copy twice its size; peak above the ready network).
 # Untiled, as CompiledChoice.targets runs it: 92, 578, 2447 and 3410 MB at 512, 1024, 2048 and 3072 px
-# (164K to 5.9M pixels: 586, 924, 979 and 606 bytes per pixel), which 40 MB and 1 KB per pixel covers. Tiled,
-# as TiledEvaluator's statistics pass runs it (2048 px in 128, 256, 512 px tiles; 4096 px in 256 and 1024 px
-# tiles): 2400 to 2760 bytes per pixel of the largest window where there are 12 tiles or more, 900 with 4
-# (the arena, never shrunk between tiles, fragments over windows of different shapes): 3000 covers them.
+# (164K to 5.9M pixels: 586, 924, 979 and 606 bytes per pixel), which 40 MB and 1 KB per pixel covers.
 TARGETS_FIXED_BYTES = 40 * MiB
 TARGETS_BYTES_PER_PIXEL = 1024
-TILE_STATISTICS_BYTES_PER_PIXEL = 3000
 NETWORK_INPUT_BYTES_PER_PIXEL = 12  # float32, (1, 3, h, w): a tiled pass holds the whole input
+# Tiled (server/engine/tiling.py), per channel-position (a map's channels times its positions; the default
+# layers' whole network has 122 per image pixel, the first block 64), measured by scripts/benchmark_memory.py
+# --schemes: one tile's run, forward and backward (TILE_...) or forward only (TILE_STATISTICS_...), of its
+# window; the untiled tail's run from the pool output it starts at, forward and backward or forward only.
+TILE_BYTES_PER_CHANNEL_POSITION = 48
+TILE_STATISTICS_BYTES_PER_CHANNEL_POSITION = 25
+TAIL_BYTES_PER_CHANNEL_POSITION = 16
+TAIL_TARGETS_BYTES_PER_CHANNEL_POSITION = 9
+TILE_SESSIONS_BYTES = 100 * MiB
 # Compiling the tile sessions (FeatureNetwork.tile_sessions) at the start of a job that uses them: its
 # resident memory rose by 420 MB for a moment, 114 MB of which stayed (TILE_SESSIONS_BYTES covers those).
 TILE_SESSIONS_BUILD_BYTES = 450 * MiB
@@ -81,6 +89,12 @@ PLAN_HEADROOM = 0.1  # measured: a server's job peaked 9% above the one-process 
 TILE_SIZES = (1024, 768, 512, 384, 256, 128)  # tried largest first when a stage does not fit untiled
 DEFAULT_MARGIN_FRACTION = 0.1  # of the machine's or container's memory, left to the kernel and others
 MIN_MARGIN_BYTES = 512 * MiB
+# The time model (predicted_seconds), for ranking the ways a stage fits, not for reporting: multiply-adds
+# at a nominal rate, a backward pass costing BACKWARD_COST forward passes (measured 1.27 at 512x384 for the
+# whole network), and a fixed cost per onnxruntime run of a tile.
+NOMINAL_MULTIPLY_ADDS_PER_SECOND = 30e9
+BACKWARD_COST = 1.3
+SECONDS_PER_TILE_RUN = 0.004
 
 
 class MemoryExceeded(Exception):
@@ -106,14 +120,23 @@ class MemoryExceeded(Exception):
 
 @dataclass(frozen=True)
 class JobMemory:
-    """The plan of one job: each stage's tile size for its evaluations (0 = untiled) and L-BFGS-B history
-    (correction pairs), the predicted peak above idle, and each stage's tile size for its style target
-    passes (0 = untiled; in a tiled stage the stage's own tile size unless a smaller one is needed)."""
+    """The plan of one job: each stage's tile scheme for its evaluations (None = untiled) and L-BFGS-B
+    history (correction pairs), the predicted peak above idle, and each stage's tile scheme for its style
+    target passes (None = untiled)."""
 
-    tiles: tuple[int, ...]
+    schemes: tuple[TileScheme | None, ...]
     histories: tuple[int, ...]
     peak_bytes: int
-    style_tiles: tuple[int, ...]
+    style_schemes: tuple[TileScheme | None, ...]
+
+    @property
+    def tiles(self) -> tuple[int, ...]:
+        """Each stage's tile size (px, of its first segment's tiles), 0 where untiled."""
+        return tuple(scheme.tile if scheme else 0 for scheme in self.schemes)
+
+    @property
+    def style_tiles(self) -> tuple[int, ...]:
+        return tuple(scheme.tile if scheme else 0 for scheme in self.style_schemes)
 
 
 @dataclass(frozen=True)
@@ -142,28 +165,104 @@ def style_passes(stage: Stage, decoded: Sequence[tuple[int, int]], style_scale: 
     return [StylePass(index, size, scaled_size(*size, longest)) for index, size in enumerate(decoded)]
 
 
-@functools.lru_cache(maxsize=256)
-def _largest_window(height: int, width: int, tile: int, choice: LayerChoice) -> int:
-    rows, cols = TileLayout(height, width, tile, choice).largest_window()
-    return rows * cols
+def _block_channels(block: int) -> int:
+    return next(spec.out_channels for spec in CONVS if spec.block == block)
 
 
-def style_pass_bytes(size: tuple[int, int], decoded: tuple[int, int], window_pixels: int = 0) -> int:
+def channel_positions(seg: Segment, height: int, width: int) -> int:
+    """The channel-positions of a segment's maps over an input of height x width positions: each of its
+    blocks' width times the positions at that block's resolution."""
+    return sum(
+        _block_channels(block) * (height // 2 ** (block - seg.first)) * (width // 2 ** (block - seg.first))
+        for block in range(seg.first, seg.last + 1)
+    )
+
+
+@dataclass(frozen=True)
+class _SchemeCost:
+    """What a TileScheme holds and costs at one image size."""
+
+    boundaries: int  # bytes of the pool outputs held whole between tiled segments (an evaluation's)
+    evaluation: int  # bytes of the largest of: a tile's run, the tail's run, and the gradients passed on
+    forward: int  # bytes of the largest forward step of a targets pass (inputs and outputs included)
+    seconds: float  # predicted time of one evaluation
+    tiles: int  # tile runs of one evaluation's forward pass
+
+
+@functools.lru_cache(maxsize=1024)
+def scheme_cost(height: int, width: int, scheme: TileScheme, choice: LayerChoice) -> _SchemeCost:
+    segments, tail = scheme.cut(choice)
+    layouts = segment_layouts(height, width, scheme, choice)
+    boundaries = evaluation = forward = tiles = 0
+    seconds = 0.0
+    for seg, layout in zip(segments, layouts, strict=True):
+        input_bytes = 4 * seg.input_channels * layout.height * layout.width
+        output_bytes = 0
+        if seg.output:
+            factor = 2**seg.output_pools
+            output_bytes = 4 * seg.output_channels * (layout.height // factor) * (layout.width // factor)
+            boundaries += output_bytes
+        rows, cols = layout.largest_window()
+        window = channel_positions(seg, rows, cols)
+        evaluation = max(evaluation, TILE_BYTES_PER_CHANNEL_POSITION * window + input_bytes + output_bytes)
+        forward = max(
+            forward, TILE_STATISTICS_BYTES_PER_CHANNEL_POSITION * window + input_bytes + output_bytes
+        )
+        area = sum(
+            (t.rows.window_end - t.rows.window_start) * (t.cols.window_end - t.cols.window_start)
+            for t in layout
+        )
+        seconds += (2 + BACKWARD_COST) * _multiply_adds(seg, area) / NOMINAL_MULTIPLY_ADDS_PER_SECOND
+        seconds += 2 * SECONDS_PER_TILE_RUN * len(layout)
+        tiles += len(layout)
+    if tail is not None:
+        seg = segment(choice, tail, deepest_block(choice))
+        factor = 2 ** (tail - 1)
+        tail_positions = channel_positions(seg, height // factor, width // factor)
+        gradient = 4 * seg.input_channels * (height // factor) * (width // factor)
+        evaluation = max(evaluation, TAIL_BYTES_PER_CHANNEL_POSITION * tail_positions + gradient)
+        forward = max(forward, TAIL_TARGETS_BYTES_PER_CHANNEL_POSITION * tail_positions + gradient)
+        area = (height // factor) * (width // factor)
+        seconds += (1 + BACKWARD_COST) * _multiply_adds(seg, area) / NOMINAL_MULTIPLY_ADDS_PER_SECOND
+    return _SchemeCost(boundaries, evaluation, forward, seconds, tiles)
+
+
+def _multiply_adds(seg: Segment, positions: int) -> float:
+    """The forward pass's multiply-adds of a segment's convolutions over `positions` input positions."""
+    return sum(
+        9.0 * spec.in_channels * spec.out_channels * positions / 4 ** (spec.block - seg.first)
+        for spec in seg.convs
+    )
+
+
+def predicted_seconds(stage: Stage, choice: LayerChoice, scheme: TileScheme | None) -> float:
+    """The time model's seconds for one evaluation of the stage: for ranking ways, not for reporting."""
+    if scheme is None:
+        whole = segment(choice, 1, deepest_block(choice))
+        return (1 + BACKWARD_COST) * _multiply_adds(whole, stage.pixels) / NOMINAL_MULTIPLY_ADDS_PER_SECOND
+    return scheme_cost(stage.height, stage.width, scheme, choice).seconds
+
+
+def style_pass_bytes(
+    size: tuple[int, int],
+    decoded: tuple[int, int],
+    scheme: TileScheme | None = None,
+    choice: LayerChoice | None = None,
+) -> int:
     """Predicted bytes above idle of one style target pass at size = (width, height), scaled from the
-    decoded style: untiled (window_pixels 0), or tile by tile with window_pixels the largest tile
-    window (the tile sessions not included)."""
+    decoded style: untiled (scheme None), or in a scheme's tiles (the tile sessions not included)."""
     pixels = size[0] * size[1]
-    if not window_pixels:
+    if scheme is None:
         return TARGETS_FIXED_BYTES + TARGETS_BYTES_PER_PIXEL * pixels  # measured with the resize in it
+    assert choice is not None
     resize = (
         RESIZE_BYTES_PER_SOURCE_PIXEL * decoded[0] * decoded[1] + RESIZE_BYTES_PER_PIXEL * pixels
         if size != decoded
         else 0
     )
     # The resize's temporaries are gone before the network runs; its result (the input) is not.
-    return max(
-        resize, NETWORK_INPUT_BYTES_PER_PIXEL * pixels + TILE_STATISTICS_BYTES_PER_PIXEL * window_pixels
-    )
+    cost = scheme_cost(size[1], size[0], scheme, choice)
+    return max(resize, NETWORK_INPUT_BYTES_PER_PIXEL * pixels + cost.forward)
 
 
 def _content_target_bytes(stage: Stage, choice: LayerChoice) -> int:
@@ -177,41 +276,41 @@ def _content_target_bytes(stage: Stage, choice: LayerChoice) -> int:
 
 
 def targets_bytes(
-    stage: Stage, choice: LayerChoice, tile: int, style_tile: int, passes: Sequence[StylePass]
+    stage: Stage,
+    choice: LayerChoice,
+    scheme: TileScheme | None,
+    style_scheme: TileScheme | None,
+    passes: Sequence[StylePass],
 ) -> int:
     """Predicted bytes above idle while the stage's targets are computed (tile sessions and the decoded
-    styles not included): the content pass, untiled or in the stage's tiles, then, holding the content's
-    targets, the largest style pass, untiled or in tiles of style_tile px."""
+    styles not included): the content pass, untiled or in the stage's scheme, then, holding the
+    content's targets, the largest style pass, untiled or in style_scheme."""
     content_targets = _content_target_bytes(stage, choice)
-    if tile:
-        window = _largest_window(stage.height, stage.width, tile, choice)
-        content_pass = content_targets + TILE_STATISTICS_BYTES_PER_PIXEL * window
+    if scheme is not None:
+        content_pass = content_targets + scheme_cost(stage.height, stage.width, scheme, choice).forward
     else:
         content_pass = TARGETS_FIXED_BYTES + TARGETS_BYTES_PER_PIXEL * stage.pixels
-    style_pass = max(
-        (
-            style_pass_bytes(
-                p.size,
-                p.decoded,
-                _largest_window(p.size[1], p.size[0], style_tile, choice) if style_tile else 0,
-            )
-            for p in passes
-        ),
-        default=0,
-    )
+    style_pass = max((style_pass_bytes(p.size, p.decoded, style_scheme, choice) for p in passes), default=0)
     return STAGE_ARRAY_BYTES_PER_PIXEL * stage.pixels + max(content_pass, content_targets + style_pass)
 
 
-def stage_bytes(stage: Stage, choice: LayerChoice, tile: int, history: int = MAXCOR) -> int:
-    """Predicted bytes above idle while `stage` runs, untiled (tile 0) or in tiles of `tile` px, with
+def stage_bytes(stage: Stage, choice: LayerChoice, scheme: TileScheme | None, history: int = MAXCOR) -> int:
+    """Predicted bytes above idle while `stage` runs, untiled (scheme None) or in a tile scheme, with
     `history` L-BFGS-B correction pairs."""
     pixels = stage.width * stage.height
     held = lbfgs_bytes_per_variable(history) * 3 * pixels + STAGE_ARRAY_BYTES_PER_PIXEL * pixels
-    if not tile:
+    if scheme is None:
         return held + EVAL_FIXED_BYTES + EVAL_BYTES_PER_PIXEL * pixels
-    window = _largest_window(stage.height, stage.width, tile, choice)
+    cost = scheme_cost(stage.height, stage.width, scheme, choice)
     targets = _content_target_bytes(stage, choice)
-    return held + targets + TILE_SESSIONS_BYTES + TILE_EVAL_BYTES_PER_PIXEL * window
+    return held + targets + TILE_SESSIONS_BYTES + cost.boundaries + cost.evaluation
+
+
+def tile_schemes(tile: int, choice: LayerChoice) -> list[TileScheme]:
+    """The ways to tile with `tile` px tiles: the first 1, 2, ... blocks tiled one at a time and the rest
+    untiled, down to every block tiled; and the whole network as one segment (the least memory)."""
+    blocks = deepest_block(choice)
+    return [*(TileScheme.by_block(tile, k) for k in range(1, blocks + 1)), TileScheme.whole(tile, choice)]
 
 
 def plan_job(
@@ -223,19 +322,19 @@ def plan_job(
     style_sizes: Sequence[tuple[int, int]],
     style_scale: float,
 ) -> JobMemory:
-    """Tile sizes and histories per stage so that the job's predicted peak fits `budget` (bytes above
-    idle; None = no limit): the full history where it fits at some tile size, untiled where that fits,
-    else the largest tile that fits; only then a shorter history (HISTORIES). forced_tile > 0 tiles
-    every stage larger than it. style_sizes: each style image's (width, height) as received (header or
-    decoded); its passes run untiled in an untiled stage and in the stage's tiles in a tiled one, or in
-    the largest smaller tiles that fit. A stage's peak is the larger of its target passes' and its
-    optimisation's; a job that uses tiles also holds the tile sessions throughout, built at its start.
-    Raises MemoryExceeded when a stage fits in no way."""
+    """Tile schemes and histories per stage so that the job's predicted peak fits `budget` (bytes above
+    idle; None = no limit): the full history where it fits in some way, untiled where that fits, else the
+    tile scheme of least predicted time that fits; only then a shorter history (HISTORIES). forced_tile > 0
+    tiles every stage larger than it, in tiles of that size. style_sizes: each style image's
+    (width, height) as received (header or decoded); its passes run untiled in an untiled stage and in the
+    stage's scheme in a tiled one, or in the scheme of least predicted memory that fits. A stage's peak is
+    the larger of its target passes' and its optimisation's; a job that uses tiles also holds the tile
+    sessions throughout, built at its start. Raises MemoryExceeded when a stage fits in no way."""
     final = stages[-1].longest if stages else 0
     decoded = [decoded_style_size(size, style_longest(final, style_scale)) for size in style_sizes]
     held = STYLE_ARRAY_BYTES_PER_PIXEL * sum(width * height for width, height in decoded)
     plan = _plan_stages(stages, choice, budget, forced_tile, decoded, style_scale, held, sessions=False)
-    if not any(plan.tiles) and not any(plan.style_tiles):
+    if not any(plan.schemes) and not any(plan.style_schemes):
         return plan
     # The engine builds the tile sessions when the job starts and keeps them to its end: every stage
     # holds them, and their compilation takes a moment's peak of its own.
@@ -244,6 +343,16 @@ def plan_job(
     if budget is not None and build > budget:
         raise MemoryExceeded(max(build, plan.peak_bytes), budget)
     return replace(plan, peak_bytes=max(plan.peak_bytes, build))
+
+
+@dataclass(frozen=True)
+class _Way:
+    scheme: TileScheme | None
+    history: int
+    style_scheme: TileScheme | None
+    need: int  # the stage's peak: the larger of its targets' and its optimisation's
+    optimisation: int
+    seconds: float
 
 
 def _plan_stages(
@@ -258,49 +367,69 @@ def _plan_stages(
 ) -> JobMemory:
     """plan_job's choice per stage, the decoded styles (`held` bytes) held throughout and the tile
     sessions too where `sessions`."""
-    tiles: list[int] = []
-    style_tiles: list[int] = []
+    schemes: list[TileScheme | None] = []
+    style_schemes: list[TileScheme | None] = []
     histories: list[int] = []
     peak = 0
     for stage in stages:
         passes = style_passes(stage, decoded, style_scale)
+        candidates: list[TileScheme | None]
         if forced_tile and max(stage.width, stage.height) > forced_tile:
-            candidates: tuple[int, ...] = (forced_tile,)
+            candidates = list(tile_schemes(forced_tile, choice))
         else:
-            candidates = (0, *(t for t in TILE_SIZES if t < max(stage.width, stage.height)))
-        ways: list[tuple[int, int, int, int, int]] = []  # tile, history, style tile, need, optimisation's
+            longest = max(stage.width, stage.height)
+            candidates = [None, *(s for t in TILE_SIZES if t < longest for s in tile_schemes(t, choice))]
+        ways: list[_Way] = []
         for history in HISTORIES:
-            for tile in candidates:
-                optimisation = held + stage_bytes(stage, choice, tile, history)
-                if sessions and not tile:  # stage_bytes counts a tiled stage's own
+            for scheme in candidates:
+                optimisation = held + stage_bytes(stage, choice, scheme, history)
+                if sessions and scheme is None:  # stage_bytes counts a tiled stage's own
                     optimisation += TILE_SESSIONS_BYTES
-                for style_tile in _style_tile_candidates(tile, passes):
-                    targets = held + targets_bytes(stage, choice, tile, style_tile, passes)
+                seconds = predicted_seconds(stage, choice, scheme)
+                for style_scheme in _style_scheme_candidates(scheme, passes, choice):
+                    targets = held + targets_bytes(stage, choice, scheme, style_scheme, passes)
                     if sessions:
                         targets += TILE_SESSIONS_BYTES
-                    ways.append((tile, history, style_tile, max(optimisation, targets), optimisation))
+                    ways.append(
+                        _Way(scheme, history, style_scheme, max(optimisation, targets), optimisation, seconds)
+                    )
         # Leave PLAN_HEADROOM of the budget unplanned where some way does (the model was measured in one
         # process; a server also holds requests, threads' heaps and encoded images); else use it all.
-        roomy = [way for way in ways if budget is None or way[3] <= budget * (1 - PLAN_HEADROOM)]
-        fitting = roomy or [way for way in ways if budget is None or way[3] <= budget]
+        roomy = [way for way in ways if budget is None or way.need <= budget * (1 - PLAN_HEADROOM)]
+        fitting = roomy or [way for way in ways if budget is None or way.need <= budget]
         if not fitting:
-            needed = min(way[3] for way in ways)
-            if budget is not None and passes and min(way[4] for way in ways) <= budget:
+            needed = min(way.need for way in ways)
+            if budget is not None and passes and min(way.optimisation for way in ways) <= budget:
                 raise MemoryExceeded(needed, budget, _style_cause(stage, passes, style_scale))
             raise MemoryExceeded(needed, budget or 0)
-        tile, history, style_tile, need, _ = fitting[0]
-        tiles.append(tile)
-        histories.append(history)
-        style_tiles.append(style_tile)
-        peak = max(peak, need)
-    return JobMemory(tuple(tiles), tuple(histories), peak, tuple(style_tiles))
+        best = _best(fitting)
+        schemes.append(best.scheme)
+        histories.append(best.history)
+        style_schemes.append(best.style_scheme)
+        peak = max(peak, best.need)
+    return JobMemory(tuple(schemes), tuple(histories), peak, tuple(style_schemes))
 
 
-def _style_tile_candidates(tile: int, passes: Sequence[StylePass]) -> tuple[int, ...]:
-    """Tile sizes for a stage's style passes, largest first: the stage's own (0 = untiled), then smaller
-    tiles where the largest pass is larger than them."""
+def _best(fitting: list[_Way]) -> _Way:
+    """The first history that fits (the longest); untiled where it fits; else the least predicted time,
+    and between equal times the one listed first (the stage's own scheme for its style passes)."""
+    history = fitting[0].history
+    ways = [way for way in fitting if way.history == history]
+    untiled = [way for way in ways if way.scheme is None]
+    return untiled[0] if untiled else min(ways, key=lambda way: way.seconds)
+
+
+def _style_scheme_candidates(
+    scheme: TileScheme | None, passes: Sequence[StylePass], choice: LayerChoice
+) -> list[TileScheme | None]:
+    """Schemes for a stage's style passes, the stage's own first (untiled in an untiled stage), then
+    smaller tiles, by_block and whole, where the largest pass is larger than them."""
     longest = max((max(p.size) for p in passes), default=0)
-    return (tile, *(t for t in TILE_SIZES if t < (tile or longest)))
+    limit = scheme.tile if scheme else longest
+    others = [s for t in TILE_SIZES if t < limit for s in tile_schemes(t, choice)]
+    if scheme is not None:
+        others = [s for s in tile_schemes(scheme.tile, choice) if s != scheme] + others
+    return [scheme, *others]
 
 
 def _style_cause(stage: Stage, passes: Sequence[StylePass], style_scale: float) -> str:

@@ -14,6 +14,7 @@ import ctypes
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
@@ -24,6 +25,7 @@ import onnxruntime as ort
 
 from stylize_service.models import export, graphs
 from stylize_service.models.layers import LayerChoice
+from stylize_service.models.segments import Segment
 from stylize_service.models.terms import TERMS
 
 from .providers import CPU, CUDA, ProviderSpec, load_cuda_libraries, provider_name
@@ -201,29 +203,77 @@ class CompiledChoice:
 
 
 class TileSessions:
-    """The two onnxruntime sessions of one LayerChoice's tiled evaluation (server.engine.tiling)."""
+    """The onnxruntime sessions of one LayerChoice's tiled evaluation (server.engine.tiling), built when
+    first asked for (or by prepare): a statistics and a loss session per tiled segment, a targets and a
+    loss session per untiled tail. Not cached beyond the job that holds them."""
 
     def __init__(
-        self, choice: LayerChoice, statistics: ort.InferenceSession, loss: ort.InferenceSession
+        self,
+        choice: LayerChoice,
+        features: onnx.ModelProto,
+        build: Callable[[onnx.ModelProto], ort.InferenceSession],
     ) -> None:
         self.choice = choice
-        self._statistics = statistics
-        self._loss = loss
-        self._statistics_inputs = {i.name for i in statistics.get_inputs()}
-        self._loss_inputs = {i.name for i in loss.get_inputs()}
+        self._features = features
+        self._build = build
+        self._sessions: dict[tuple[str, int, int], ort.InferenceSession] = {}
+
+    def _session(self, kind: str, first: int, last: int = 0) -> ort.InferenceSession:
+        key = (kind, first, last)
+        if key not in self._sessions:
+            builders = {
+                "statistics": lambda: graphs.build_segment_statistics_model(
+                    self._features, self.choice, first, last
+                ),
+                "loss": lambda: graphs.build_segment_loss_model(self._features, self.choice, first, last),
+                "tail_targets": lambda: graphs.build_tail_targets_model(self._features, self.choice, first),
+                "tail_loss": lambda: graphs.build_tail_loss_model(self._features, self.choice, first),
+            }
+            self._sessions[key] = self._build(builders[kind]())
+            _trim_heap()  # as after compiling a choice
+        return self._sessions[key]
+
+    def prepare(self, segments: Sequence[Segment], tail: int | None, *, backward: bool) -> None:
+        """Build the sessions that tiles of these segments and this tail need, now: forward passes only
+        (targets), or evaluations too (backward)."""
+        for seg in segments:
+            self._session("statistics", seg.first, seg.last)
+            if backward:
+                self._session("loss", seg.first, seg.last)
+        if tail is not None:
+            self._session("tail_targets", tail)
+            if backward:
+                self._session("tail_loss", tail)
 
     def statistics(
-        self, tile: np.ndarray, masks: dict[str, np.ndarray], outputs: list[str]
+        self, seg: Segment, tile: np.ndarray, masks: dict[str, np.ndarray], outputs: list[str]
     ) -> dict[str, np.ndarray]:
-        feeds = {name: value for name, value in masks.items() if name in self._statistics_inputs}
-        return dict(
-            zip(outputs, self._statistics.run(outputs, {**feeds, export.INPUT_NAME: tile}), strict=True)
-        )
+        session = self._session("statistics", seg.first, seg.last)
+        names = {i.name for i in session.get_inputs()}
+        feeds = {name: value for name, value in masks.items() if name in names}
+        feeds[graphs.segment_input(seg)] = tile
+        return dict(zip(outputs, session.run(outputs, feeds), strict=True))
 
-    def loss(self, tile: np.ndarray, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        used = {name: value for name, value in feeds.items() if name in self._loss_inputs}
-        outputs = self._loss.run(None, {**used, export.INPUT_NAME: tile})
-        return dict(zip((o.name for o in self._loss.get_outputs()), outputs, strict=True))
+    def loss(self, seg: Segment, tile: np.ndarray, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self._run(self._session("loss", seg.first, seg.last), graphs.segment_input(seg), tile, feeds)
+
+    def tail_targets(self, first: int, image: np.ndarray) -> dict[str, np.ndarray]:
+        session = self._session("tail_targets", first)
+        return self._run(session, session.get_inputs()[0].name, image, {})
+
+    def tail_loss(self, first: int, image: np.ndarray, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._session("tail_loss", first)
+        return self._run(session, session.get_inputs()[0].name, image, feeds)
+
+    @staticmethod
+    def _run(
+        session: ort.InferenceSession, input_name: str, image: np.ndarray, feeds: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        names = {i.name for i in session.get_inputs()}
+        used = {name: value for name, value in feeds.items() if name in names}
+        used[input_name] = image
+        outputs = session.run(None, used)
+        return dict(zip((o.name for o in session.get_outputs()), outputs, strict=True))
 
 
 class FeatureNetwork:
@@ -337,15 +387,9 @@ class FeatureNetwork:
             return compiled
 
     def tile_sessions(self, choice: LayerChoice) -> TileSessions:
-        """Fresh sessions for the tiled evaluation of a choice. Not cached: only large jobs use them, and a
-        job that drops them gives their memory back at once."""
-        sessions = TileSessions(
-            choice,
-            self._session(graphs.build_tile_statistics_model(self._features, choice)),
-            self._session(graphs.build_tile_loss_model(self._features, choice)),
-        )
-        _trim_heap()  # as after compiling a choice
-        return sessions
+        """Fresh sessions for the tiled evaluation of a choice, built as they are first needed. Not cached:
+        only large jobs use them, and a job that drops them gives their memory back at once."""
+        return TileSessions(choice, self._features, self._session)
 
     def release_memory(self, compiled: CompiledChoice) -> None:
         """Give the memory a job's evaluations used back to the operating system: shrink the arenas
