@@ -106,7 +106,8 @@ def child_job(size: int, budget_mb: int, tile: int = 0) -> dict:
     seconds = time.perf_counter() - started
     return {
         **row,
-        "tiles": str(plan.memory.schemes[0] or 0),
+        "tiles": plan.memory.tiles[0],
+        "scheme": str(plan.memory.schemes[0] or "untiled"),
         "correction_pairs": plan.memory.histories[0],
         "predicted": idle + plan.memory.peak_bytes,
         "peak": peak_rss(),
@@ -243,7 +244,7 @@ def schemes_table(size: int, schemes: list[str]) -> None:
             predicted = memory.EVAL_FIXED_BYTES + memory.EVAL_BYTES_PER_PIXEL * stage.pixels
         else:
             cost = memory.scheme_cost(stage.height, stage.width, scheme, choice)
-            predicted = cost.boundaries + cost.evaluation
+            predicted = cost.evaluation
         print(
             f"| {row['width']}x{row['height']} | {scheme or 'untiled'} | {mb(row['peak'] - row['idle'])} | "
             f"{mb(predicted)} | {row['seconds']:.2f} | {row['seconds'] / base['seconds']:.2f} | "
@@ -523,7 +524,7 @@ def main() -> None:
                     print(f"{label} refused: {row['refused']} ||||||||", flush=True)
                 else:
                     print(
-                        f"{label} {row['tiles'] or 'none'} | {row['correction_pairs']} | {mb(row['idle'])} | {mb(row['predicted'])} | "
+                        f"{label} {row['scheme']} | {row['correction_pairs']} | {mb(row['idle'])} | {mb(row['predicted'])} | "
                         f"{mb(row['peak'])} | {row['predicted'] / row['peak']:.2f} | {row['seconds_per_evaluation']:.1f} | "
                         f"{mb(row['after'])} |",
                         flush=True,

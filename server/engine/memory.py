@@ -67,17 +67,29 @@ STAGE_ARRAY_BYTES_PER_PIXEL = 64  # float32 RGB content, start, point and gradie
 TARGETS_FIXED_BYTES = 40 * MiB
 TARGETS_BYTES_PER_PIXEL = 1024
 NETWORK_INPUT_BYTES_PER_PIXEL = 12  # float32, (1, 3, h, w): a tiled pass holds the whole input
-# Tiled (server/engine/tiling.py), per channel-position (a map's channels times its positions; the default
-# layers' whole network has 122 per image pixel, the first block 64), measured by scripts/benchmark_memory.py
-# --schemes: one tile's run, forward and backward (TILE_...) or forward only (TILE_STATISTICS_...), of its
-# window; the untiled tail's run from the pool output it starts at, forward and backward or forward only.
-TILE_BYTES_PER_CHANNEL_POSITION = 48
+# Tiled (server/engine/tiling.py): per channel-position (a map's channels times its positions; the default
+# layers' whole network has 122 per image pixel, the first block 64) and fixed, measured by
+# scripts/benchmark_memory.py --schemes (one evaluation in a fresh process after its targets passes, its
+# loss sessions run for the first time in it, as a job's are): one tile's run, forward and backward, of a
+# one-block segment's window (24), and of the whole network's as one segment (41: 5000 bytes per window
+# pixel, measured in 256 px tiles at 2048x1536 and in 1024 px tiles at 4096x3072); a forward run
+# (statistics) of either (25: 3000 bytes per window pixel of the whole network); the untiled tail's run
+# from the pool output it starts at, forward and backward (8; 7.4 fits tails from blocks 2, 3 and 4 at
+# 2048x1536), and forward only (9, as the untiled targets pass); and, once per evaluation, what the first
+# runs of the loss sessions leave in the arena (measured 186 to 254 MB, at most 300 with the tail, above the per-position figures at
+# 1024x768).
+TILE_BYTES_PER_CHANNEL_POSITION = 24
+MULTI_BLOCK_TILE_BYTES_PER_CHANNEL_POSITION = 41
 TILE_STATISTICS_BYTES_PER_CHANNEL_POSITION = 25
-TAIL_BYTES_PER_CHANNEL_POSITION = 16
+TAIL_BYTES_PER_CHANNEL_POSITION = 8
 TAIL_TARGETS_BYTES_PER_CHANNEL_POSITION = 9
-TILE_SESSIONS_BYTES = 100 * MiB
-# Compiling the tile sessions (FeatureNetwork.tile_sessions) at the start of a job that uses them: its
-# resident memory rose by 420 MB for a moment, 114 MB of which stayed (TILE_SESSIONS_BYTES covers those).
+TILED_EVALUATION_FIXED_BYTES = 300 * MiB
+# The tile sessions of a job (FeatureNetwork.tile_sessions: a statistics and a loss session per tiled
+# segment, a targets and a loss session for the tail), resident once built and run: 242 to 247 MB for
+# every scheme of the default layers (measured with a tiny evaluation in a fresh process).
+TILE_SESSIONS_BYTES = 250 * MiB
+# Compiling the tile sessions at the start of a job that uses them: a moment's peak of about 420 MB (of
+# the whole network's two sessions; the segments' are built one after another).
 TILE_SESSIONS_BUILD_BYTES = 450 * MiB
 # Scaling a style image to a stage's size (resample.resize, channel by channel through Pillow): measured
 # 7.4 bytes per source pixel and 23 per result pixel shrinking, 47 to 48 per result pixel enlarging.
@@ -182,18 +194,25 @@ def channel_positions(seg: Segment, height: int, width: int) -> int:
 class _SchemeCost:
     """What a TileScheme holds and costs at one image size."""
 
-    boundaries: int  # bytes of the pool outputs held whole between tiled segments (an evaluation's)
-    evaluation: int  # bytes of the largest of: a tile's run, the tail's run, and the gradients passed on
-    forward: int  # bytes of the largest forward step of a targets pass (inputs and outputs included)
+    evaluation: int  # bytes at the peak of one evaluation (tiling.TiledEvaluator._evaluate), input aside
+    forward: int  # bytes at the peak of a targets pass (its forward steps), input aside
     seconds: float  # predicted time of one evaluation
     tiles: int  # tile runs of one evaluation's forward pass
 
 
 @functools.lru_cache(maxsize=1024)
 def scheme_cost(height: int, width: int, scheme: TileScheme, choice: LayerChoice) -> _SchemeCost:
+    """The peak of each step of a tiled evaluation, with what it holds then: going forward, the pool
+    outputs made so far (the inputs of the later segments) and one tile's run; the tail's run beside all
+    of them; going backward, segment by segment, the inputs of the segments not yet done, the gradient at
+    the segment's output and the one being summed at its input, and one tile's run. A targets pass holds
+    only the segment's input and output beside a tile's run, or the tail's."""
     segments, tail = scheme.cut(choice)
     layouts = segment_layouts(height, width, scheme, choice)
-    boundaries = evaluation = forward = tiles = 0
+    inputs: list[int] = []  # bytes of each segment's input; the first is the image, held by the stage
+    outputs: list[int] = []
+    windows: list[int] = []  # bytes of a tile's run, forward and backward
+    evaluation = forward = tiles = 0
     seconds = 0.0
     for seg, layout in zip(segments, layouts, strict=True):
         input_bytes = 4 * seg.input_channels * layout.height * layout.width
@@ -201,13 +220,19 @@ def scheme_cost(height: int, width: int, scheme: TileScheme, choice: LayerChoice
         if seg.output:
             factor = 2**seg.output_pools
             output_bytes = 4 * seg.output_channels * (layout.height // factor) * (layout.width // factor)
-            boundaries += output_bytes
         rows, cols = layout.largest_window()
-        window = channel_positions(seg, rows, cols)
-        evaluation = max(evaluation, TILE_BYTES_PER_CHANNEL_POSITION * window + input_bytes + output_bytes)
-        forward = max(
-            forward, TILE_STATISTICS_BYTES_PER_CHANNEL_POSITION * window + input_bytes + output_bytes
+        positions = channel_positions(seg, rows, cols)
+        per_position = (
+            TILE_BYTES_PER_CHANNEL_POSITION
+            if seg.first == seg.last
+            else MULTI_BLOCK_TILE_BYTES_PER_CHANNEL_POSITION
         )
+        inputs.append(input_bytes if seg.first > 1 else 0)
+        outputs.append(output_bytes)
+        windows.append(per_position * positions)
+        statistics = TILE_STATISTICS_BYTES_PER_CHANNEL_POSITION * positions
+        evaluation = max(evaluation, sum(inputs) + output_bytes + statistics)  # forward
+        forward = max(forward, inputs[-1] + output_bytes + statistics)
         area = sum(
             (t.rows.window_end - t.rows.window_start) * (t.cols.window_end - t.cols.window_start)
             for t in layout
@@ -219,12 +244,19 @@ def scheme_cost(height: int, width: int, scheme: TileScheme, choice: LayerChoice
         seg = segment(choice, tail, deepest_block(choice))
         factor = 2 ** (tail - 1)
         tail_positions = channel_positions(seg, height // factor, width // factor)
-        gradient = 4 * seg.input_channels * (height // factor) * (width // factor)
-        evaluation = max(evaluation, TAIL_BYTES_PER_CHANNEL_POSITION * tail_positions + gradient)
-        forward = max(forward, TAIL_TARGETS_BYTES_PER_CHANNEL_POSITION * tail_positions + gradient)
+        held = sum(inputs) + outputs[-1]  # every segment's input, and the tail's
+        gradient = outputs[-1]
+        evaluation = max(evaluation, held + TAIL_BYTES_PER_CHANNEL_POSITION * tail_positions + gradient)
+        forward = max(
+            forward,
+            outputs[-1] + TARGETS_FIXED_BYTES + TAIL_TARGETS_BYTES_PER_CHANNEL_POSITION * tail_positions,
+        )
         area = (height // factor) * (width // factor)
         seconds += (1 + BACKWARD_COST) * _multiply_adds(seg, area) / NOMINAL_MULTIPLY_ADDS_PER_SECOND
-    return _SchemeCost(boundaries, evaluation, forward, seconds, tiles)
+    for index in reversed(range(len(segments))):  # backward: the gradient at the output, the one at the input
+        gradient_in = 4 * segments[index].input_channels * layouts[index].height * layouts[index].width
+        evaluation = max(evaluation, sum(inputs[: index + 1]) + outputs[index] + gradient_in + windows[index])
+    return _SchemeCost(TILED_EVALUATION_FIXED_BYTES + evaluation, forward, seconds, tiles)
 
 
 def _multiply_adds(seg: Segment, positions: int) -> float:
@@ -303,14 +335,22 @@ def stage_bytes(stage: Stage, choice: LayerChoice, scheme: TileScheme | None, hi
         return held + EVAL_FIXED_BYTES + EVAL_BYTES_PER_PIXEL * pixels
     cost = scheme_cost(stage.height, stage.width, scheme, choice)
     targets = _content_target_bytes(stage, choice)
-    return held + targets + TILE_SESSIONS_BYTES + cost.boundaries + cost.evaluation
+    return held + targets + TILE_SESSIONS_BYTES + cost.evaluation
 
 
 def tile_schemes(tile: int, choice: LayerChoice) -> list[TileScheme]:
-    """The ways to tile with `tile` px tiles: the first 1, 2, ... blocks tiled one at a time and the rest
-    untiled, down to every block tiled; and the whole network as one segment (the least memory)."""
+    """The ways to tile with `tile` px tiles: a first segment of block 1 (or of blocks 1 to 2, or 1 to 3:
+    no pool output of theirs held whole, for a wider halo), then the following blocks one at a time up to
+    some block, the rest untiled; and the whole network as one segment (the least memory, the widest
+    halo)."""
     blocks = deepest_block(choice)
-    return [*(TileScheme.by_block(tile, k) for k in range(1, blocks + 1)), TileScheme.whole(tile, choice)]
+    schemes = []
+    for first_end in range(1, min(3, blocks) + 1):
+        for end in range(first_end, blocks + 1):
+            following = tuple((block, block) for block in range(first_end + 1, end + 1))
+            schemes.append(TileScheme(tile, ((1, first_end), *following)))
+    whole = TileScheme.whole(tile, choice)
+    return [*schemes, whole] if whole not in schemes else schemes
 
 
 def plan_job(
