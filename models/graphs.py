@@ -23,7 +23,7 @@ from .autodiff import add_gradient
 from .export import INPUT_NAME, OPSET
 from .layers import LayerChoice
 from .onnx_builder import GraphBuilder
-from .terms import TERMS
+from .terms import TERMS, LossTerm
 from .vgg16 import RELU_LAYERS
 
 POOLING_OPS = {"max": "MaxPool", "avg": "AveragePool"}  # by LayerChoice.pooling (layers.POOLINGS)
@@ -127,12 +127,14 @@ def build_targets_model(features: onnx.ModelProto, choice: LayerChoice) -> onnx.
     """image -> target/<term>/<layer> for every layered term and layer of the choice."""
     b = GraphBuilder()
     _network(features, choice, b)
-    outputs = []
+    inputs, outputs = [_image_input()], []
     for term_name, layers in choice.layers:
+        term = choice.term(term_name)
         for layer in layers:
-            out = TERMS[term_name].target(b, layer, layer, target_input(term_name, layer))
+            inputs.extend(_spatial_inputs(term, layer))
+            out = term.target(b, layer, layer, target_input(term_name, layer))
             outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
-    return _model(b, "stylize_targets", [_image_input()], outputs, features)
+    return _model(b, "stylize_targets", inputs, outputs, features)
 
 
 def build_loss_model(features: onnx.ModelProto, choice: LayerChoice) -> onnx.ModelProto:
@@ -143,7 +145,8 @@ def build_loss_model(features: onnx.ModelProto, choice: LayerChoice) -> onnx.Mod
     inputs = [_image_input()]
     outputs = []
     totals = []
-    for term_name, term in TERMS.items():
+    for term_name in TERMS:
+        term = choice.term(term_name)
         weight = term_weight(term_name)
         inputs.append(helper.make_tensor_value_info(weight, TensorProto.FLOAT, []))
         if not term.layered:
@@ -157,11 +160,17 @@ def build_loss_model(features: onnx.ModelProto, choice: LayerChoice) -> onnx.Mod
         for index, layer in enumerate(layers):
             target = target_input(term_name, layer)
             inputs.append(helper.make_tensor_value_info(target, TensorProto.FLOAT, term.target_shape(layer)))
+            inputs.extend(_spatial_inputs(term, layer))
             picked = b.op(
                 "Gather", [vector, b.const(f"{vector}/index{index}", index, TensorProto.INT64)], axis=0
             )
             layer_weight = b.op("Mul", [weight, picked])
             values.append(b.op("Mul", [layer_weight, term.layer_loss(b, layer, target, layer)]))
+        if layers:
+            inputs.extend(
+                helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+                for name, shape in term.vector_inputs().items()
+            )
         totals.append(b.op("Sum", values or [b.zero()], term_output(term_name)))
         _per_layer(b, values, layer_losses_output(term_name))
         outputs.append(helper.make_tensor_value_info(term_output(term_name), TensorProto.FLOAT, []))
@@ -178,6 +187,14 @@ def _mask(layer: str) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(mask_input(layer), TensorProto.FLOAT, [1, 1, None, None])
 
 
+def _spatial_inputs(term: LossTerm, layer: str) -> list[onnx.ValueInfoProto]:
+    """The term's per-layer spatial inputs (LossTerm.spatial_inputs; none for the plain terms)."""
+    return [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+        for name, shape in term.spatial_inputs(layer).items()
+    ]
+
+
 def build_tile_statistics_model(features: onnx.ModelProto, choice: LayerChoice) -> onnx.ModelProto:
     """A tile (with its halo) and the masks of its owned positions -> the tile's share of every
     non-separable term's statistic (statistic/<term>/<layer>) and the raw features of the separable
@@ -187,12 +204,13 @@ def build_tile_statistics_model(features: onnx.ModelProto, choice: LayerChoice) 
     inputs, masks = [_image_input()], set()
     outputs: list[onnx.ValueInfoProto] = []
     for term_name, layers in choice.layers:
-        term = TERMS[term_name]
+        term = choice.term(term_name)
         for layer in layers:
             if term.region_separable:
                 out = b.op("Identity", [layer], feature_output(layer))
             else:
                 masks.add(layer)
+                inputs.extend(_spatial_inputs(term, layer))
                 out = b.op(
                     "Identity",
                     [term.statistic(b, layer, mask_input(layer), layer)],
@@ -211,7 +229,8 @@ def build_tile_loss_model(features: onnx.ModelProto, choice: LayerChoice) -> onn
     b = GraphBuilder()
     _network(features, choice, b)
     inputs, outputs, values, masks = [_image_input()], [], [], set()
-    for term_name, term in TERMS.items():
+    for term_name in TERMS:
+        term = choice.term(term_name)
         layers = choice.layers_of(term_name) if term.layered else (IMAGE_LAYER,)
         for layer in layers:
             masks.add(layer)
@@ -235,6 +254,7 @@ def build_tile_loss_model(features: onnx.ModelProto, choice: LayerChoice) -> onn
                 inputs.append(
                     helper.make_tensor_value_info(coefficient, TensorProto.FLOAT, term.statistic_shape(layer))
                 )
+                inputs.extend(_spatial_inputs(term, layer))
                 values.append(term.surrogate(b, layer, mask, coefficient, layer))
     b.op("Sum", values or [b.zero()], LOSS)
     inputs.extend(_mask(layer) for layer in sorted(masks, key=lambda name: (name != IMAGE_LAYER, name)))

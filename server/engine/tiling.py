@@ -5,7 +5,9 @@ and its window's features there are those of the whole image, bit for bit up to 
 additions. Then (models.terms):
 - separable terms (content, tv) are summed over the owned parts;
 - the style term needs the whole image's Gram matrices: a first pass sums them over the tiles' owned
-  features, then each tile runs forward and backward against those fixed Grams.
+  features, then each tile runs forward and backward against those fixed Grams. With masked styles
+  (guides) the term's spatial inputs, whole maps at their layers (Targets.spatial), are cut to each
+  tile's window at their layer exactly as the content targets are, and multiply the owned-position mask.
 Each tile's input gradient is added into the whole image's gradient at the tile's window, so the loss and
 gradient equal the untiled ones up to float rounding.
 """
@@ -21,6 +23,7 @@ from stylize_service.models.graphs import IMAGE_LAYER
 from stylize_service.models.terms import TERMS
 from stylize_service.models.vgg16 import POOLS_BEFORE
 
+from .guides import ones_maps
 from .network import Evaluation, Targets, TileSessions
 from .tile_layout import Tile, TileLayout
 
@@ -54,12 +57,45 @@ class TiledEvaluator:
     def _masks(self, tile: Tile, layers: list[str]) -> dict[str, np.ndarray]:
         return {graphs.mask_input(layer): tile.mask(_pools(layer)) for layer in layers}
 
+    def _spatial_layers(self) -> dict[str, str]:
+        """The terms' spatial inputs (LossTerm.spatial_inputs, e.g. the guides) by name -> their layer."""
+        return {
+            name: layer
+            for term_name, layers in self._choice.layers
+            for layer in layers
+            for name in self._choice.term(term_name).spatial_inputs(layer)
+        }
+
+    def _cut(self, tile: Tile, spatial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Each spatial input (a whole map at its layer) cut to the tile's window at that layer, as the
+        content targets are."""
+        layers = self._spatial_layers()
+        cut = {}
+        for name, whole in spatial.items():
+            pools = _pools(layers[name])
+            cut[name] = np.ascontiguousarray(
+                whole[..., tile.rows.window_at(pools), tile.cols.window_at(pools)]
+            )
+        return cut
+
+    def _default_spatial(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """The spatial inputs of an image given none: for a guided choice, all-ones guides (plain Grams)."""
+        if not self._choice.guides:
+            return {}
+        return ones_maps(image.shape[-2], image.shape[-1], self._choice.layers_of("style"))
+
     def _whole_image(
-        self, image: np.ndarray, statistics: bool, features: bool
+        self,
+        image: np.ndarray,
+        statistics: bool,
+        features: bool,
+        spatial: dict[str, np.ndarray] | None = None,
     ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
         """One pass over the tiles of `image`: the non-separable terms' statistics summed over the tiles
         ({term: {layer: sum}}, float64) and/or the whole feature maps of the separable layered terms'
-        layers, assembled from the tiles' owned parts."""
+        layers, assembled from the tiles' owned parts. spatial: the terms' spatial inputs as whole maps
+        (None = their defaults for this image)."""
+        spatial = self._default_spatial(image) if spatial is None else spatial
         statistic_layers = {
             name: layers
             for name, layers in self._choice.layers
@@ -89,7 +125,7 @@ class TiledEvaluator:
             window_rows, window_cols = tile.window()
             out = self._sessions.statistics(
                 np.ascontiguousarray(image[..., window_rows, window_cols]),
-                self._masks(tile, mask_layers),
+                {**self._masks(tile, mask_layers), **self._cut(tile, spatial)},
                 wanted,
             )
             for name, layers in sums.items():
@@ -120,14 +156,17 @@ class TiledEvaluator:
             if TERMS[name].region_separable
         }
 
-    def statistic_targets(self, image: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    def statistic_targets(
+        self, image: np.ndarray, guides: dict[str, np.ndarray] | None = None
+    ) -> dict[str, dict[str, np.ndarray]]:
         """The non-separable terms' targets (style: Gram matrices) of one network input (1, 3, h, w), from
-        their statistics summed over the tiles: those of the untiled image, up to float rounding."""
-        sums, _ = self._whole_image(image, statistics=True, features=False)
+        their statistics summed over the tiles: those of the untiled image, up to float rounding. guides:
+        for a guided choice, the image's guide maps (its style mask), None = all ones."""
+        sums, _ = self._whole_image(image, statistics=True, features=False, spatial=guides)
         return {
             name: {
-                layer: TERMS[name].target_from_statistic(
-                    total, _map_count(layer, total.shape[0], image.shape[-2], image.shape[-1])
+                layer: self._choice.term(name).target_from_statistic(
+                    total, _map_count(layer, total.shape[-1], image.shape[-2], image.shape[-1])
                 )
                 for layer, total in layers.items()
             }
@@ -156,12 +195,16 @@ class TiledEvaluator:
         terms: dict[str, float] = dict.fromkeys(TERMS, 0.0)
         feeds: dict[str, np.ndarray] = {}
         # Pass 1 and finish(): the non-separable terms' values and coefficients.
-        sums, _ = self._whole_image(x, statistics=True, features=False)
+        sums, _ = self._whole_image(x, statistics=True, features=False, spatial=targets.spatial)
         for name, layers in sums.items():
             for layer, total in layers.items():
-                count = _map_count(layer, total.shape[0], height, width)
-                value, coefficient = TERMS[name].finish(
-                    total, targets.by_term[name][layer], count, weights[name] * layer_weights[name][layer]
+                count = _map_count(layer, total.shape[-1], height, width)
+                value, coefficient = self._choice.term(name).finish(
+                    total,
+                    targets.by_term[name][layer],
+                    count,
+                    weights[name] * layer_weights[name][layer],
+                    targets.vectors,
                 )
                 per_layer[name][layer] = value
                 feeds[graphs.coefficient_input(name, layer)] = coefficient
@@ -187,6 +230,7 @@ class TiledEvaluator:
             window_rows, window_cols = tile.window()
             tile_feeds = dict(feeds)
             tile_feeds.update(self._masks(tile, mask_layers))
+            tile_feeds.update(self._cut(tile, targets.spatial))
             for name, layer in separable:
                 if layer != IMAGE_LAYER:
                     pools = _pools(layer)
