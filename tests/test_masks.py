@@ -363,3 +363,17 @@ def test_a_mask_without_a_style_term_is_refused(real_engine: Engine, settings):
     with pytest.raises(InvalidSettings) as caught:
         real_engine.stylize(PICTURE, [style], settings, SilentObserver())
     assert caught.value.field == "styles[0].mask"
+
+
+def test_a_masked_job_plans_more_memory_than_the_unmasked_one():
+    from stylize_service.server.engine.memory import guide_bytes_per_pixel, stage_bytes
+    from stylize_service.server.engine.pyramid import Stage
+
+    layers = {"content": CONTENT, "style": STYLE}
+    plain, masked = LayerChoice.of(layers), LayerChoice.of(layers, guides=2)
+    assert guide_bytes_per_pixel(plain) == 0
+    # Two guides: the guided features and their gradients at relu1_1, relu2_1, relu3_1.
+    assert guide_bytes_per_pixel(masked) == 2 * 2 * 4 * (64 + 128 // 4 + 256 // 16)
+    stage = Stage(index=0, count=1, width=512, height=384, iterations=10)
+    for tile in (0, 128):
+        assert stage_bytes(stage, masked, tile) > stage_bytes(stage, plain, tile)

@@ -12,6 +12,7 @@ time, at the stage's longest side times style_scale in the style's own aspect ra
 larger than the stage (a 256 px stage at style_scale 8 takes a 2048 px style). A style pass too large for
 the budget runs in tiles of its own (exact: its Gram matrices are sums over the tiles). The decoded style
 images are held for the whole job.
+Masked styles add their guides (guide_bytes_per_pixel, estimated from the tensors' sizes).
 The per-pixel figures were measured with the default layers (the deepest, relu5_1, with five style
 layers) by scripts/benchmark_memory.py, which also prints predicted against measured peaks; deeper or
 fewer layers need no more.
@@ -202,16 +203,40 @@ def targets_bytes(
     return STAGE_ARRAY_BYTES_PER_PIXEL * stage.pixels + max(content_pass, content_targets + style_pass)
 
 
+def guide_bytes_per_pixel(choice: LayerChoice) -> int:
+    """What masked styles add to an evaluation, per pixel of the image (or tile window) it runs: each
+    guide's guided features at each style layer and their gradient, float32. Estimated from those
+    tensors' sizes, not measured: at most this much more is live at once (0 without masks)."""
+    if not choice.guides:
+        return 0
+    return choice.guides * sum(
+        2 * 4 * CHANNELS[layer] // 4 ** POOLS_BEFORE[layer] for layer in choice.layers_of("style")
+    )
+
+
+def _guide_map_bytes(stage: Stage, choice: LayerChoice) -> int:
+    """A masked stage's guides, whole (float32): each mask at the stage's size and its map at each style
+    layer."""
+    if not choice.guides:
+        return 0
+    layers = choice.layers_of("style")
+    return (
+        4 * choice.guides * (stage.pixels + sum(stage.pixels // 4 ** POOLS_BEFORE[layer] for layer in layers))
+    )
+
+
 def stage_bytes(stage: Stage, choice: LayerChoice, tile: int, history: int = MAXCOR) -> int:
     """Predicted bytes above idle while `stage` runs, untiled (tile 0) or in tiles of `tile` px, with
-    `history` L-BFGS-B correction pairs."""
+    `history` L-BFGS-B correction pairs; masked styles' guides included (guide_bytes_per_pixel)."""
     pixels = stage.width * stage.height
     held = lbfgs_bytes_per_variable(history) * 3 * pixels + STAGE_ARRAY_BYTES_PER_PIXEL * pixels
+    held += _guide_map_bytes(stage, choice)
     if not tile:
-        return held + EVAL_FIXED_BYTES + EVAL_BYTES_PER_PIXEL * pixels
+        return held + EVAL_FIXED_BYTES + (EVAL_BYTES_PER_PIXEL + guide_bytes_per_pixel(choice)) * pixels
     window = _largest_window(stage.height, stage.width, tile, choice)
     targets = _content_target_bytes(stage, choice)
-    return held + targets + TILE_SESSIONS_BYTES + TILE_EVAL_BYTES_PER_PIXEL * window
+    per_window_pixel = TILE_EVAL_BYTES_PER_PIXEL + guide_bytes_per_pixel(choice)
+    return held + targets + TILE_SESSIONS_BYTES + per_window_pixel * window
 
 
 def plan_job(
