@@ -7,7 +7,9 @@
   models.autodiff.
 
 The terms themselves are models.terms' builders; this module only wires them to the network and names the
-graphs' inputs and outputs. Both graphs cut the network after the deepest layer they use. The loss
+graphs' inputs and outputs. A choice with guides (masked styles, LayerChoice.guides) takes the style term
+in its guided form, whose graphs also take its spatial inputs (the guide maps, per layer) and, in the loss
+graph, its vector inputs (the guides' weights); a choice without guides builds the plain graphs. Both graphs cut the network after the deepest layer they use. The loss
 convention (README, proto):
   content = content_weight * sum_l c_l * mean((F_l - P_l)^2)
   style   = style_weight   * sum_l w_l * mean((G_l - A_l)^2),  G = F Fᵀ / (C H W)

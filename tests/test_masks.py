@@ -131,6 +131,27 @@ def test_guides_of_styles_with_and_without_masks():
 # --- the loss ---
 
 
+def test_only_a_choice_with_guides_builds_graphs_with_guide_inputs(random_net):
+    from stylize_service.models import graphs
+
+    features = export.export_features(random_net[1])
+    plain = LayerChoice.of({"content": CONTENT, "style": STYLE})
+    guided = LayerChoice.of({"content": CONTENT, "style": STYLE}, guides=2)
+    assert plain.term("style").name == guided.term("style").name == "style"
+    builders = (
+        graphs.build_targets_model,
+        graphs.build_loss_model,
+        graphs.build_tile_statistics_model,
+        graphs.build_tile_loss_model,
+    )
+    for build in builders:
+        plain_inputs = {i.name for i in build(features, plain).graph.input}
+        guided_inputs = {i.name for i in build(features, guided).graph.input}
+        assert not any(name.startswith("guide") for name in plain_inputs), build.__name__
+        assert {guide_input(layer) for layer in STYLE} <= guided_inputs, build.__name__
+        assert guided_inputs - plain_inputs <= {*(guide_input(layer) for layer in STYLE), GUIDE_WEIGHTS}
+
+
 def test_white_mask_gives_the_unmasked_loss_and_gradient(real_network):
     rng = np.random.default_rng(1)
     x, content, style = noise(rng, 40, 56), noise(rng, 40, 56), noise(rng, 45, 37)
