@@ -28,6 +28,7 @@ from stylize_service.server.engine.network import FeatureNetwork, Targets
 from stylize_service.server.engine.tiling import TiledEvaluator
 from stylize_service.server.engine.types import (
     InvalidSettings,
+    Progress,
     SilentObserver,
     StyleSource,
     StylizeSettings,
@@ -398,3 +399,28 @@ def test_a_masked_job_plans_more_memory_than_the_unmasked_one():
     stage = Stage(index=0, count=1, width=512, height=384, iterations=10)
     for tile in (0, 128):
         assert stage_bytes(stage, masked, tile) > stage_bytes(stage, plain, tile)
+
+
+def test_masks_travel_through_the_pyramid_with_style_scale_colour_modes_and_blending(real_engine: Engine):
+    from stylize_service.server.engine.types import ColorMode
+
+    left, right = left_right(48, 64)
+    styles = [
+        StyleSource(stripes(40, 40), 2.0, mask=left),
+        StyleSource(gradient_image(30, 50, 1), 1.0, mask=right[::2, ::2]),  # half size, same aspect ratio
+        StyleSource(gradient_image(50, 30, 2), 1.0),  # unmasked: paints everywhere
+    ]
+    for mode in (ColorMode.LUMINANCE, ColorMode.HISTOGRAM):
+        settings = replace(SETTINGS, min_size=32, iterations=6, style_scale=1.5, color_mode=mode)
+        observer = StageRecorder()
+        result = real_engine.stylize(PICTURE, styles, settings, observer)
+        assert result.image.shape == (48, 64, 3) and sorted(set(observer.stages)) == [0, 1]
+        assert np.isfinite(result.losses.total) and result.losses.terms["style"] > 0
+
+
+class StageRecorder(SilentObserver):
+    def __init__(self) -> None:
+        self.stages: list[int] = []
+
+    def on_progress(self, progress: Progress) -> None:
+        self.stages.append(progress.stage)
