@@ -289,7 +289,8 @@ class StylizeClient:
 
     def stylize(self, content: ImageInput, styles: Sequence[StyleInput], **options: Any) -> StylizeCall:
         """Start a stylization. content and styles are paths or encoded bytes; a style may be an
-        (image, blend weight) pair. options are StylizeOptions fields by name (see request.build_options),
+        (image, blend weight) pair, or a request.Style with a mask (where it paints) and a style mask
+        (where its texture comes from): Style("a.jpg", 1.0, mask="left.png"). options are StylizeOptions fields by name (see request.build_options),
         e.g. max_size=384, pooling="avg", style_layers={"relu1_1": 1, "relu2_1": 0.5}."""
         return self.stylize_request(build_request(content, styles, **options))
 

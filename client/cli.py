@@ -2,6 +2,7 @@
 
 stylize photo.jpg --style starry.jpg -o out.png                     # one image
 stylize photo.jpg --style a.jpg:2 --style b.jpg:1 --max-size 384    # a blend of two styles, 2:1
+stylize photo.jpg --style a.jpg --mask sky.png --style b.jpg --mask ground.png   # a style per region
 stylize photos/ --style starry.jpg --output-dir out/                # every image of a folder
 stylize photo.jpg --style s.jpg --frames-dir frames/ --animation progress.gif
 stylize photo.jpg --style s.jpg --detach                            # submit, print the job id, exit
@@ -52,6 +53,7 @@ from stylize_service.client.flags import add_option_flags
 from stylize_service.client.job_list import print_cancelled, print_jobs
 from stylize_service.client.job_plan import (
     Job,
+    StyleMaskFlag,
     UsageError,
     collect_options,
     parse_styles,
@@ -60,6 +62,7 @@ from stylize_service.client.job_plan import (
 )
 from stylize_service.client.job_runner import FRAMES_PER_JOB, run_jobs, submit_jobs, watch_jobs
 from stylize_service.client.reattach import DEFAULT_RECONNECT_SECONDS
+from stylize_service.client.request import Style
 from stylize_service.client.security import ClientSecurityError
 from stylize_service.client.server_info import print_server_info
 
@@ -124,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _check_detach(args)
         jobs = plan_jobs(args)
         options = collect_options(args)
-        styles = parse_styles(args.style or [])
+        styles = parse_styles(args.style or [], args.masks or [])
     except UsageError as err:
         _usage_error(parser, str(err))
     return _run(args, jobs=jobs, styles=styles, options=options)
@@ -134,7 +137,7 @@ def _run(
     args: argparse.Namespace,
     *,
     jobs: list[Job],
-    styles: list[tuple[Path, float]] | None = None,
+    styles: list[Style] | None = None,
     options: dict[str, Any] | None = None,
     watch: bool = False,
 ) -> int:
@@ -446,6 +449,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="PATH[:WEIGHT]",
         help="style image, repeatable; WEIGHT is its share of the blend (default: equal shares)",
+    )
+    parser.add_argument(
+        "--mask",
+        action=StyleMaskFlag,
+        const="mask",
+        dest="masks",
+        metavar="PATH",
+        help="after a --style: where in the picture that style paints, a greyscale image in the "
+        "content's aspect ratio, white = paints, grey = softly (docs/masks.md); without one the style "
+        "paints everywhere",
+    )
+    parser.add_argument(
+        "--style-mask",
+        action=StyleMaskFlag,
+        const="style_mask",
+        dest="masks",
+        metavar="PATH",
+        help="after a --style: where in that style image its texture is taken from, in its aspect ratio",
     )
     _server_flags(parser)
     parser.add_argument("--info", action="store_true", help="show the server's model and limits, and exit")

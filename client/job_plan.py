@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from stylize_service.client.flags import option_values
 from stylize_service.client.formats import extension_for_mime, format_from_suffix
 from stylize_service.client.outputs import ANIMATION_SUFFIXES
+from stylize_service.client.request import Style
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
@@ -49,7 +50,9 @@ class Job:
         return self.output_dir / f"{self.name}-stylized.{extension_for_mime(result.mime_type)}"
 
 
-def parse_styles(values: Sequence[str]) -> list[tuple[Path, float]]:
+def parse_styles(values: Sequence[str], masks: Sequence[tuple[int, str, str]] = ()) -> list[Style]:
+    """--style PATH[:WEIGHT] values, in order, with the masks that followed them: (style index, "mask"
+    or "style_mask", PATH) from --mask and --style-mask (StyleFlag)."""
     if not values:
         raise UsageError("at least one --style is required")
     styles = []
@@ -64,8 +67,36 @@ def parse_styles(values: Sequence[str]) -> list[tuple[Path, float]]:
                 raise UsageError(f"--style {value}: WEIGHT must be a number") from None
         if not path.is_file():
             raise UsageError(f"--style {value}: no such file: {path}")
-        styles.append((path, weight))
+        styles.append(Style(path, weight))
+    for index, kind, mask in masks:
+        flag = "--mask" if kind == "mask" else "--style-mask"
+        if not Path(mask).is_file():
+            raise UsageError(f"{flag} {mask}: no such file")
+        if getattr(styles[index], kind) is not None:
+            raise UsageError(f"{flag} {mask}: --style {values[index]} has one already")
+        if kind == "mask":
+            styles[index] = replace(styles[index], mask=Path(mask))
+        else:
+            styles[index] = replace(styles[index], style_mask=Path(mask))
     return styles
+
+
+class StyleMaskFlag(argparse.Action):
+    """--mask / --style-mask PATH: recorded with the index of the --style it follows."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
+        styles = getattr(namespace, "style", None) or []
+        if not styles:
+            parser.error(f"{option_string} must follow the --style it belongs to")
+        recorded = list(getattr(namespace, self.dest, None) or [])
+        recorded.append((len(styles) - 1, self.const, str(values)))
+        setattr(namespace, self.dest, recorded)
 
 
 def collect_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -14,7 +14,6 @@ import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 import grpc
@@ -32,7 +31,7 @@ from stylize_service.client.exit_status import (
 from stylize_service.client.job_plan import Job
 from stylize_service.client.outputs import JobOutputs
 from stylize_service.client.reattach import DEFAULT_RECONNECT_SECONDS, JobEvent, JobWatch
-from stylize_service.client.request import build_request
+from stylize_service.client.request import Style, build_request
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 
 FRAMES_PER_JOB = 50  # with --frames-dir or --animation and no --frame-every: about this many frames
@@ -48,7 +47,7 @@ CANCEL_TRIES = 4
 def run_jobs(
     client: StylizeClient,
     jobs: list[Job],
-    styles: list[tuple[Path, float]],
+    styles: list[Style],
     options: dict[str, Any],
     *,
     parallel: int,
@@ -93,7 +92,7 @@ def watch_jobs(
 def submit_jobs(
     client: StylizeClient,
     jobs: list[Job],
-    styles: list[tuple[Path, float]],
+    styles: list[Style],
     options: dict[str, Any],
     *,
     quiet: bool,
@@ -257,7 +256,7 @@ class _JobRunner:
     def __init__(
         self,
         client: StylizeClient,
-        styles: list[tuple[Path, float]],
+        styles: list[Style],
         options: dict[str, Any],
         total_iterations: int,
         *,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,21 @@ from stylize_service.client.options import (
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 
 ImageInput = bytes | str | os.PathLike[str]
-StyleInput = ImageInput | tuple[ImageInput, float]
+
+
+@dataclass(frozen=True)
+class Style:
+    """A style image with its blend weight (relative; 0 = equal shares) and, optionally, its masks
+    (docs/masks.md): `mask`, a greyscale image in the content's aspect ratio, white where this style
+    paints; `style_mask`, in the style image's aspect ratio, white where its statistics come from."""
+
+    image: ImageInput
+    weight: float = 0.0
+    mask: ImageInput | None = None
+    style_mask: ImageInput | None = None
+
+
+StyleInput = ImageInput | tuple[ImageInput, float] | Style
 LayersInput = Mapping[str, float] | Iterable[str | tuple[str, float]]
 
 OPTION_NAMES = frozenset(OPTIONS)
@@ -74,11 +89,22 @@ def build_options(**options: Any) -> pb.StylizeOptions:
 
 
 def build_request(content: ImageInput, styles: Sequence[StyleInput], **options: Any) -> pb.StylizeRequest:
-    """styles: images, or (image, blend weight) pairs; weights are relative (the server normalises)."""
+    """styles: images, (image, blend weight) pairs or Style (with masks); weights are relative (the
+    server normalises)."""
     style_images = []
     for style in styles:
-        image, weight = style if isinstance(style, tuple) else (style, 0.0)
-        style_images.append(pb.StyleImage(image=read_image(image), blend_weight=float(weight)))
+        if isinstance(style, Style):
+            one = style
+        elif isinstance(style, tuple):
+            one = Style(*style)
+        else:
+            one = Style(style)
+        message = pb.StyleImage(image=read_image(one.image), blend_weight=float(one.weight))
+        if one.mask is not None:
+            message.mask = read_image(one.mask)
+        if one.style_mask is not None:
+            message.style_mask = read_image(one.style_mask)
+        style_images.append(message)
     return pb.StylizeRequest(
         content_image=read_image(content), styles=style_images, options=build_options(**options)
     )

@@ -24,6 +24,8 @@ def print_server_info(info: pb.GetInfoResponse, server: str, *, as_json: bool) -
         f"mean {' '.join(map(_g, pre.mean))}, std {' '.join(map(_g, pre.std))}"
     )
     print(f"layers           {', '.join(model.layers)}")
+    masks = "yes (--mask, --style-mask)" if info.features.style_masks else "no (this server ignores --mask)"
+    print(f"style masks      {masks}")
     print("defaults         (the flags' values when left out; unset: chosen per request, see --help)")
     for option in OPTIONS.values():
         print(f"  {option.flag:<18} {value_text(option, d)}")

@@ -11,7 +11,10 @@ Exact tiled evaluation (server/engine/tiling.py) uses four more, per segment of 
 loss-and-gradient, each starting at the segment's input (the image or a pool output).
 
 The terms themselves are models.terms' builders; this module only wires them to the network and names the
-graphs' inputs and outputs. Both graphs cut the network after the deepest layer they use. The loss
+graphs' inputs and outputs. A choice with guides (masked styles, LayerChoice.guides) takes the style term
+in its guided form, whose graphs also take its spatial inputs (the guide maps, per layer) and, in the loss
+graphs, its vector inputs (the guides' weights); a choice without guides builds the plain graphs. Both
+graphs cut the network after the deepest layer they use. The loss
 convention (README, proto):
   content = content_weight * sum_l c_l * mean((F_l - P_l)^2)
   style   = style_weight   * sum_l w_l * mean((G_l - A_l)^2),  G = F Fᵀ / (C H W)
@@ -28,7 +31,7 @@ from .export import INPUT_NAME, OPSET
 from .layers import LayerChoice
 from .onnx_builder import GraphBuilder
 from .segments import Segment, deepest_block, segment
-from .terms import TERMS
+from .terms import TERMS, LossTerm
 from .vgg16 import RELU_LAYERS
 
 POOLING_OPS = {"max": "MaxPool", "avg": "AveragePool"}  # by LayerChoice.pooling (layers.POOLINGS)
@@ -161,12 +164,14 @@ def build_targets_model(features: onnx.ModelProto, choice: LayerChoice) -> onnx.
     """image -> target/<term>/<layer> for every layered term and layer of the choice."""
     b = GraphBuilder()
     _network(features, choice, b)
-    outputs = []
+    inputs, outputs = [_image_input()], []
     for term_name, layers in choice.layers:
+        term = choice.term(term_name)
         for layer in layers:
-            out = TERMS[term_name].target(b, layer, layer, target_input(term_name, layer))
+            inputs.extend(_spatial_inputs(term, layer))
+            out = term.target(b, layer, layer, target_input(term_name, layer))
             outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
-    return _model(b, "stylize_targets", [_image_input()], outputs, features)
+    return _model(b, "stylize_targets", inputs, outputs, features)
 
 
 def build_loss_model(features: onnx.ModelProto, choice: LayerChoice) -> onnx.ModelProto:
@@ -177,7 +182,8 @@ def build_loss_model(features: onnx.ModelProto, choice: LayerChoice) -> onnx.Mod
     inputs = [_image_input()]
     outputs = []
     totals = []
-    for term_name, term in TERMS.items():
+    for term_name in TERMS:
+        term = choice.term(term_name)
         weight = term_weight(term_name)
         inputs.append(helper.make_tensor_value_info(weight, TensorProto.FLOAT, []))
         if not term.layered:
@@ -191,11 +197,17 @@ def build_loss_model(features: onnx.ModelProto, choice: LayerChoice) -> onnx.Mod
         for index, layer in enumerate(layers):
             target = target_input(term_name, layer)
             inputs.append(helper.make_tensor_value_info(target, TensorProto.FLOAT, term.target_shape(layer)))
+            inputs.extend(_spatial_inputs(term, layer))
             picked = b.op(
                 "Gather", [vector, b.const(f"{vector}/index{index}", index, TensorProto.INT64)], axis=0
             )
             layer_weight = b.op("Mul", [weight, picked])
             values.append(b.op("Mul", [layer_weight, term.layer_loss(b, layer, target, layer)]))
+        if layers:
+            inputs.extend(
+                helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+                for name, shape in term.vector_inputs().items()
+            )
         totals.append(b.op("Sum", values or [b.zero()], term_output(term_name)))
         _per_layer(b, values, layer_losses_output(term_name))
         outputs.append(helper.make_tensor_value_info(term_output(term_name), TensorProto.FLOAT, []))
@@ -212,9 +224,17 @@ def _mask(layer: str) -> onnx.ValueInfoProto:
     return helper.make_tensor_value_info(mask_input(layer), TensorProto.FLOAT, [1, 1, None, None])
 
 
+def _spatial_inputs(term: LossTerm, layer: str) -> list[onnx.ValueInfoProto]:
+    """The term's per-layer spatial inputs (LossTerm.spatial_inputs; none for the plain terms)."""
+    return [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+        for name, shape in term.spatial_inputs(layer).items()
+    ]
+
+
 def _segment_layers(choice: LayerChoice, seg: Segment, term_name: str) -> tuple[str, ...]:
     """A term's layers within the segment; an unlayered term's "layer" is the image, in the first one."""
-    if not TERMS[term_name].layered:
+    if not choice.term(term_name).layered:
         return (IMAGE_LAYER,) if seg.first == 1 else ()
     return tuple(layer for layer in choice.layers_of(term_name) if layer in seg.layers(choice))
 
@@ -233,12 +253,13 @@ def build_segment_statistics_model(
     inputs, masks = [_segment_input(seg)], set()
     outputs: list[onnx.ValueInfoProto] = []
     for term_name, _ in choice.layers:
-        term = TERMS[term_name]
+        term = choice.term(term_name)
         for layer in _segment_layers(choice, seg, term_name):
             if term.region_separable:
                 out = b.op("Identity", [layer], feature_output(layer))
             else:
                 masks.add(layer)
+                inputs.extend(_spatial_inputs(term, layer))
                 out = b.op(
                     "Identity",
                     [term.statistic(b, layer, mask_input(layer), layer)],
@@ -264,7 +285,8 @@ def build_segment_loss_model(
     b = GraphBuilder()
     _segment_network(features, choice, seg, b)
     inputs, outputs, values, masks = [_segment_input(seg)], [], [], set()
-    for term_name, term in TERMS.items():
+    for term_name in TERMS:
+        term = choice.term(term_name)
         for layer in _segment_layers(choice, seg, term_name):
             masks.add(layer)
             mask = mask_input(layer)
@@ -287,6 +309,7 @@ def build_segment_loss_model(
                 inputs.append(
                     helper.make_tensor_value_info(coefficient, TensorProto.FLOAT, term.statistic_shape(layer))
                 )
+                inputs.extend(_spatial_inputs(term, layer))
                 values.append(term.surrogate(b, layer, mask, coefficient, layer))
     if seg.output:
         upstream = upstream_input(seg.output)
@@ -307,12 +330,14 @@ def build_tail_targets_model(features: onnx.ModelProto, choice: LayerChoice, fir
     seg = segment(choice, first, deepest_block(choice))
     b = GraphBuilder()
     _segment_network(features, choice, seg, b)
-    outputs = []
+    inputs, outputs = [_segment_input(seg)], []
     for term_name, _ in choice.layers:
+        term = choice.term(term_name)
         for layer in _segment_layers(choice, seg, term_name):
-            out = TERMS[term_name].target(b, layer, layer, target_input(term_name, layer))
+            inputs.extend(_spatial_inputs(term, layer))
+            out = term.target(b, layer, layer, target_input(term_name, layer))
             outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, None))
-    return _model(b, "stylize_tail_targets", [_segment_input(seg)], outputs, features)
+    return _model(b, "stylize_tail_targets", inputs, outputs, features)
 
 
 def build_tail_loss_model(features: onnx.ModelProto, choice: LayerChoice, first: int) -> onnx.ModelProto:
@@ -325,16 +350,23 @@ def build_tail_loss_model(features: onnx.ModelProto, choice: LayerChoice, first:
     _segment_network(features, choice, seg, b)
     inputs, outputs, values = [_segment_input(seg)], [], []
     for term_name, _ in choice.layers:
-        term = TERMS[term_name]
-        for layer in _segment_layers(choice, seg, term_name):
+        term = choice.term(term_name)
+        layers = _segment_layers(choice, seg, term_name)
+        for layer in layers:
             scale, target = scale_input(term_name, layer), target_input(term_name, layer)
             inputs.append(helper.make_tensor_value_info(scale, TensorProto.FLOAT, []))
             inputs.append(helper.make_tensor_value_info(target, TensorProto.FLOAT, term.target_shape(layer)))
+            inputs.extend(_spatial_inputs(term, layer))
             out = b.op(
                 "Mul", [scale, term.layer_loss(b, layer, target, layer)], region_output(term_name, layer)
             )
             outputs.append(helper.make_tensor_value_info(out, TensorProto.FLOAT, []))
             values.append(out)
+        if layers:
+            inputs.extend(
+                helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+                for name, shape in term.vector_inputs().items()
+            )
     b.op("Sum", values or [b.zero()], LOSS)
     outputs.insert(0, helper.make_tensor_value_info(LOSS, TensorProto.FLOAT, []))
     model = _model(b, "stylize_tail_loss", inputs, outputs, features)

@@ -57,6 +57,16 @@ class GraphBuilder:
         count = self.op("Cast", [self.op("Size", [features])], to=TensorProto.FLOAT)
         return self.op("Div", [product, count], out)
 
+    def element_count(self, tensor: str) -> str:
+        """The number of elements of a tensor, as a float scalar."""
+        return self.op("Cast", [self.op("Size", [tensor])], to=TensorProto.FLOAT)
+
+    def pick(self, stacked: str, index: int) -> str:
+        """stacked[index] along the first axis: an element of a vector (a scalar) or a matrix of a stack
+        (Gather, which has no gradient rule: only for tensors the image does not change)."""
+        position = self.const(self.unique(f"{stacked}/pick{index}"), index, TensorProto.INT64)
+        return self.op("Gather", [stacked, position], axis=0)
+
     def unique(self, name: str) -> str:
         """`name`, or `name` with a suffix when an initializer of that name exists already."""
         taken = {t.name for t in self.initializers}

@@ -16,6 +16,7 @@ import numpy as np
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.server.engine.checkpoint import Checkpoint, CheckpointSink
+from stylize_service.server.engine.guides import guide_count
 from stylize_service.server.engine.memory import MemoryExceeded
 from stylize_service.server.engine.plan import JobPlan, check_settings
 from stylize_service.server.engine.plan import plan as plan_job
@@ -28,7 +29,8 @@ from stylize_service.server.engine.types import (
     StylizeResult,
     StylizeSettings,
 )
-from stylize_service.server.imageio import BadImage, decode_image, probe_image
+from stylize_service.server.engine.validation import check_mask_aspect, check_mask_pixels
+from stylize_service.server.imageio import BadImage, decode_image, decode_mask, probe_image
 from stylize_service.server.options import InvalidOption, JobOptions, invalid_option, to_job_options
 from stylize_service.server.outcome import Outcome
 
@@ -95,7 +97,11 @@ def accept(
         style_weights = [style.blend_weight for style in request.styles]
         has_init_image = bool(request.options.init_image)
         check_settings(
-            settings, engine.info.layers, style_weights=style_weights, has_init_image=has_init_image
+            settings,
+            engine.info.layers,
+            style_weights=style_weights,
+            has_init_image=has_init_image,
+            style_masks=style_masks_of(request),
         )
         content_size = probe(request.content_image, "content_image", max_pixels)
         if has_init_image:
@@ -108,7 +114,10 @@ def accept(
         # max_size a thin side is rounded up to 1 px, and the advice would be wrong); the EXIF
         # orientation may swap the sides, which changes no stage's short side. The memory the job will
         # reserve, from the same header sizes (style passes can be far larger than the stages).
-        job_plan = plan_for(engine, content_size, style_sizes, job_options, memory_capacity)
+        check_request_masks(request, content_size, style_sizes, max_pixels, job_options.settings.max_size)
+        job_plan = plan_for(
+            engine, content_size, style_sizes, job_options, memory_capacity, guides=guides_of_request(request)
+        )
     except InvalidSettings as err:
         raise Refused(Outcome.invalid(str(invalid_option(err)))) from None
     except InvalidOption as err:
@@ -124,8 +133,11 @@ def plan_for(
     style_sizes: Sequence[tuple[int, int]],
     options: JobOptions,
     memory_capacity: int | None,
+    *,
+    guides: int = 0,
 ) -> JobPlan:
-    """The job's plan for these image sizes, within the memory the server has for jobs."""
+    """The job's plan for these image sizes, within the memory the server has for jobs; guides: the
+    masked styles' (guides_of_request)."""
     return plan_job(
         content_size,
         style_sizes,
@@ -133,7 +145,52 @@ def plan_for(
         budget=memory_capacity,
         forced_tile=engine.tile_size,
         frame_max_size=options.frame_max_size,
+        guides=guides,
     )
+
+
+def style_masks_of(request: pb.StylizeRequest) -> list[tuple[bool, bool]]:
+    """Whether each style of the request has a mask and a style mask."""
+    return [(bool(style.mask), bool(style.style_mask)) for style in request.styles]
+
+
+def guides_of_request(request: pb.StylizeRequest) -> int:
+    """The guides the request's masks make (0 = no masks: the unmasked graphs)."""
+    return guide_count(style_masks_of(request))
+
+
+def check_request_masks(
+    request: pb.StylizeRequest,
+    content_size: tuple[int, int],
+    style_sizes: Sequence[tuple[int, int]],
+    max_pixels: int,
+    max_side: int,
+) -> None:
+    """Each mask an image (InvalidOption), in its image's aspect ratio and not all black (InvalidSettings),
+    from its header and a decode at the size the job uses. The headers carry no EXIF orientation, so a
+    mask may match the content turned by 90 degrees here; the engine checks the decoded images exactly."""
+    for index, style in enumerate(request.styles):
+        for name, data, of, size in (
+            ("mask", style.mask, "the content", content_size),
+            ("style_mask", style.style_mask, "its style image", style_sizes[index]),
+        ):
+            if not data:
+                continue
+            field = f"styles[{index}].{name}"
+            mask_size = probe(data, field, max_pixels)
+            try:
+                check_mask_aspect(field, mask_size, size, of)
+            except InvalidSettings:
+                check_mask_aspect(field, mask_size, (size[1], size[0]), of)
+            check_mask_pixels(field, decode_mask_field(data, field, max_pixels, max_side))
+
+
+def decode_mask_field(data: bytes, field_name: str, max_pixels: int, max_side: int) -> np.ndarray:
+    """A mask decoded (imageio.decode_mask) and shrunk to max_side; InvalidOption naming the field."""
+    try:
+        return decode_mask(data, max_pixels, max_side)
+    except BadImage as err:
+        raise InvalidOption(field_name, str(err)) from None
 
 
 def probe(data: bytes, field_name: str, max_pixels: int) -> tuple[int, int]:

@@ -80,6 +80,14 @@ def decode_image(data: bytes, max_pixels: int, max_side: int | None = None) -> n
     return rgb if max_side is None else shrink_longest(rgb, max_side)
 
 
+def decode_mask(data: bytes, max_pixels: int, max_side: int | None = None) -> np.ndarray:
+    """Encoded bytes of a mask -> float32 (H, W) in [0, 1]: decode_image's RGB as luma (ITU-R BT.601
+    weights; transparency over white, so a transparent pixel paints). Raises BadImage like decode_image."""
+    rgb = decode_image(data, max_pixels, max_side)
+    luma = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    return np.ascontiguousarray(np.clip(luma, 0.0, 1.0), dtype=np.float32)
+
+
 @contextlib.contextmanager
 def _reading(data: bytes, max_pixels: int) -> Iterator[Image.Image]:
     """The opened image (header read, size checked); every failure inside, decoding included, becomes

@@ -17,7 +17,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
-from stylize_service.server.admission import AcceptedJob, EngineLike, decode, plan_for
+from stylize_service.server.admission import (
+    AcceptedJob,
+    EngineLike,
+    decode,
+    decode_mask_field,
+    guides_of_request,
+    plan_for,
+)
 from stylize_service.server.convert import progress_pb, result_pb
 from stylize_service.server.engine.checkpoint import Checkpoint, CheckpointError, CheckpointSink
 from stylize_service.server.engine.memory import MemoryExceeded, megabytes
@@ -214,13 +221,26 @@ def _decode_inputs(
     for index, style in enumerate(request.styles):
         observer.stop_if_asked()
         image = decode(style.image, f"styles[{index}].image", max_pixels, admitted.style_side)
-        styles.append(StyleSource(image, style.blend_weight))
+        mask = (
+            decode_mask_field(style.mask, f"styles[{index}].mask", max_pixels, admitted.content_side)
+            if style.mask
+            else None
+        )
+        style_mask = (
+            decode_mask_field(
+                style.style_mask, f"styles[{index}].style_mask", max_pixels, admitted.style_side
+            )
+            if style.style_mask
+            else None
+        )
+        styles.append(StyleSource(image, style.blend_weight, mask, style_mask))
     decoded_plan = plan_for(
         engine,
         (content.shape[1], content.shape[0]),
         [(style.image.shape[1], style.image.shape[0]) for style in styles],
         job.options,
         memory_capacity,
+        guides=guides_of_request(request),
     )
     return DecodedInputs(content, styles, init_image, decoded_plan)
 

@@ -115,6 +115,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             graph_cache=graph_cache_pb(engine.graph_cache),
             load=pb.Load(running_jobs=self._scheduler.running, queued_jobs=self._scheduler.waiting),
             job_store=self._job_store_info(),
+            features=pb.Features(style_masks=True),
         )
 
     def _job_store_info(self) -> pb.JobStoreInfo:

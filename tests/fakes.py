@@ -66,6 +66,7 @@ class FakeEngine:
         self.started: list[threading.Event] = []  # set when the n-th job starts (pre-created by tests)
         self.jobs_started = 0
         self.stylize_calls = 0
+        self.last_styles: list[StyleSource] = []  # the styles (with masks) of the latest call
         self.cancelled = 0
         self.completed = 0
         self.resumed_from: list[int] = []  # the iteration of each checkpoint a job resumed from
@@ -101,6 +102,7 @@ class FakeEngine:
     ) -> StylizeResult:
         with self._lock:
             self.stylize_calls += 1  # before any check: tests can tell that a request never got here
+            self.last_styles = list(styles)
         if plan is None:  # the real planning, which needs no ONNX: the same rules and figures
             check_settings(
                 settings,

@@ -208,11 +208,13 @@ def test_cancelling_during_the_target_passes_stops_before_the_next_pass(
     passes: list[int] = []
     original = network_module.CompiledChoice.targets
 
-    def counting(self: network_module.CompiledChoice, image: np.ndarray) -> network_module.Targets:
+    def counting(
+        self: network_module.CompiledChoice, image: np.ndarray, guides: dict[str, np.ndarray] | None = None
+    ) -> network_module.Targets:
         passes.append(image.shape[-1])
         if len(passes) == passes_before_cancel:
             observer.stopped = True  # the client cancels while this pass runs
-        return original(self, image)
+        return original(self, image, guides)
 
     monkeypatch.setattr(network_module.CompiledChoice, "targets", counting)
     content = np.random.default_rng(1).random((24, 32, 3)).astype(np.float32)

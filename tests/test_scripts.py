@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from PIL import Image
@@ -110,8 +111,31 @@ def test_every_sample_has_a_recorded_licence() -> None:
         assert f"`{image.name}`" in licence, f"{image.name} has no entry in client/samples/LICENSE.md"
         assert image.stat().st_size < 400 * 1024, f"{image.name} is larger than 400 KiB"
         with Image.open(image) as im:
-            assert im.mode == "RGB"
+            assert im.mode == ("L" if "_mask_" in image.name else "RGB")  # masks are greyscale
             assert 256 <= max(im.size) <= 1024
+
+
+def test_mosaic_sample_generator_is_deterministic() -> None:
+    module = load_script("make_mosaic_sample")
+    a = module.paint(size=96, seed=3)
+    assert a.size == (96, 96) and a.tobytes() == module.paint(size=96, seed=3).tobytes()
+    assert module.paint(size=96, seed=4).tobytes() != a.tobytes()
+
+
+def test_bundled_masks_are_the_generators_and_cover_the_coffee_sample_once(tmp_path: Path) -> None:
+    module = load_script("make_mask_samples")
+    assert module.main(["--out", str(tmp_path)]) == 0
+    with Image.open(SAMPLES / "coffee.png") as content:
+        size = content.size
+    total = np.zeros((size[1], size[0]))
+    for name in ("coffee_mask_cup.png", "coffee_mask_table.png"):
+        assert (tmp_path / name).read_bytes() == (SAMPLES / name).read_bytes()
+        with Image.open(SAMPLES / name) as mask:
+            assert mask.size == size
+            values = np.asarray(mask, np.float64) / 255
+        assert 0.2 < values.mean() < 0.8
+        total += values
+    np.testing.assert_allclose(total, 1.0, atol=1 / 255 + 1e-9)
 
 
 def test_style_sample_generator_is_deterministic(tmp_path: Path) -> None:

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import numpy as np
 
+from stylize_service.models.terms import guide_input
+
 from . import color, memory, pyramid
 from .checkpoint import Checkpoint, CheckpointError, CheckpointSink, plan_key, plan_sizes
 from .evaluators import StageEvaluator, TermTargets, WholeImageEvaluator, blend_targets
+from .guides import Guide, blend_guided, guide_count, guide_maps, guide_weights, guides_of
 from .lbfgs_workspace import OptimizerState
 from .network import CompiledChoice, Evaluation, FeatureNetwork, Targets, TileSessions
 from .optimizer import Convergence, Step, exact_resume_available, routine_id, run_lbfgs
@@ -21,7 +24,7 @@ from .plan import JobPlan, check_settings, layer_choice
 from .plan import plan as plan_job
 from .providers import ProviderSpec
 from .pyramid import Stage
-from .resample import resize, resize_longest
+from .resample import resize, resize_longest, resize_mask
 from .tile_layout import TileScheme, segment_layouts
 from .tiling import TiledEvaluator
 from .types import (
@@ -36,6 +39,7 @@ from .types import (
     StylizeResult,
     StylizeSettings,
 )
+from .validation import check_masks
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +57,8 @@ class _Run:
     started: float  # perf_counter() when the job started (moved back by a resumed job's elapsed time)
     plan_key: str  # checkpoint.plan_key of the stages and histories
     checkpoints: CheckpointSink | None
+    guides: list[Guide] = field(default_factory=list)  # masked styles' guides; none = unmasked job
+    style_masks: list[np.ndarray | None] = field(default_factory=list)  # each style's, or None
     iterations_done: int = 0
     evaluations: int = 0
     evaluation_seconds: list[float] = field(default_factory=list)  # not yet reported in a Progress
@@ -102,17 +108,26 @@ class Engine:
         has_init_image: bool = False,
         budget: int | None = None,
         schedule: Sequence[Stage] | None = None,
+        style_masks: Sequence[tuple[bool, bool]] = (),
     ) -> JobPlan:
         """check_settings, then plan() with this engine's --tile-size: for callers of the engine alone
-        (the servicer plans with the plan module itself, once per job). style_weights default to 1 each."""
+        (the servicer plans with the plan module itself, once per job). style_weights default to 1 each;
+        style_masks: whether each style has a mask and a style mask (default: neither)."""
         check_settings(
             settings,
             self.layers,
             style_weights=[1.0] * len(style_sizes) if style_weights is None else style_weights,
             has_init_image=has_init_image,
+            style_masks=style_masks,
         )
         return plan_job(
-            content_size, style_sizes, settings, budget=budget, forced_tile=self.tile_size, schedule=schedule
+            content_size,
+            style_sizes,
+            settings,
+            budget=budget,
+            forced_tile=self.tile_size,
+            schedule=schedule,
+            guides=guide_count(style_masks),
         )
 
     def stylize(
@@ -145,6 +160,7 @@ class Engine:
         stage's remaining iterations. Counts, elapsed time and frames go on from the checkpoint's. Raises
         CheckpointError for a checkpoint of other stage sizes.
         """
+        check_masks(content, styles)
         if plan is None:
             plan = self.plan(
                 (content.shape[1], content.shape[0]),
@@ -153,6 +169,7 @@ class Engine:
                 style_weights=[s.blend_weight for s in styles],
                 has_init_image=init_image is not None,
                 schedule=schedule,
+                style_masks=[(s.mask is not None, s.style_mask is not None) for s in styles],
             )
         choice, stages, memory_plan = plan.choice, list(plan.stages), plan.memory
         key = plan_key(stages, memory_plan.histories)
@@ -169,6 +186,9 @@ class Engine:
             key,
             checkpoints,
         )
+        if choice.guides:
+            run.guides = guides_of([s.mask for s in styles])
+            run.style_masks = [s.style_mask for s in styles]
         if resume is not None:
             run.iterations_done, run.evaluations = resume.iterations_done, resume.evaluations
         net_content, net_styles = color.prepare_inputs(
@@ -251,20 +271,63 @@ class Engine:
         style_size = pyramid.style_longest(stage.longest, run.settings.style_scale)
 
         def style_passes() -> Iterator[tuple[float, TermTargets]]:
-            for weight, style in zip(blend, styles, strict=True):
+            for index, (weight, style) in enumerate(zip(blend, styles, strict=True)):
                 _stop_if_asked(run.observer)
-                image = self._network.to_network(resize_longest(style, style_size))
-                one = style_evaluator.statistic_targets(image)
+                scaled = resize_longest(style, style_size)
+                guides = self._style_guides(run, index, scaled.shape[0], scaled.shape[1])
+                image = self._network.to_network(scaled)
+                del scaled
+                one = style_evaluator.statistic_targets(image, guides)
                 del image  # before the next style is scaled: one pass's input at a time
                 yield float(weight), one
 
-        targets = blend_targets(run.compiled.choice, separable, style_passes())
+        if run.guides:
+            targets = self._guided_targets(run, stage, separable, blend, style_passes())
+        else:
+            targets = blend_targets(run.compiled.choice, separable, style_passes())
         if isinstance(evaluator, TiledEvaluator) or isinstance(style_evaluator, TiledEvaluator):
             # The tile runs leave their windows' chunks in the arena (they run without shrinkage); an
             # untiled evaluation could not reuse them. Shrink it, as an untiled targets pass does.
             run.compiled.shrink_arenas()
         _stop_if_asked(run.observer)  # before the stage's first evaluation
         return targets
+
+    @staticmethod
+    def _style_guides(run: _Run, index: int, height: int, width: int) -> dict[str, np.ndarray] | None:
+        """A style image's guide maps at its pass's size, from its style mask; None = all of it."""
+        style_mask = run.style_masks[index] if run.style_masks else None
+        if style_mask is None:
+            return None
+        return guide_maps([resize_mask(style_mask, width, height)], run.compiled.choice.layers_of("style"))
+
+    @staticmethod
+    def _guided_targets(
+        run: _Run,
+        stage: Stage,
+        separable: TermTargets,
+        blend: np.ndarray,
+        style_passes: Iterator[tuple[float, TermTargets]],
+    ) -> Targets:
+        """A masked job's stage targets: the content's, each guide's blended style target, the guides'
+        maps at every style layer (from the masks at the stage's size) and their weights (guides.py)."""
+        layers = run.compiled.choice.layers_of("style")
+        masks = [
+            np.ones((stage.height, stage.width), np.float32)
+            if guide.mask is None
+            else resize_mask(guide.mask, stage.width, stage.height)
+            for guide in run.guides
+        ]
+        spatial = guide_maps(masks, layers)
+        vectors = guide_weights(masks, [float(sum(blend[i] for i in guide.styles)) for guide in run.guides])
+        per_style = [one["style"] for _, one in style_passes]
+        by_term = dict(separable)
+        by_term["style"] = {
+            layer: blend_guided(
+                run.guides, blend, [one[layer] for one in per_style], spatial[guide_input(layer)]
+            )
+            for layer in layers
+        }
+        return Targets(by_term, spatial, vectors)
 
     @staticmethod
     def _base(

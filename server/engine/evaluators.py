@@ -25,8 +25,11 @@ class StageEvaluator(Protocol):
         """The region-separable layered terms' targets (content: feature maps) of a network input."""
         ...
 
-    def statistic_targets(self, image: np.ndarray) -> TermTargets:
-        """The other layered terms' targets (style: Gram matrices) of one network input."""
+    def statistic_targets(
+        self, image: np.ndarray, guides: dict[str, np.ndarray] | None = None
+    ) -> TermTargets:
+        """The other layered terms' targets (style: Gram matrices) of one network input; guides: for a
+        guided choice, the image's guide maps (its style mask), None = all ones."""
         ...
 
     def evaluator(
@@ -59,15 +62,19 @@ class WholeImageEvaluator:
     def __init__(self, compiled: CompiledChoice) -> None:
         self._compiled = compiled
 
-    def _targets(self, image: np.ndarray, separable: bool) -> TermTargets:
-        by_term = self._compiled.targets(image).by_term
+    def _targets(
+        self, image: np.ndarray, separable: bool, guides: dict[str, np.ndarray] | None = None
+    ) -> TermTargets:
+        by_term = self._compiled.targets(image, guides).by_term
         return {name: by_term[name] for name in by_term if TERMS[name].region_separable == separable}
 
     def separable_targets(self, content: np.ndarray) -> TermTargets:
         return self._targets(content, separable=True)
 
-    def statistic_targets(self, image: np.ndarray) -> TermTargets:
-        return self._targets(image, separable=False)
+    def statistic_targets(
+        self, image: np.ndarray, guides: dict[str, np.ndarray] | None = None
+    ) -> TermTargets:
+        return self._targets(image, separable=False, guides=guides)
 
     def evaluator(
         self, targets: Targets, weights: dict[str, float], layer_weights: dict[str, dict[str, float]]

@@ -23,6 +23,7 @@ Among the ways that fit, the planner takes the full L-BFGS-B history where it fi
 fits (the untiled evaluation is the reference), else the tiled way of least predicted time
 (predicted_seconds: the network's multiply-adds, a tiled segment's three passes over its windows, halos
 included, and a fixed cost per tile run).
+Masked styles add their guides (guide_bytes_per_pixel, estimated from the tensors' sizes).
 """
 
 from __future__ import annotations
@@ -326,16 +327,41 @@ def targets_bytes(
     return STAGE_ARRAY_BYTES_PER_PIXEL * stage.pixels + max(content_pass, content_targets + style_pass)
 
 
+def guide_bytes_per_pixel(choice: LayerChoice) -> int:
+    """What masked styles add to an evaluation, per pixel of the image (or tile window) it runs: each
+    guide's guided features at each style layer and their gradient, float32. Estimated from those
+    tensors' sizes, not measured: at most this much more is live at once (0 without masks)."""
+    if not choice.guides:
+        return 0
+    return choice.guides * sum(
+        2 * 4 * CHANNELS[layer] // 4 ** POOLS_BEFORE[layer] for layer in choice.layers_of("style")
+    )
+
+
+def _guide_map_bytes(stage: Stage, choice: LayerChoice) -> int:
+    """A masked stage's guides, whole (float32): each mask at the stage's size and its map at each style
+    layer."""
+    if not choice.guides:
+        return 0
+    layers = choice.layers_of("style")
+    return (
+        4 * choice.guides * (stage.pixels + sum(stage.pixels // 4 ** POOLS_BEFORE[layer] for layer in layers))
+    )
+
+
 def stage_bytes(stage: Stage, choice: LayerChoice, scheme: TileScheme | None, history: int = MAXCOR) -> int:
     """Predicted bytes above idle while `stage` runs, untiled (scheme None) or in a tile scheme, with
-    `history` L-BFGS-B correction pairs."""
+    `history` L-BFGS-B correction pairs; masked styles' guides included (guide_bytes_per_pixel)."""
     pixels = stage.width * stage.height
     held = lbfgs_bytes_per_variable(history) * 3 * pixels + STAGE_ARRAY_BYTES_PER_PIXEL * pixels
+    held += _guide_map_bytes(stage, choice)
     if scheme is None:
-        return held + EVAL_FIXED_BYTES + EVAL_BYTES_PER_PIXEL * pixels
+        return held + EVAL_FIXED_BYTES + (EVAL_BYTES_PER_PIXEL + guide_bytes_per_pixel(choice)) * pixels
     cost = scheme_cost(stage.height, stage.width, scheme, choice)
     targets = _content_target_bytes(stage, choice)
-    return held + targets + TILE_SESSIONS_BYTES + cost.evaluation
+    rows, cols = segment_layouts(stage.height, stage.width, scheme, choice)[0].largest_window()
+    guides = guide_bytes_per_pixel(choice) * rows * cols
+    return held + targets + TILE_SESSIONS_BYTES + cost.evaluation + guides
 
 
 def tile_schemes(tile: int, choice: LayerChoice) -> list[TileScheme]:

@@ -15,7 +15,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -26,8 +26,9 @@ import onnxruntime as ort
 from stylize_service.models import export, graphs
 from stylize_service.models.layers import LayerChoice
 from stylize_service.models.segments import Segment
-from stylize_service.models.terms import TERMS
+from stylize_service.models.terms import GUIDE_WEIGHTS, TERMS
 
+from .guides import ones_maps
 from .providers import CPU, CUDA, ProviderSpec, load_cuda_libraries, provider_name
 from .types import GraphCacheStats, ModelInfo
 
@@ -59,9 +60,13 @@ def estimated_session_bytes(*models: onnx.ModelProto) -> int:
 @dataclass(frozen=True)
 class Targets:
     """What the loss graph compares against: each layered term's targets by layer (content features,
-    blended style Grams)."""
+    blended style Grams); with guides (masked styles), the terms' spatial inputs as whole maps by input
+    name (LossTerm.spatial_inputs: the guides at each layer) and their vector inputs (the guides'
+    weights)."""
 
     by_term: dict[str, dict[str, np.ndarray]]
+    spatial: dict[str, np.ndarray] = field(default_factory=dict)
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -135,23 +140,25 @@ class CompiledChoice:
         self._target_outputs = [o.name for o in targets.get_outputs()]
         self._loss_outputs = [o.name for o in loss.get_outputs()]
 
-    def targets(self, image: np.ndarray) -> Targets:
-        """Every layered term's targets computed from one image (content image or style image).
+    def targets(self, image: np.ndarray, guides: dict[str, np.ndarray] | None = None) -> Targets:
+        """Every layered term's targets computed from one image (content image or style image); for a
+        guided choice, guides are the image's guide maps by input name (a style image's style mask,
+        guides.guide_maps), None = all ones, the plain Gram matrices.
 
         The pass ends by shrinking the arenas: its tensors are freed then, and left in the arena they
         would be carved up by the evaluations' differently sized ones (at 1024x768 one evaluation after a
         targets pass peaked at 1865 MB with them kept, 1661 MB without: scripts/benchmark_memory.py
         --child evaluation 1024 ours)."""
-        return self._run_targets(image, self._shrink)
+        return self._run_targets(image, self._shrink, guides)
 
-    def _run_targets(self, image: np.ndarray, run_options: ort.RunOptions) -> Targets:
-        outputs = dict(
-            zip(
-                self._target_outputs,
-                self._targets.run(None, {export.INPUT_NAME: image}, run_options),
-                strict=True,
-            )
-        )
+    def _run_targets(
+        self, image: np.ndarray, run_options: ort.RunOptions, guides: dict[str, np.ndarray] | None = None
+    ) -> Targets:
+        feeds = {export.INPUT_NAME: image}
+        if self.choice.guides:
+            style_layers = self.choice.layers_of("style")
+            feeds.update(guides or ones_maps(image.shape[-2], image.shape[-1], style_layers))
+        outputs = dict(zip(self._target_outputs, self._targets.run(None, feeds, run_options), strict=True))
         return Targets(
             {
                 term: {layer: outputs[graphs.target_input(term, layer)] for layer in layers}
@@ -181,6 +188,8 @@ class CompiledChoice:
         back what the last large image made them hold (onnxruntime shrinks only at the end of a run)."""
         tiny = np.zeros((1, 3, SHRINK_IMAGE_SIDE, SHRINK_IMAGE_SIDE), np.float32)
         targets = self._run_targets(tiny, self._shrink)
+        if self.choice.guides:
+            targets = _tiny_guided(targets, self.choice)
         ones = {term: 1.0 for term in TERMS}
         layer_ones = {term: dict.fromkeys(layers, 1.0) for term, layers in self.choice.layers}
         self._loss.run(None, {**self.feeds(targets, ones, layer_ones), export.INPUT_NAME: tiny}, self._shrink)
@@ -199,7 +208,21 @@ class CompiledChoice:
             )
             for layer in layers:
                 feeds[graphs.target_input(term, layer)] = targets.by_term[term][layer]
+        feeds.update(targets.spatial)
+        feeds.update(targets.vectors)
         return feeds
+
+
+def _tiny_guided(targets: Targets, choice: LayerChoice) -> Targets:
+    """The targets of shrink_arenas' tiny run for a guided choice: each style target repeated for every
+    guide, all-ones guides and weights."""
+    k = choice.guides
+    layers = choice.layers_of("style")
+    side = SHRINK_IMAGE_SIDE
+    spatial = {name: np.repeat(value, k, axis=0) for name, value in ones_maps(side, side, layers).items()}
+    by_term = dict(targets.by_term)
+    by_term["style"] = {layer: np.repeat(target, k, axis=0) for layer, target in by_term["style"].items()}
+    return Targets(by_term, spatial, {GUIDE_WEIGHTS: np.ones(k, np.float32)})
 
 
 class TileSessions:
@@ -257,9 +280,11 @@ class TileSessions:
     def loss(self, seg: Segment, tile: np.ndarray, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return self._run(self._session("loss", seg.first, seg.last), graphs.segment_input(seg), tile, feeds)
 
-    def tail_targets(self, first: int, image: np.ndarray) -> dict[str, np.ndarray]:
+    def tail_targets(
+        self, first: int, image: np.ndarray, feeds: dict[str, np.ndarray] | None = None
+    ) -> dict[str, np.ndarray]:
         session = self._session("tail_targets", first)
-        return self._run(session, session.get_inputs()[0].name, image, {})
+        return self._run(session, session.get_inputs()[0].name, image, feeds or {})
 
     def tail_loss(self, first: int, image: np.ndarray, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._session("tail_loss", first)

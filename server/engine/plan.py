@@ -53,10 +53,17 @@ def check_settings(
     *,
     style_weights: Sequence[float],
     has_init_image: bool,
+    style_masks: Sequence[tuple[bool, bool]] = (),
 ) -> None:
     """Every value rule (validation.validate): raises InvalidSettings naming the first setting or input
     that cannot be honoured. plan() expects settings that passed it."""
-    validation.validate(settings, known_layers, style_weights=style_weights, has_init_image=has_init_image)
+    validation.validate(
+        settings,
+        known_layers,
+        style_weights=style_weights,
+        has_init_image=has_init_image,
+        style_masks=style_masks,
+    )
 
 
 def plan(
@@ -68,14 +75,16 @@ def plan(
     forced_tile: int = 0,
     frame_max_size: int | None = None,
     schedule: Sequence[Stage] | None = None,
+    guides: int = 0,
 ) -> JobPlan:
     """The plan of a job whose content image is content_size and whose style images are style_sizes, for
     settings that passed check_settings. budget: bytes above the idle server the job may use (None = no
     limit); forced_tile: tile every stage larger than this (the server's --tile-size); schedule: stages
-    to run in place of the settings' pyramid (scripts/benchmark_schedules.py). Raises InvalidSettings when
+    to run in place of the settings' pyramid (scripts/benchmark_schedules.py); guides: the masked
+    styles' guides (guides.guide_count; 0 = no masks). Raises InvalidSettings when
     the image is too small for the layers at the stages' sizes, memory.MemoryExceeded when it fits the
     budget in no way."""
-    choice = layer_choice(settings, len(style_sizes))
+    choice = layer_choice(settings, len(style_sizes), guides)
     stages = tuple(schedule) if schedule else tuple(plan_stages(content_size, settings, choice))
     job_memory = memory.plan_job(
         list(stages),
@@ -99,15 +108,16 @@ def plan(
     )
 
 
-def layer_choice(settings: StylizeSettings, styles: int) -> LayerChoice:
-    """The graphs' key: each layered term's layers. A term whose targets come from the style images
-    (one that is not region-separable) has none without style images: a content-only request."""
+def layer_choice(settings: StylizeSettings, styles: int, guides: int = 0) -> LayerChoice:
+    """The graphs' key: each layered term's layers, and the number of guides of masked styles (0 = none).
+    A term whose targets come from the style images (one that is not region-separable) has none without
+    style images: a content-only request."""
     layers = {term: [layer for layer, _ in layered] for term, layered in settings.term_layers().items()}
     if not styles:
         for term in layers:
             if not TERMS[term].region_separable:
                 layers[term] = []
-    return LayerChoice.of(layers, settings.pooling.value)
+    return LayerChoice.of(layers, settings.pooling.value, guides if styles else 0)
 
 
 def plan_stages(content_size: Size, settings: StylizeSettings, choice: LayerChoice) -> list[Stage]:

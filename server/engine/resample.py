@@ -39,6 +39,11 @@ def resize(image: np.ndarray, width: int, height: int, *, clip: bool = True) -> 
     return (np.clip(resized, 0.0, 1.0) if clip else resized).astype(np.float32)
 
 
+def resize_mask(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """A (H, W) mask in [0, 1] -> (height, width), as resize() does an image's channel."""
+    return resize(mask[..., None], width, height)[..., 0]
+
+
 def resize_longest(image: np.ndarray, longest: int) -> np.ndarray:
     """Resize so that the longer side is `longest` (up or down), keeping the aspect ratio."""
     height, width = image.shape[:2]

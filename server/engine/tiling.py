@@ -15,7 +15,9 @@ float additions. An evaluation then runs:
    surrogates, and the gradient coming from the next segment at its owned output positions), and its
    input gradient is added into the segment's input gradient at the tile's window.
 The loss and gradient equal the untiled ones up to float rounding. The targets passes (content features,
-style Gram matrices) run the forward part alone.
+style Gram matrices) run the forward part alone. With masked styles (guides) the style term's spatial
+inputs, whole maps at their layers (Targets.spatial), are cut to each tile's window at their layer exactly
+as the content targets are, and the untiled tail takes them whole.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from stylize_service.models.segments import Segment
 from stylize_service.models.terms import TERMS
 from stylize_service.models.vgg16 import POOLS_BEFORE
 
+from .guides import ones_maps
 from .network import Evaluation, Targets, TileSessions
 from .tile_layout import Tile, TileLayout, TileScheme
 
@@ -69,13 +72,45 @@ class TiledEvaluator:
     def _layout(self, seg: Segment, segment_input: np.ndarray) -> TileLayout:
         return TileLayout(segment_input.shape[-2], segment_input.shape[-1], self._scheme.side(seg), seg)
 
+    def _spatial_layers(self) -> dict[str, str]:
+        """The terms' spatial inputs (LossTerm.spatial_inputs, e.g. the guides) by name -> their layer."""
+        return {
+            name: layer
+            for term_name, layers in self._choice.layers
+            for layer in layers
+            for name in self._choice.term(term_name).spatial_inputs(layer)
+        }
+
+    def _cut(self, seg: Segment, tile: Tile, spatial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The spatial inputs of the segment's layers (whole maps at their layers) cut to the tile's window
+        at that layer, as the content targets are."""
+        layers = self._spatial_layers()
+        inside = set(seg.layers(self._choice))
+        return {
+            name: np.ascontiguousarray(_window(whole, tile, seg.pools_to(layers[name])))
+            for name, whole in spatial.items()
+            if layers[name] in inside
+        }
+
+    def _whole(self, spatial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The spatial inputs of the untiled tail's layers, whole."""
+        layers = self._spatial_layers()
+        tail = {layer for _, layer in self._tail_layers()}
+        return {name: whole for name, whole in spatial.items() if layers[name] in tail}
+
+    def _default_spatial(self, image: np.ndarray) -> dict[str, np.ndarray]:
+        """The spatial inputs of an image given none: for a guided choice, all-ones guides (plain Grams)."""
+        if not self._choice.guides:
+            return {}
+        return ones_maps(image.shape[-2], image.shape[-1], self._choice.layers_of("style"))
+
     def _terms_at(self, seg: Segment, separable: bool) -> dict[str, list[str]]:
         """The layered terms of one kind with layers in the segment, and those layers."""
         inside = set(seg.layers(self._choice))
         found = {
             name: [layer for layer in layers if layer in inside]
             for name, layers in self._choice.layers
-            if TERMS[name].region_separable == separable
+            if self._choice.term(name).region_separable == separable
         }
         return {name: layers for name, layers in found.items() if layers}
 
@@ -85,18 +120,25 @@ class TiledEvaluator:
         return [
             (name, layer)
             for name, layers in self._choice.layers
-            if separable is None or TERMS[name].region_separable == separable
+            if separable is None or self._choice.term(name).region_separable == separable
             for layer in layers
             if layer not in tiled
         ]
 
     def _forward(
-        self, image: np.ndarray, *, statistics: bool, features: bool, keep_inputs: bool
+        self,
+        image: np.ndarray,
+        *,
+        statistics: bool,
+        features: bool,
+        keep_inputs: bool,
+        spatial: dict[str, np.ndarray],
     ) -> tuple[TermSums, dict[str, np.ndarray], list[np.ndarray]]:
         """The forward pass through the tiled segments: the non-separable terms' statistics at their
         layers, summed over the tiles (float64), where `statistics`; the whole feature maps of the
         separable terms' layers, assembled from the tiles' owned parts, where `features`; and the inputs
-        of every tiled segment and of the tail (keep_inputs), or only the last one."""
+        of every tiled segment and of the tail (keep_inputs), or only the last one. spatial: the terms'
+        spatial inputs, whole."""
         sums: TermSums = {}
         whole: dict[str, np.ndarray] = {}
         inputs = [image]
@@ -128,6 +170,7 @@ class TiledEvaluator:
                 self._should_stop()
                 rows, cols = tile.window()
                 masks = {graphs.mask_input(layer): tile.mask(seg.pools_to(layer)) for layer in mask_layers}
+                masks.update(self._cut(seg, tile, spatial))
                 out = self._sessions.statistics(
                     seg, np.ascontiguousarray(current[..., rows, cols]), masks, wanted
                 )
@@ -160,33 +203,42 @@ class TiledEvaluator:
 
     def separable_targets(self, content: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
         """The separable layered terms' targets (whole feature maps) of a network input (1, 3, h, w)."""
-        _, features, inputs = self._forward(content, statistics=False, features=True, keep_inputs=False)
+        spatial = self._default_spatial(content)
+        _, features, inputs = self._forward(
+            content, statistics=False, features=True, keep_inputs=False, spatial=spatial
+        )
         targets: dict[str, dict[str, np.ndarray]] = {
             name: {layer: features[layer] for layer in layers if layer in features}
             for name, layers in self._choice.layers
-            if TERMS[name].region_separable
+            if self._choice.term(name).region_separable
         }
         if self._tail is not None and self._tail_layers(separable=True):
-            tail = self._sessions.tail_targets(self._tail, inputs[-1])
+            tail = self._sessions.tail_targets(self._tail, inputs[-1], self._whole(spatial))
             for name, layer in self._tail_layers(separable=True):
                 targets[name][layer] = tail[graphs.target_input(name, layer)]
         return targets
 
-    def statistic_targets(self, image: np.ndarray) -> dict[str, dict[str, np.ndarray]]:
+    def statistic_targets(
+        self, image: np.ndarray, guides: dict[str, np.ndarray] | None = None
+    ) -> dict[str, dict[str, np.ndarray]]:
         """The non-separable terms' targets (style: Gram matrices) of one network input (1, 3, h, w), from
         their statistics summed over the tiles and from the untiled tail: those of the untiled image, up
-        to float rounding."""
-        sums, _, inputs = self._forward(image, statistics=True, features=False, keep_inputs=False)
+        to float rounding. guides: for a guided choice, the image's guide maps (its style mask), None =
+        all ones."""
+        spatial = self._default_spatial(image) if guides is None else guides
+        sums, _, inputs = self._forward(
+            image, statistics=True, features=False, keep_inputs=False, spatial=spatial
+        )
         height, width = image.shape[-2], image.shape[-1]
         targets: dict[str, dict[str, np.ndarray]] = {
-            name: {} for name, _ in self._choice.layers if not TERMS[name].region_separable
+            name: {} for name, _ in self._choice.layers if not self._choice.term(name).region_separable
         }
         for name, layers in sums.items():
             for layer, total in layers.items():
-                count = _map_count(layer, total.shape[0], height, width)
-                targets[name][layer] = TERMS[name].target_from_statistic(total, count)
+                count = _map_count(layer, total.shape[-1], height, width)
+                targets[name][layer] = self._choice.term(name).target_from_statistic(total, count)
         if self._tail is not None and self._tail_layers(separable=False):
-            tail = self._sessions.tail_targets(self._tail, inputs[-1])
+            tail = self._sessions.tail_targets(self._tail, inputs[-1], self._whole(spatial))
             for name, layer in self._tail_layers(separable=False):
                 targets[name][layer] = tail[graphs.target_input(name, layer)]
         return {name: layers for name, layers in targets.items() if layers}
@@ -212,7 +264,9 @@ class TiledEvaluator:
         per_layer: dict[str, dict[str, float]] = {name: {} for name, _ in self._choice.layers}
         terms: dict[str, float] = dict.fromkeys(TERMS, 0.0)
         # 1. Forward through the tiled segments.
-        sums, _, inputs = self._forward(x, statistics=True, features=False, keep_inputs=True)
+        sums, _, inputs = self._forward(
+            x, statistics=True, features=False, keep_inputs=True, spatial=targets.spatial
+        )
         # 2. The untiled tail: its layers' values and the gradient at its input.
         upstream: np.ndarray | None = None
         if self._tail is not None:
@@ -223,6 +277,8 @@ class TiledEvaluator:
                     np.float32(weights[name]) * np.float32(layer_weights[name][layer])
                 )
                 tail_feeds[graphs.target_input(name, layer)] = targets.by_term[name][layer]
+            tail_feeds.update(self._whole(targets.spatial))
+            tail_feeds.update(targets.vectors)
             out = self._sessions.tail_loss(self._tail, inputs.pop(), tail_feeds)
             for name, layer in self._tail_layers():
                 per_layer[name][layer] = float(out[graphs.region_output(name, layer)])
@@ -231,9 +287,13 @@ class TiledEvaluator:
         feeds: dict[str, np.ndarray] = {}
         for name, layers in sums.items():
             for layer, total in layers.items():
-                count = _map_count(layer, total.shape[0], height, width)
-                value, coefficient = TERMS[name].finish(
-                    total, targets.by_term[name][layer], count, weights[name] * layer_weights[name][layer]
+                count = _map_count(layer, total.shape[-1], height, width)
+                value, coefficient = self._choice.term(name).finish(
+                    total,
+                    targets.by_term[name][layer],
+                    count,
+                    weights[name] * layer_weights[name][layer],
+                    targets.vectors,
                 )
                 per_layer[name][layer] = value
                 feeds[graphs.coefficient_input(name, layer)] = coefficient
@@ -246,7 +306,7 @@ class TiledEvaluator:
                 (n, layer) for n, layers in self._terms_at(seg, separable=True).items() for layer in layers
             ]
         for name, layer in separable:
-            term = TERMS[name]
+            term = self._choice.term(name)
             channels = 3 if layer == IMAGE_LAYER else targets.by_term[name][layer].shape[1]
             layer_weight = layer_weights[name][layer] if term.layered else 1.0
             scale = term.region_scale(weights[name], layer_weight, _map_count(layer, channels, height, width))
@@ -264,6 +324,7 @@ class TiledEvaluator:
                 rows, cols = tile.window()
                 tile_feeds = dict(feeds)
                 tile_feeds.update({graphs.mask_input(layer): tile.mask(p) for layer, p in pools.items()})
+                tile_feeds.update(self._cut(seg, tile, targets.spatial))
                 for name, layer in separable:
                     if layer != IMAGE_LAYER and layer in pools:
                         whole = targets.by_term[name][layer]

@@ -58,6 +58,12 @@ class ColorMode(enum.Enum):
 class StyleSource:
     image: np.ndarray  # float32 (H, W, 3) RGB in [0, 1]
     blend_weight: float = 1.0
+    # Where in the picture this style paints: float32 (H, W) in [0, 1] in the content's aspect ratio
+    # (1 = paints, grey = softly); None = everywhere. docs/masks.md.
+    mask: np.ndarray | None = None
+    # Where in the style image its statistics are taken from: float32 (H, W) in [0, 1] in the style
+    # image's aspect ratio; None = all of it.
+    style_mask: np.ndarray | None = None
 
 
 @dataclass(frozen=True)

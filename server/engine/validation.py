@@ -10,7 +10,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from .types import Init, InvalidSettings, Layers, StylizeSettings
+import numpy as np
+
+from .types import Init, InvalidSettings, Layers, StyleSource, StylizeSettings
 
 MIN_SIZE = 16  # px; below this the stages would be smaller than VGG's receptive field is useful for
 MAX_SIZE = 4096  # px; longest side of the output (and of the scaled style images)
@@ -46,11 +48,13 @@ def validate(
     *,
     style_weights: Sequence[float],
     has_init_image: bool,
+    style_masks: Sequence[tuple[bool, bool]] = (),
 ) -> None:
     """Raise InvalidSettings naming the first setting or input that cannot be honoured.
 
-    style_weights: the blend weight of each style image (their number matters too). What depends on the
-    content image's shape (the stages' sizes) is checked by pyramid.plan once the image is known."""
+    style_weights: the blend weight of each style image (their number matters too); style_masks: whether
+    each has a mask and a style mask (default none). What depends on the content image's shape (the
+    stages' sizes) is checked by pyramid.plan once the image is known, the masks' pixels by check_masks."""
     s = settings
     _check_range("max_size", s.max_size, MIN_SIZE, MAX_SIZE)
     if s.min_size is not None and not MIN_SIZE <= s.min_size <= s.max_size:
@@ -77,6 +81,7 @@ def validate(
     if not (math.isfinite(s.tolerance) and 0.0 <= s.tolerance < 1.0):
         raise InvalidSettings("tolerance", f"must be at least 0 and below 1, got {s.tolerance}")
     _check_styles(s, style_weights)
+    _check_mask_use(s, len(style_weights), style_masks)
     if s.init is Init.IMAGE and not has_init_image:
         raise InvalidSettings("init_image", f"is required when {{init}} is {Init.IMAGE.name}")
     if s.init is not Init.IMAGE and has_init_image:
@@ -135,3 +140,64 @@ def _check_styles(settings: StylizeSettings, style_weights: Sequence[float]) -> 
         )
     if not settings.content_layers and not style_active(settings, len(style_weights)):
         raise InvalidSettings("content_layers", "and the style term are both empty: nothing to optimise for")
+
+
+# A mask's aspect ratio may differ from its image's by this fraction (rounding of a resized mask).
+MASK_ASPECT_TOLERANCE = 0.01
+
+
+def _check_mask_use(settings: StylizeSettings, styles: int, style_masks: Sequence[tuple[bool, bool]]) -> None:
+    """A mask says where a style paints (or where its statistics come from): meaningless, and refused,
+    where the style term takes no part."""
+    for index, (mask, style_mask) in enumerate(style_masks):
+        if not (mask or style_mask):
+            continue
+        field = f"styles[{index}].{'mask' if mask else 'style_mask'}"
+        if not style_active(settings, styles):
+            raise InvalidSettings(field, "is given but {style_layers} is empty: no style term to place")
+        if settings.style_weight == 0:
+            raise InvalidSettings(field, "is given but {style_weight} is 0: no style term to place")
+
+
+def check_mask_aspect(field: str, mask_size: tuple[int, int], image_size: tuple[int, int], of: str) -> None:
+    """Raise InvalidSettings unless a mask of mask_size (width, height) has the aspect ratio of an image
+    of image_size within MASK_ASPECT_TOLERANCE; `of` names the image."""
+    mask_ratio = mask_size[0] / mask_size[1]
+    image_ratio = image_size[0] / image_size[1]
+    if abs(mask_ratio / image_ratio - 1.0) > MASK_ASPECT_TOLERANCE:
+        raise InvalidSettings(
+            field,
+            f"is {mask_size[0]}x{mask_size[1]}, an aspect ratio of {mask_ratio:.4g}; it must be that of "
+            f"{of} ({image_size[0]}x{image_size[1]}, {image_ratio:.4g}) within "
+            f"{MASK_ASPECT_TOLERANCE:.0%}",
+        )
+
+
+def check_mask_pixels(field: str, mask: np.ndarray) -> None:
+    """Raise InvalidSettings for a mask that covers nothing (all black) or holds values outside [0, 1]."""
+    if mask.ndim != 2 or not mask.size:
+        raise InvalidSettings(field, f"must be a greyscale (H, W) map, got shape {mask.shape}")
+    if not np.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
+        raise InvalidSettings(field, "must hold values in [0, 1]")
+    if mask.max() <= 0:
+        raise InvalidSettings(
+            field, "is all black: it covers no part of the picture (leave it unset to paint everywhere)"
+        )
+
+
+def check_masks(content: np.ndarray, styles: Sequence[StyleSource]) -> None:
+    """The styles' masks against the decoded images: each mask in the content's aspect ratio, each style
+    mask in its style image's, neither all black."""
+    content_size = (content.shape[1], content.shape[0])
+    for index, style in enumerate(styles):
+        if style.mask is not None:
+            field = f"styles[{index}].mask"
+            check_mask_pixels(field, style.mask)
+            check_mask_aspect(field, (style.mask.shape[1], style.mask.shape[0]), content_size, "the content")
+        if style.style_mask is not None:
+            field = f"styles[{index}].style_mask"
+            check_mask_pixels(field, style.style_mask)
+            style_size = (style.image.shape[1], style.image.shape[0])
+            check_mask_aspect(
+                field, (style.style_mask.shape[1], style.style_mask.shape[0]), style_size, "its style image"
+            )

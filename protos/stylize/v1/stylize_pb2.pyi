@@ -78,12 +78,16 @@ class StylizeRequest(_message.Message):
     def __init__(self, content_image: _Optional[bytes] = ..., styles: _Optional[_Iterable[_Union[StyleImage, _Mapping]]] = ..., options: _Optional[_Union[StylizeOptions, _Mapping]] = ...) -> None: ...
 
 class StyleImage(_message.Message):
-    __slots__ = ("image", "blend_weight")
+    __slots__ = ("image", "blend_weight", "mask", "style_mask")
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     BLEND_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MASK_FIELD_NUMBER: _ClassVar[int]
+    STYLE_MASK_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     blend_weight: float
-    def __init__(self, image: _Optional[bytes] = ..., blend_weight: _Optional[float] = ...) -> None: ...
+    mask: bytes
+    style_mask: bytes
+    def __init__(self, image: _Optional[bytes] = ..., blend_weight: _Optional[float] = ..., mask: _Optional[bytes] = ..., style_mask: _Optional[bytes] = ...) -> None: ...
 
 class LayerWeight(_message.Message):
     __slots__ = ("layer", "weight")
@@ -359,7 +363,7 @@ class GetInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetInfoResponse(_message.Message):
-    __slots__ = ("model", "defaults", "limits", "server_version", "graph_cache", "load", "job_store")
+    __slots__ = ("model", "defaults", "limits", "server_version", "graph_cache", "load", "job_store", "features")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     DEFAULTS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
@@ -367,6 +371,7 @@ class GetInfoResponse(_message.Message):
     GRAPH_CACHE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
     JOB_STORE_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
     model: ModelInfo
     defaults: StylizeOptions
     limits: Limits
@@ -374,7 +379,14 @@ class GetInfoResponse(_message.Message):
     graph_cache: GraphCache
     load: Load
     job_store: JobStoreInfo
-    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., defaults: _Optional[_Union[StylizeOptions, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., graph_cache: _Optional[_Union[GraphCache, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., job_store: _Optional[_Union[JobStoreInfo, _Mapping]] = ...) -> None: ...
+    features: Features
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ..., defaults: _Optional[_Union[StylizeOptions, _Mapping]] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., server_version: _Optional[str] = ..., graph_cache: _Optional[_Union[GraphCache, _Mapping]] = ..., load: _Optional[_Union[Load, _Mapping]] = ..., job_store: _Optional[_Union[JobStoreInfo, _Mapping]] = ..., features: _Optional[_Union[Features, _Mapping]] = ...) -> None: ...
+
+class Features(_message.Message):
+    __slots__ = ("style_masks",)
+    STYLE_MASKS_FIELD_NUMBER: _ClassVar[int]
+    style_masks: bool
+    def __init__(self, style_masks: _Optional[bool] = ...) -> None: ...
 
 class JobStoreInfo(_message.Message):
     __slots__ = ("kind", "jobs", "used_bytes", "capacity_bytes", "result_ttl_seconds", "checkpoint_interval_seconds", "checkpoints_written", "checkpoint_seconds", "jobs_resumed", "frames_retained_per_job", "frame_bytes_retained_per_job")
