@@ -13,8 +13,8 @@ Seconds per evaluation come from the job's Progress messages (elapsed seconds an
 first report to the last, so the targets passes and the start-up are left out); the configs run one after
 another, --rounds times over (the fastest round is kept), so that they share the machine's state. The
 iteration-0 loss (that of the content image, before any step) is compared with the untiled config's: the
-tiles change the cost, not the result. The server's peak resident memory (VmHWM) and the plan of its log
-line (tiles=, correction_pairs=) are printed beside.
+tiles change the cost, not the result. The server's peak resident memory (VmHWM), its resident memory 15 s
+after the job, and the plan of its log line (tiles=, correction_pairs=) are printed beside.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class Run:
     tiles: int
     correction_pairs: int
     peak: int
+    after: int
     plan: str
 
 
@@ -95,6 +96,8 @@ def run_config(config: str, size: int, iterations: int) -> Run | str:
             except StylizeError as err:
                 return f"refused: {err}"
         peak = procfs.status_value(server.pid, "VmHWM")
+        time.sleep(15)  # then the resident memory the job left behind
+        after = procfs.status_value(server.pid, "VmRSS")
         server.terminate()
         server.wait(60)
         first, last = progress[0], progress[-1]
@@ -107,6 +110,7 @@ def run_config(config: str, size: int, iterations: int) -> Run | str:
             last.tiles,
             last.correction_pairs,
             peak,
+            after,
             " ".join(w for w in planned.split() if w.startswith(("memory=", "tiles=", "correction_pairs="))),
         )
     finally:
@@ -202,9 +206,9 @@ def main() -> None:
     base = best.get(args.configs[0])
     print(f"\n{args.size} px, {args.iterations} iterations, fastest of {args.rounds} rounds\n")
     print(
-        "| config | tile size | tiles | plan | pairs | s per evaluation | vs first | iteration-0 loss vs first | peak MB |"
+        "| config | tile size | tiles | plan | pairs | s per evaluation | vs first | iteration-0 loss vs first | peak MB | 15 s after MB |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for config in args.configs:
         run = best[config]
         if isinstance(run, str):
@@ -220,7 +224,8 @@ def main() -> None:
         )
         print(
             f"| {config} | {run.tile_size or 'untiled'} | {run.tiles} | {run.plan} | {run.correction_pairs} | "
-            f"{run.seconds_per_evaluation:.2f} | {ratio:.2f} | {difference:.1e} | {run.peak / MiB:.0f} |"
+            f"{run.seconds_per_evaluation:.2f} | {ratio:.2f} | {difference:.1e} | {run.peak / MiB:.0f} | "
+            f"{run.after / MiB:.0f} |"
         )
 
 

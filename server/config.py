@@ -227,8 +227,9 @@ _SETTINGS: tuple[tuple[str, str, type, str], ...] = (
         "--tile-size",
         "STYLIZE_TILE_SIZE",
         int,
-        "evaluate every stage larger than this many px in exact tiles of this size; 0 = automatic, "
-        "only where the memory budget needs it (default: 0)",
+        "evaluate every stage larger than this many px in exact tiles of this size (the network's first "
+        "blocks one segment at a time, as many as the memory budget needs); 0 = automatic, only where the "
+        "memory budget needs it (default: 0)",
     ),
     (
         "--metrics-port",
