@@ -6,6 +6,7 @@ reach (UNAVAILABLE naming it, health NOT_SERVING, back when it is)."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -219,3 +220,65 @@ def test_the_store_kind_and_no_redis_for_the_default(tmp_path: Path) -> None:
     with running_server(FakeEngine()) as (server, _):
         assert not isinstance(server.jobs, FleetJobManager)
         assert not isinstance(server.store, RedisStore)
+
+
+def test_a_store_paused_past_the_lease_stops_the_job_which_is_resumed_once_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    redis = RedisServer(redis_binary(), tmp_path)
+    redis.start()
+    assert redis.process is not None
+    engine = FakeEngine(seconds_per_iteration=0.05)
+    try:
+        with replica(redis.url, engine, checkpoint_seconds=0.01) as (a, server_a, _):
+            job = a.SubmitJob(stylize_request(iterations=60), timeout=LIVENESS)
+            store = _fleet(server_a).redis
+            assert wait_until(lambda: store.checkpoint(job.id) is not None)
+            redis.process.send_signal(signal.SIGSTOP)  # a store that answers nothing, past the lease
+            try:
+                assert wait_until(lambda: engine.cancelled == 1)  # the job stopped: its lease ran out
+            finally:
+                redis.process.send_signal(signal.SIGCONT)
+            events = list(a.WatchJob(pb.WatchJobRequest(id=job.id), timeout=LIVENESS))
+            assert events[-1].HasField("result") and events[-1].result.iterations == 60
+            assert engine.completed == 1 and len(engine.resumed_from) == 1
+            done = a.GetJob(pb.GetJobRequest(id=job.id), timeout=LIVENESS)
+            assert done.state == pb.SUCCEEDED and done.resumes == 1
+    finally:
+        redis.stop()
+
+
+def test_a_draining_replica_checkpoints_its_job_and_another_resumes_it(redis_url: str) -> None:
+    engine_a = FakeEngine(seconds_per_iteration=0.05)
+    engine_a.started = [threading.Event()]
+    with replica(redis_url, engine_a, checkpoint_seconds=0.01) as (a, server_a, _):
+        job = a.SubmitJob(stylize_request(iterations=40), timeout=LIVENESS)
+        assert engine_a.started[0].wait(LIVENESS)
+        with replica(redis_url, FakeEngine(), checkpoint_seconds=0.01) as (b, _, engine_b):
+            _fleet(server_a).drain()  # as on SIGTERM: checkpoint at the next iteration, back to the queue
+            events = list(b.WatchJob(pb.WatchJobRequest(id=job.id), timeout=LIVENESS))
+            assert events[-1].HasField("result") and events[-1].result.iterations == 40
+            assert engine_a.completed == 0 and engine_b.completed == 1 and engine_b.resumed_from
+            assert b.GetJob(pb.GetJobRequest(id=job.id), timeout=LIVENESS).resumes == 1
+
+
+def test_a_stylize_calls_job_taken_over_from_the_replica_that_held_the_call_is_cancelled(
+    redis_url: str,
+) -> None:
+    engine_a = FakeEngine(seconds_per_iteration=0.05)
+    engine_a.started = [threading.Event()]
+    with replica(redis_url, engine_a) as (a, server_a, _):
+        call = a.Stylize(stylize_request(iterations=200), timeout=LIVENESS)
+        assert engine_a.started[0].wait(LIVENESS)
+        fleet_a = _fleet(server_a)
+        (live,) = list(fleet_a._live.values())
+        job_id = live.record.id
+        with replica(redis_url, FakeEngine()) as (b, _, engine_b):
+            live.lease.renewed_at = float("inf")  # type: ignore[attr-defined]  # a stops renewing, as if gone
+            fleet_a.redis.client.delete(key("lease", job_id))  # and its lease lapses
+            with pytest.raises(grpc.RpcError) as ended:
+                list(call)
+            assert ended.value.code() == grpc.StatusCode.CANCELLED
+            done = b.GetJob(pb.GetJobRequest(id=job_id), timeout=LIVENESS)
+            assert done.state == pb.CANCELLED and "with its Stylize call" in done.error.message
+            assert engine_b.stylize_calls == 0

@@ -146,6 +146,9 @@ class FleetJobManager(JobManager):
         self._refresh()
         return super().counts()
 
+    def queued(self) -> int:
+        return self.queue_depth()
+
     def queue_depth(self) -> int:
         """The fleet's queue (what the HPA scales on); the last known depth when the store is unreachable."""
         with contextlib.suppress(OSError):
@@ -199,7 +202,7 @@ class FleetJobManager(JobManager):
             with self._lock:
                 self._records = {r.id: r for r in self._store.records()}
                 self._make_room(reserved)
-                self.redis.create(record, data, peak_bytes=job.plan.memory.peak_bytes)
+                self.redis.create(record, data, peak_bytes=job.plan.memory.peak_bytes, submitter=self.replica)
                 self._records[record.id] = record
         except OSError as err:
             _store_warnings_log("cannot store a new job", err)
@@ -397,6 +400,14 @@ class FleetJobManager(JobManager):
         log = JobLog(
             id=job_id[:12], metrics=self._metrics, deadline_passed=lambda: False, client=record.owner
         )
+        taken_over = record.state is JobState.RUNNING or record.started is not None
+        if record.bound_to_call and taken_over:
+            submitter, previous = self.redis.fields(job_id, "submitter", "previous")
+            if submitter == previous:  # the replica that held its Stylize call ran it: both are gone
+                self._end_claimed(
+                    claim, record, Outcome.cancelled("with its Stylize call, when its replica stopped"), log
+                )
+                return None
         try:
             request = pb.StylizeRequest.FromString(self._store.request(job_id))
             job = accept(
@@ -426,7 +437,6 @@ class FleetJobManager(JobManager):
                 resume = Checkpoint.from_bytes(data)
         except CheckpointError as err:
             logger.warning("job %s: its checkpoint cannot be read (%s); it starts again", log.id, err)
-        taken_over = record.state is JobState.RUNNING or record.started is not None
         record = record.with_changes(resumes=record.resumes + (resume is not None))
         live = _FleetJob(record, job, ticket, log, resume=resume, lease=lease)
         live.last_sequence = self._store.last_sequence(job_id)

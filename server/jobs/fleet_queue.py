@@ -48,7 +48,7 @@ redis.call('LPOP', KEYS[1])
 if redis.call('EXISTS', job) == 0 then return {id, 0} end
 local generation = redis.call('HINCRBY', job, 'gen', 1)
 redis.call('SET', ARGV[4] .. 'lease:' .. id, ARGV[1] .. ':' .. generation, 'PX', ARGV[3])
-redis.call('HSET', job, 'runner', ARGV[1])
+redis.call('HSET', job, 'previous', redis.call('HGET', job, 'runner') or '', 'runner', ARGV[1])
 redis.call('SADD', KEYS[2], id)
 return {id, generation}
 """

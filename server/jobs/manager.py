@@ -293,6 +293,10 @@ class JobManager:
         token = _page_token(page[-1]) if len(owned) > size else ""
         return [self._view(record, include_image=False) for record in page], token
 
+    def queued(self) -> int:
+        """Jobs waiting for a worker: this server's queue (a fleet's manager: the fleet's)."""
+        return self._scheduler.waiting
+
     def counts(self) -> dict[str, int]:
         """Jobs held, by state name."""
         with self._lock:

@@ -1,9 +1,10 @@
 """The fleet job store: every replica keeps its jobs in one Redis (--store-url redis://HOST:PORT/DB).
 
     stylize:jobs              sorted set: every job id, scored by its creation time
-    stylize:job:ID            hash: record (records.JobRecord as JSON), request (the StylizeRequest), peak
-                              (its planned memory, for the fleet queue), gen (its lease generation) and
-                              b_* (the bytes of each part, for the store's capacity)
+    stylize:job:ID            hash: record (records.JobRecord as JSON), state (the record's), request (the
+                              StylizeRequest), peak (its planned memory, for the fleet queue), gen (its
+                              lease generation), submitter, runner and previous (replica ids: who took the
+                              call, who runs it, who ran it before) and b_* (the bytes of each part)
     stylize:events:ID         stream: every non-frame event, entry id SEQUENCE-1, fields d (the
                               serialized StylizeResponse) and g (the lease generation that wrote it)
     stylize:frames:ID         stream: the retained frames, the same way
@@ -273,7 +274,9 @@ class RedisStore:
 
     # --- one job -----------------------------------------------------------------------------------
 
-    def create(self, record: JobRecord, request: bytes, *, peak_bytes: int = 0) -> None:
+    def create(self, record: JobRecord, request: bytes, *, peak_bytes: int = 0, submitter: str = "") -> None:
+        """peak_bytes: the job's planned memory (what a replica needs free to claim it); submitter: the
+        replica that took the call."""
         data = _record_bytes(record)
         with self.reaching():
             pipe = self.client.pipeline(transaction=True)
@@ -284,6 +287,7 @@ class RedisStore:
                     "state": record.state.value,
                     "request": request,
                     "peak": peak_bytes,
+                    "submitter": submitter,
                     "gen": 0,
                     "b_record": len(data),
                     "b_request": len(request),
@@ -309,9 +313,11 @@ class RedisStore:
             raise KeyError(job_id)
         return cast(bytes, data)
 
-    def peak_bytes(self, job_id: str) -> int:
+    def fields(self, job_id: str, *names: str) -> list[str]:
+        """Fields of the job's hash beside its record (e.g. runner, previous, submitter); "" when unset."""
         with self.reaching():
-            return int(cast(bytes | None, self.client.hget(key("job", job_id), "peak")) or 0)
+            values = cast(list[bytes | None], self.client.hmget(key("job", job_id), list(names)))
+        return [_text(value) if value is not None else "" for value in values]
 
     def append(self, job_id: str, event: StoredEvent, *, durable: bool = False) -> None:
         """`durable` asks nothing more here: Redis's own persistence (AOF or RDB) decides."""
