@@ -119,9 +119,13 @@ def test_sigkill_of_the_running_replica_the_other_resumes_the_job_from_its_check
                     replicas[runner][0].send_signal(signal.SIGKILL)
                     killed_at = time.monotonic()
                     killed_iteration = event.progress.iteration
-                elif killed_at is not None and resumed_after is None and event.HasField("progress"):
-                    if store.client.hget(key("job", job.id), "gen") == b"2":
-                        resumed_after = time.monotonic() - killed_at
+                elif (
+                    killed_at is not None
+                    and resumed_after is None
+                    and event.HasField("progress")
+                    and store.client.hget(key("job", job.id), "gen") == b"2"
+                ):
+                    resumed_after = time.monotonic() - killed_at
         with channel(other) as ch:
             done = pb_grpc.StyleTransferStub(ch).GetJob(pb.GetJobRequest(id=job.id), timeout=LIVENESS)
     assert killed_at is not None and resumed_after is not None
