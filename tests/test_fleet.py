@@ -19,6 +19,8 @@ from stylize_service.protos.stylize.v1 import stylize_pb2 as pb
 from stylize_service.protos.stylize.v1 import stylize_pb2_grpc as pb_grpc
 from stylize_service.server.app import StylizeServer
 from stylize_service.server.jobs.fleet_jobs import FleetJobManager
+from stylize_service.server.jobs.fleet_queue import ClientBound, FleetQueue
+from stylize_service.server.jobs.records import JobRecord, JobState, new_job_id
 from stylize_service.server.jobs.redis_store import RedisStore, key
 from tests.fakes import LIVENESS, FakeEngine, channel, running_server, stylize_request, wait_until
 from tests.redis_server import RedisServer, redis_binary
@@ -282,3 +284,30 @@ def test_a_stylize_calls_job_taken_over_from_the_replica_that_held_the_call_is_c
             done = b.GetJob(pb.GetJobRequest(id=job_id), timeout=LIVENESS)
             assert done.state == pb.CANCELLED and "with its Stylize call" in done.error.message
             assert engine_b.stylize_calls == 0
+
+
+def test_the_queue_claims_atomically_within_memory_and_takes_lapsed_jobs_back(redis_url: str) -> None:
+    store = RedisStore(redis_url, 1 << 30)
+    queue = FleetQueue(store, "replica-1")
+    big, small = (JobRecord(id=new_job_id(), owner="c", state=JobState.QUEUED, created=1.0) for _ in range(2))
+    store.create(big, b"r", peak_bytes=1000)
+    store.create(small, b"r", peak_bytes=10)
+    assert queue.enqueue(big.id, "c", 2, 5) == 1 and queue.enqueue(small.id, "c", 2, 5) == 2
+    with pytest.raises(ClientBound):
+        queue.enqueue(new_job_id(), "c", 2, 5)
+    assert queue.claim(free_memory=500, lease_ms=60_000) is None  # the head does not fit: not overtaken
+    assert queue.depth() == 2
+    claim = queue.claim(free_memory=5000, lease_ms=60_000)
+    assert claim is not None and (claim.job_id, claim.generation) == (big.id, 1)
+    assert store.client.get(key("lease", big.id)) == b"replica-1:1"
+    # Its replica dies: the lease lapses and any replica puts the job back at the front.
+    store.client.delete(key("lease", big.id))
+    assert queue.takeover() == [big.id] and queue.position(big.id) == 1
+    again = queue.claim(free_memory=5000, lease_ms=60_000)
+    assert again is not None and again.generation == 2
+    # A job that ended but whose replica died before releasing it gives its client's place back.
+    store.fence(big.id, again.token, again.generation)
+    store.save(big.with_changes(state=JobState.SUCCEEDED))
+    store.client.delete(key("lease", big.id))
+    assert queue.takeover() == [] and queue.client_jobs("c") == 1
+    assert not queue.release(again, "c", requeue=False)  # not ours any more

@@ -146,6 +146,19 @@ def test_the_flags() -> None:
         load_config(["--lease-seconds", "0.5"], environ={})
 
 
+def test_tls_and_credentials_come_from_the_url() -> None:
+    from redis.connection import SSLConnection
+
+    from stylize_service.server.jobs.redis_store import connect
+
+    client = connect("rediss://stylize:pw@redis.example:6380/3")
+    kwargs = client.connection_pool.connection_kwargs
+    assert client.connection_pool.connection_class is SSLConnection
+    assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("redis.example", 6380, 3)
+    assert (kwargs["username"], kwargs["password"]) == ("stylize", "pw")
+    assert connect("redis://r:6379/0").connection_pool.connection_class is not SSLConnection
+
+
 def test_a_url_that_is_not_redis_is_refused() -> None:
     with pytest.raises(StoreError, match="redis:// or rediss://"):
         RedisStore("memcached://x", 64 * MB)

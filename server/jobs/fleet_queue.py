@@ -79,8 +79,9 @@ end
 return 1
 """
 
-# KEYS: running, queue. ARGV: prefix. Every claimed job whose lease has lapsed goes back to the front of
-# the queue (a finished or deleted one just leaves the running set); returns the ids queued again.
+# KEYS: running, queue, clients. ARGV: prefix. Every claimed job whose lease has lapsed goes back to the
+# front of the queue (a finished or deleted one just leaves the running set, its client's count released
+# if its replica could not); returns the ids queued again.
 _TAKEOVER = """
 local again = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -91,6 +92,11 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
     if redis.call('EXISTS', job) == 1 and state ~= 'SUCCEEDED' and state ~= 'FAILED' and state ~= 'CANCELLED' then
       redis.call('LPUSH', KEYS[2], id)
       table.insert(again, id)
+    elseif redis.call('HGET', job, 'counted') == '1' then
+      -- it ended but its replica could not release it: its client's count goes down here
+      redis.call('HSET', job, 'counted', 0)
+      local client = redis.call('HGET', job, 'owner')
+      if redis.call('HINCRBY', KEYS[3], client, -1) <= 0 then redis.call('HDEL', KEYS[3], client) end
     end
   end
 end
@@ -196,7 +202,10 @@ class FleetQueue:
     def takeover(self) -> list[str]:
         """Queue again, at the front, every claimed job whose lease lapsed; returns their ids."""
         with self.store.reaching():
-            answer = cast(list[bytes], self._takeover(keys=[key("running"), key("queue")], args=[PREFIX]))
+            answer = cast(
+                list[bytes],
+                self._takeover(keys=[key("running"), key("queue"), key("clients")], args=[PREFIX]),
+            )
         return [_text(job_id) for job_id in answer]
 
     def depth(self) -> int:

@@ -288,6 +288,7 @@ class RedisStore:
                     "request": request,
                     "peak": peak_bytes,
                     "submitter": submitter,
+                    "owner": record.owner,
                     "gen": 0,
                     "b_record": len(data),
                     "b_request": len(request),
