@@ -129,6 +129,7 @@ def test_sigkill_of_the_running_replica_the_other_resumes_the_job_from_its_check
         with channel(other) as ch:
             done = pb_grpc.StyleTransferStub(ch).GetJob(pb.GetJobRequest(id=job.id), timeout=LIVENESS)
     assert killed_at is not None and resumed_after is not None
+    print(f"resumed by the other replica {resumed_after:.2f} s after the SIGKILL (lease {LEASE_SECONDS:g} s)")
     assert done.state == pb.SUCCEEDED and done.resumes == 1
     assert seen[-1].HasField("result") and seen[-1].result.iterations == ITERATIONS
     sequences = [e.sequence for e in seen]
@@ -138,7 +139,7 @@ def test_sigkill_of_the_running_replica_the_other_resumes_the_job_from_its_check
     assert 0 < resumed[0] <= killed_iteration + 1  # from a checkpoint, not from the start
     assert resumed == list(range(resumed[0], ITERATIONS + 1))
     # Within the lease, the takeover scan's period and a claim; generous for a busy machine.
-    assert resumed_after <= LEASE_SECONDS + max(0.5, LEASE_SECONDS / 4) + CHECKPOINT_SECONDS + 10
+    assert resumed_after <= LEASE_SECONDS + LEASE_SECONDS / 10 + CHECKPOINT_SECONDS + 10
 
 
 def test_sigstop_past_the_lease_the_job_never_runs_twice(redis_url: str, tmp_path: Path) -> None:

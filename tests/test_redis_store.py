@@ -175,3 +175,23 @@ def test_a_checkpoint_streams_through_a_buffer(redis_url: str) -> None:
 
     store.put_checkpoint(record.id, write)  # type: ignore[arg-type]
     assert store.checkpoint(record.id) == b"x" * 4000
+
+
+def test_without_redis_server_the_tests_skip_naming_the_package_and_fail_under_ci(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import tests.redis_server as redis_tests
+
+    monkeypatch.setattr(redis_tests.shutil, "which", lambda name: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match=r"Debian package redis-server"):
+        redis_tests.redis_binary()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"Debian package redis-server"):
+        redis_tests.redis_binary()
+
+
+def test_ci_installs_redis_server_before_the_tests() -> None:
+    script = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+    install = script.index("apt-get install -y -q --no-install-recommends redis-server")
+    assert script.index("command -v redis-server") < install < script.index("bash scripts/test.sh")

@@ -594,7 +594,7 @@ class FleetJobManager(JobManager):
     def _monitor(self) -> None:
         """Renew this replica's leases, pass on cancels, take over lapsed jobs, watch the store."""
         last_takeover = last_ping = 0.0
-        takeover_every = max(0.5, self.leases.seconds / 4)
+        takeover_every = max(MONITOR_SECONDS, self.leases.seconds / 10)
         while not self._closed.wait(MONITOR_SECONDS):
             with self._lock:
                 running = [live for live in self._live.values() if isinstance(live, _FleetJob)]
