@@ -38,11 +38,20 @@ def free_port() -> int:
 
 
 class RedisServer:
-    def __init__(self, binary: str, directory: Path, port: int | None = None, password: str | None = None):
+    def __init__(
+        self,
+        binary: str,
+        directory: Path,
+        port: int | None = None,
+        password: str | None = None,
+        *,
+        persistent: bool = False,
+    ):
         self.binary = binary
         self.directory = directory
         self.port = port or free_port()
         self.password = password
+        self.persistent = persistent
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -59,9 +68,11 @@ class RedisServer:
             "127.0.0.1",
             "--save",
             "",
-            "--appendonly",
-            "no",
         ]
+        # persistent: every write synced to the append-only file, so the data outlives a restart.
+        args += (
+            ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        )
         args += ["--dir", str(self.directory)]
         if self.password:
             args += ["--requirepass", self.password]

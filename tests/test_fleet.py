@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,6 +178,7 @@ def test_a_job_whose_lease_lapsed_is_taken_over_and_the_old_runner_writes_nothin
         fleet_a = _fleet(server_a)
         with replica(redis_url, FakeEngine(), checkpoint_seconds=0.01) as (b, _, engine_b):
             # a's lease lapses (as if a had been paused past it): b takes the job over.
+            fleet_a._draining.set()  # a claims nothing more (paused, it could not)
             for live in list(fleet_a._live.values()):  # a stops renewing, as a paused process does
                 live.lease.renewed_at = float("inf")  # type: ignore[attr-defined]
             store.client.delete(lease_key)
@@ -311,3 +313,28 @@ def test_the_queue_claims_atomically_within_memory_and_takes_lapsed_jobs_back(re
     store.client.delete(key("lease", big.id))
     assert queue.takeover() == [] and queue.client_jobs("c") == 1
     assert not queue.release(again, "c", requeue=False)  # not ours any more
+
+
+def test_a_job_that_ends_while_the_store_is_down_reports_its_end_when_it_is_back(tmp_path: Path) -> None:
+    redis = RedisServer(redis_binary(), tmp_path, persistent=True)
+    redis.start()
+    gate = threading.Event()
+    engine = FakeEngine(seconds_per_iteration=0.02)
+    engine.gate = gate
+    engine.started = [threading.Event()]
+    try:
+        with replica(redis.url, engine, lease_seconds=30.0) as (a, server_a, _):
+            job = a.SubmitJob(stylize_request(iterations=10), timeout=LIVENESS)
+            assert engine.started[0].wait(LIVENESS)
+            redis.stop()  # Redis goes away (its data kept on disk) while the job runs to its end
+            gate.set()
+            assert wait_until(lambda: engine.completed == 1)
+            time.sleep(1.5)  # the job's end is tried again meanwhile
+            redis.start()
+            assert wait_until(lambda: not _fleet(server_a)._live)
+            done = a.GetJob(pb.GetJobRequest(id=job.id), timeout=LIVENESS)
+            assert done.state == pb.SUCCEEDED and done.result.iterations == 10
+            assert list(a.WatchJob(pb.WatchJobRequest(id=job.id), timeout=LIVENESS))[-1].HasField("result")
+            assert engine.stylize_calls == 1  # reported once Redis was back, not run again
+    finally:
+        redis.stop()

@@ -54,7 +54,7 @@ from stylize_service.server.jobs.manager import (
     _stored_outcome,
 )
 from stylize_service.server.jobs.records import JobRecord, JobState, is_job_id, new_job_id
-from stylize_service.server.jobs.redis_store import LeaseLost, RedisStore
+from stylize_service.server.jobs.redis_store import LeaseLost, RedisStore, StoreUnavailable
 from stylize_service.server.jobs.store import StoredEvent
 from stylize_service.server.jobs.views import JobView
 from stylize_service.server.logsafe import LogThrottle
@@ -68,6 +68,7 @@ CLAIM_POLL_SECONDS = 0.25  # how often an idle worker looks at the fleet's queue
 MONITOR_SECONDS = 0.2  # how often cancels are looked for (a cancel reaches its job within this)
 PING_SECONDS = 1.0  # how often the store's reachability is checked for health
 NO_LIMIT = 1 << 62
+RETRY_SECONDS = 1.0  # how often a job's end is tried again while the store is out of reach
 
 _unreachable = LogThrottle()
 
@@ -477,6 +478,7 @@ class FleetJobManager(JobManager):
         assert isinstance(live, _FleetJob)
         if run is not None and run.result is not None and live.holds():
             self._publish(live, pb.StylizeResponse(result=run.result))
+            # Stored by now (tried again while the lease held), or the lease is lost (below).
         if not live.holds():
             self._lost(live, run)
             return
@@ -543,19 +545,38 @@ class FleetJobManager(JobManager):
         if isinstance(live, _FleetJob) and not live.holds():
             live.stop.set()
             return
+        # How a job ends (or goes back to the queue) must reach the store: tried again while the lease holds.
+        ending = record.state is not JobState.RUNNING
         try:
-            self._store.save(record)
+            self._until_stored(live, lambda: self._store.save(record), retry=ending)
         except LeaseLost:
             self._lose(live)
         except OSError as err:
             _store_warnings_log(f"job {live.log.id}: its record cannot be saved", err)
+
+    def _until_stored(self, live: _LiveJob, write: Callable[[], None], *, retry: bool) -> None:
+        """write(); with retry, a store out of reach is tried again every second while the job's lease
+        holds (a Redis back within the lease gets the write; past it, the job is another replica's)."""
+        while True:
+            try:
+                write()
+                return
+            except StoreUnavailable as err:
+                if not retry or not isinstance(live, _FleetJob) or not live.holds():
+                    raise
+                if _unreachable.admit("retry") is not None:
+                    logger.warning("job %s: %s; trying again while its lease holds", live.log.id, err)
+                time.sleep(RETRY_SECONDS)
 
     def _store_event(self, live: _LiveJob, event: StoredEvent, *, durable: bool) -> None:
         if isinstance(live, _FleetJob) and not live.holds():  # at every event: stop at once once lost
             live.stop.set()
             return
         try:
-            self._store.append(live.record.id, event, durable=durable)
+            # The Result (durable) must be stored before the job is reported SUCCEEDED.
+            self._until_stored(
+                live, lambda: self._store.append(live.record.id, event, durable=durable), retry=durable
+            )
         except LeaseLost:
             self._lose(live)
         except OSError as err:
