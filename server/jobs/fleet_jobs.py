@@ -54,7 +54,12 @@ from stylize_service.server.jobs.manager import (
     _stored_outcome,
 )
 from stylize_service.server.jobs.records import JobRecord, JobState, is_job_id, new_job_id
-from stylize_service.server.jobs.redis_store import LeaseLost, RedisStore, StoreUnavailable
+from stylize_service.server.jobs.redis_store import (
+    SOCKET_TIMEOUT_SECONDS,
+    LeaseLost,
+    RedisStore,
+    StoreUnavailable,
+)
 from stylize_service.server.jobs.store import StoredEvent
 from stylize_service.server.jobs.views import JobView
 from stylize_service.server.logsafe import LogThrottle
@@ -139,9 +144,12 @@ class FleetJobManager(JobManager):
         super().drain()
 
     def close(self) -> None:
+        """Stop the workers and the monitor (before the store is closed under them)."""
         self._draining.set()
         self._wake()
         super().close()
+        for thread in self._threads:
+            thread.join(timeout=SOCKET_TIMEOUT_SECONDS + 1)
 
     def counts(self) -> dict[str, int]:
         self._refresh()

@@ -223,7 +223,8 @@ class RedisStore:
     # --- the store as a whole ----------------------------------------------------------------------
 
     def close(self) -> None:
-        self.client.close()
+        """Close the idle connections; one still in use (a watch's blocking read) ends with its call."""
+        self.client.connection_pool.disconnect(inuse_connections=False)
 
     def used_bytes(self) -> int:
         with self.reaching():
