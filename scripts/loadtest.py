@@ -4,6 +4,7 @@
     .venv/bin/python scripts/loadtest.py --clients 32 --seconds 300       # the README's figures
     .venv/bin/python scripts/loadtest.py --clients 8 --seconds 30 --json out/load.json
     .venv/bin/python scripts/loadtest.py --clients 8 --seconds 120 --kill-every 20   # server crashes
+    .venv/bin/python scripts/loadtest.py --clients 8 --seconds 120 --replicas 2 --kill-every 20   # a fleet
 
 The server runs as a subprocess (`stylize-server` on a free loopback port). Each client loops until the
 time is up, each call picking one behaviour at random (weights: --mix):
@@ -47,6 +48,11 @@ kill cut off included) the same way. The report adds the kills done, the time ba
 interrupted, the jobs resumed from a checkpoint (GetInfo's job_store.jobs_resumed read before each kill and
 at the end, summed, beside the log's "resumed from its checkpoint" lines) and the jobs by final state; lost
 jobs count as lost, and a server that does not come back counts as an error.
+
+--replicas N: a fleet. N servers share one Redis job store (--store-url; by default a redis-server started
+for the run) with --lease-seconds FLEET_LEASE_SECONDS, and the clients spread their calls over them round
+robin. With --kill-every the replicas are killed in turn, each started again on its port: a killed
+replica's jobs are taken over by another once their lease lapses, and resumed from their checkpoints.
 """
 
 from __future__ import annotations
@@ -91,8 +97,12 @@ START_TIMEOUT = 180.0  # the server loads the model and compiles the default gra
 MAX_BACKOFF = 2.0  # seconds a refused client waits at most before it tries again
 SETTLE_TIMEOUT = 30.0  # after the clients stop, how long the workers may take to become free
 JOB_LINE = re.compile(r" job ([0-9a-f]{12}) .*outcome=(.*)$")  # a job id's first 12 hex digits
-RESUMED_LINE = re.compile(r" job [0-9a-f]{12}: resumed from its checkpoint$")
-QUEUED_AGAIN_LINE = re.compile(r" job [0-9a-f]{12}: queued again$")
+# A server on its own store says the first; a replica of a fleet that takes a job over, the second.
+RESUMED_LINE = re.compile(
+    r" job [0-9a-f]{12}: (resumed from its checkpoint$|taken over by replica .*, resumed from its checkpoint)"
+)
+QUEUED_AGAIN_LINE = re.compile(r" job [0-9a-f]{12}: (queued again$|taken over by replica .*, started again)")
+FLEET_LEASE_SECONDS = 5.0  # the replicas' --lease-seconds with --replicas: a killed one's jobs resume soon
 KILL_CHECKPOINT_SECONDS = 1  # the server's --checkpoint-seconds under --kill-every: most jobs get one
 FOLLOW_RECONNECT_SECONDS = 60.0  # a follow gives up after this long without a new event
 JOB_SETTLE_TIMEOUT = 90.0  # after the clients stop, how long the accepted jobs may take to end
@@ -203,18 +213,22 @@ def free_port() -> int:
 
 
 class ServerUnderKills:
-    """--kill-every: one stylize-server at a time on a fixed port and state directory. A chaos thread
-    (start_kills) kills it with SIGKILL `every` seconds after it became SERVING and starts it again, until
-    `stop_at`; the figures of each killed process (CPU, peak RSS, jobs resumed) are read just before."""
+    """--kill-every: one stylize-server at a time on a fixed port and state directory, or with --replicas
+    N, N of them on their ports and one Redis store. A chaos thread (start_kills) kills one (in turn) with
+    SIGKILL `every` seconds after it became SERVING and starts it again on its port, until `stop_at`; the
+    figures of each killed process (CPU, peak RSS, jobs resumed) are read just before."""
 
-    def __init__(self, flags: Sequence[str], log_path: Path | None, every: float) -> None:
+    def __init__(self, flags: Sequence[str], log_path: Path | None, every: float, replicas: int = 1) -> None:
         self.flags = list(flags)
         self.log_path = log_path
         self.every = every
-        self.port = free_port()
+        self.ports = [free_port() for _ in range(replicas)]
+        self.port = self.ports[0]
         self.state_dir = Path(tempfile.mkdtemp(prefix="stylize-loadtest-state-"))
-        self.address = f"127.0.0.1:{self.port}"
-        self.server = self._start(append_log=False)
+        self.addresses = [f"127.0.0.1:{port}" for port in self.ports]
+        # One replica: its address; several: the client spreads its calls over them (round robin).
+        self.address = self.addresses[0] if replicas == 1 else "ipv4:" + ",".join(self.addresses)
+        self.servers = [self._start(index, append_log=index > 0) for index in range(replicas)]
         self.killed: list[ServerProcess] = []
         self.kill_times: list[float] = []  # monotonic, taken just before each SIGKILL
         self.restart_seconds: list[float] = []  # from each SIGKILL to SERVING again
@@ -225,13 +239,18 @@ class ServerUnderKills:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _start(self, *, append_log: bool) -> ServerProcess:
+    @property
+    def server(self) -> ServerProcess:
+        return self.servers[0]
+
+    def _start(self, index: int, *, append_log: bool) -> ServerProcess:
         return ServerProcess(
-            self.flags, self.log_path, port=self.port, state_dir=self.state_dir, append_log=append_log
+            self.flags, self.log_path, port=self.ports[index], state_dir=self.state_dir, append_log=append_log
         )
 
     def wait_serving(self) -> None:
-        self.server.wait_serving()
+        for server in self.servers:
+            server.wait_serving()
 
     def start_kills(self, stop_at: float) -> None:
         self._thread = threading.Thread(target=self._run, args=(stop_at,), name="chaos", daemon=True)
@@ -248,7 +267,7 @@ class ServerUnderKills:
 
     def lines(self) -> list[str]:
         """The log lines of every server process, in order."""
-        return [line for server in [*self.killed, self.server] for line in server.lines]
+        return [line for server in [*self.killed, *self.servers] for line in server.lines]
 
     def _run(self, stop_at: float) -> None:
         try:
@@ -261,16 +280,60 @@ class ServerUnderKills:
             self.failure = f"{type(err).__name__}: {err}"
 
     def _kill_and_restart(self) -> None:
-        old = self.server
-        self.jobs_resumed += jobs_resumed(self.address)  # per process: read it before it is gone
+        index = len(self.kill_times) % len(self.servers)
+        old = self.servers[index]
+        self.jobs_resumed += jobs_resumed(self.addresses[index])  # per process: read it before it is gone
         self.cpu_seconds += old.cpu_seconds()
         self.peak_rss = max(self.peak_rss, old.proc_status("VmHWM"))
         self.kill_times.append(time.monotonic())
         old.kill()
         self.killed.append(old)
-        self.server = self._start(append_log=True)
-        self.server.wait_serving()
+        self.servers[index] = self._start(index, append_log=True)
+        self.servers[index].wait_serving()
         self.restart_seconds.append(time.monotonic() - self.kill_times[-1])
+
+
+class RedisProcess:
+    """--replicas without --store-url: a redis-server of the run's own, on a free port, no persistence."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise SystemExit(
+                "loadtest: --replicas needs --store-url or redis-server (Debian package redis-server)"
+            )
+        self.port = free_port()
+        self.directory = Path(tempfile.mkdtemp(prefix="stylize-loadtest-redis-"))
+        self.process = subprocess.Popen(
+            [
+                binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--dir",
+                str(self.directory),
+            ],
+            stdout=subprocess.DEVNULL,
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        deadline = time.monotonic() + 10
+        while True:
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5),
+            ):
+                return
+            if time.monotonic() > deadline:
+                raise SystemExit(f"loadtest: redis-server did not start on port {self.port}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def jobs_resumed(address: str) -> int:
@@ -636,16 +699,20 @@ def client_loop(
                 time.sleep(rng.uniform(0, min(MAX_BACKOFF, 0.1 * 2**refusals)))
 
 
-def wait_workers_free(address: str, timeout: float) -> bool:
+def wait_workers_free(addresses: Sequence[str], timeout: float) -> bool:
+    """Until every server (each replica) has no job running and none queued."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = pb_grpc.StyleTransferStub(channel)
-        while time.monotonic() < deadline:
-            load = stub.GetInfo(pb.GetInfoRequest(), timeout=10).load
-            if load.running_jobs == 0 and load.queued_jobs == 0:
-                return True
-            time.sleep(0.2)
-    return False
+    for address in addresses:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.StyleTransferStub(channel)
+            while True:
+                load = stub.GetInfo(pb.GetInfoRequest(), timeout=10).load
+                if load.running_jobs == 0 and load.queued_jobs == 0:
+                    break
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.2)
+    return True
 
 
 def server_job_outcomes(lines: list[str]) -> dict[str, int]:
@@ -747,13 +814,23 @@ def run(args: argparse.Namespace) -> Report:
     ]
     if args.threads:
         flags += ["--threads", str(args.threads)]
-    if args.kill_every:
+    if args.kill_every or args.replicas > 1:
         flags += ["--checkpoint-seconds", str(KILL_CHECKPOINT_SECONDS)]
+    redis = None
+    if args.replicas > 1:
+        if args.store_url is None:
+            redis = RedisProcess()
+            args.store_url = redis.url
+        flags += ["--store-url", args.store_url, "--lease-seconds", f"{args.lease_seconds:g}"]
     report = Report(clients=args.clients, seconds=args.seconds, server_flags=flags)
-    chaos = ServerUnderKills(flags, args.server_log, args.kill_every) if args.kill_every else None
+    fleet = args.kill_every or args.replicas > 1
+    chaos = ServerUnderKills(flags, args.server_log, args.kill_every, args.replicas) if fleet else None
     server = chaos.server if chaos else ServerProcess(flags, args.server_log)
     try:
-        server.wait_serving()
+        if chaos:
+            chaos.wait_serving()
+        else:
+            server.wait_serving()
         address = chaos.address if chaos else server.address
         calls: list[Call] = []
         accepted_jobs: list[str] = []
@@ -769,7 +846,7 @@ def run(args: argparse.Namespace) -> Report:
         ]
         for thread in threads:
             thread.start()
-        if chaos:
+        if chaos and args.kill_every:
             chaos.start_kills(stop_at)
             # The kills end with the clients' time; the clients' last calls then run on a server that stays.
             time.sleep(max(0.0, stop_at - time.monotonic()))
@@ -786,13 +863,18 @@ def run(args: argparse.Namespace) -> Report:
                 Counter(c.outcome for c in calls if c.behaviour == "submit" and c.accepted)
             )
         try:
-            report.workers_free = wait_workers_free(address, SETTLE_TIMEOUT)
+            report.workers_free = wait_workers_free(chaos.addresses if chaos else [address], SETTLE_TIMEOUT)
         except grpc.RpcError:
             if not chaos:
                 raise
             report.workers_free = False  # the server did not come back: chaos.failure says why
-        report.peak_rss_mb = max(server.proc_status("VmHWM"), chaos.peak_rss if chaos else 0) / 2**20
-        report.server_cpu_seconds = server.cpu_seconds() + (chaos.cpu_seconds if chaos else 0.0)
+        servers = chaos.servers if chaos else [server]
+        report.peak_rss_mb = (
+            max([s.proc_status("VmHWM") for s in servers] + [chaos.peak_rss if chaos else 0]) / 2**20
+        )
+        report.server_cpu_seconds = sum(s.cpu_seconds() for s in servers) + (
+            chaos.cpu_seconds if chaos else 0.0
+        )
         report.submitted = len(calls)
         report.outcomes = dict(Counter(call.outcome for call in calls))
         report.statuses = dict(Counter(call.status for call in calls))
@@ -805,7 +887,7 @@ def run(args: argparse.Namespace) -> Report:
         times = [c.job_time for c in calls if c.job_time is not None]
         report.queue_wait_p50, report.queue_wait_p95 = percentiles(waits)
         report.job_time_p50, report.job_time_p95 = percentiles(times)
-        if chaos:
+        if chaos and args.kill_every:
             report.kills = kill_report(chaos, report.outcomes.get("interrupted", 0))
             report.kills.refused_down = sum(
                 c.outcome == "refused" and c.status == "UNAVAILABLE" for c in calls
@@ -815,8 +897,12 @@ def run(args: argparse.Namespace) -> Report:
     finally:
         if chaos:
             chaos.stop_kills()  # should anything above have failed while it was killing
-            server = chaos.server
-        report.server_exit = server.stop()
+            exits = [s.stop() for s in chaos.servers]
+            report.server_exit = next((code for code in exits if code != 0), 0)
+        else:
+            report.server_exit = server.stop()
+        if redis is not None:
+            redis.stop()
     lines = chaos.lines() if chaos else server.lines
     report.server_jobs = server_job_outcomes(lines)
     if report.server_jobs.get("internal error"):
@@ -840,7 +926,7 @@ def kill_report(chaos: ServerUnderKills, interrupted: int) -> KillReport:
     kills.jobs_resumed = chaos.jobs_resumed
     if not chaos.failure:
         try:
-            kills.jobs_resumed += jobs_resumed(chaos.address)
+            kills.jobs_resumed += sum(jobs_resumed(address) for address in chaos.addresses)
         except grpc.RpcError as err:
             kills.failure = f"GetInfo failed at the end: {err.code().name}"
     return kills
@@ -947,6 +1033,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "shares one address)",
     )
     parser.add_argument("--threads", type=int, default=0, help="the server's --threads (default: its own)")
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="servers sharing one Redis job store (--store-url), the clients spread over them round robin; "
+        "with --kill-every they are killed in turn (default: 1, on its own --state-dir)",
+    )
+    parser.add_argument(
+        "--store-url",
+        help="with --replicas: the replicas' Redis (default: a redis-server started for the run)",
+    )
+    parser.add_argument(
+        "--lease-seconds",
+        type=float,
+        default=FLEET_LEASE_SECONDS,
+        help="with --replicas: the replicas' --lease-seconds (default: %(default)s)",
+    )
     parser.add_argument("--json", type=Path, help="also write the report as JSON here")
     parser.add_argument("--server-log", type=Path, help="write the server's log here")
     parser.add_argument("--child", metavar="ADDRESS", help=argparse.SUPPRESS)
@@ -957,8 +1060,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--clients must be >= 1 and --seconds > 0")
     if args.kill_every < 0:
         parser.error("--kill-every must be >= 0")
+    if args.replicas < 1:
+        parser.error("--replicas must be >= 1")
     if args.mix is None:
-        args.mix = parse_mix(KILL_MIX if args.kill_every else DEFAULT_MIX)
+        args.mix = parse_mix(KILL_MIX if args.kill_every or args.replicas > 1 else DEFAULT_MIX)
 
     report = run(args)
     print_report(report)

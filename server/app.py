@@ -21,7 +21,9 @@ from stylize_service.server.config import ConfigError, ServerConfig, setting_nam
 from stylize_service.server.engine.memory import megabytes
 from stylize_service.server.imageio import allow_pixels
 from stylize_service.server.jobs.directory_store import DirectoryStore
+from stylize_service.server.jobs.fleet_jobs import FleetJobManager
 from stylize_service.server.jobs.manager import JobManager, JobSettings
+from stylize_service.server.jobs.redis_store import RedisStore
 from stylize_service.server.jobs.store import JobStore, StoreError
 from stylize_service.server.logsafe import install_grpc_redaction
 from stylize_service.server.metrics import MetricsEndpoint, ServerMetrics
@@ -72,16 +74,33 @@ class StylizeServer:
         )
         self.metrics.set_memory_budget(config.memory_budget_bytes)
         self.store = store if store is not None else open_store(config)
-        self.jobs = JobManager(
-            self.scheduler,
-            self.store,
-            JobSettings(
-                max_pixels=config.max_pixels,
-                checkpoint_seconds=config.checkpoint_seconds,
-                result_ttl_seconds=config.result_ttl_seconds,
-            ),
-            self.metrics,
+        settings = JobSettings(
+            max_pixels=config.max_pixels,
+            checkpoint_seconds=config.checkpoint_seconds,
+            result_ttl_seconds=config.result_ttl_seconds,
         )
+        self._serving = False  # the model is loaded (health follows the store's reachability from then)
+        self.jobs: JobManager
+        if isinstance(self.store, RedisStore):
+            fleet = FleetJobManager(
+                self.scheduler,
+                self.store,
+                settings,
+                self.metrics,
+                lease_seconds=config.lease_seconds,
+                # The fleet's queue holds what one replica would run and queue: --queue-size is the fleet's.
+                queue_bound=config.concurrency + config.queue_size,
+            )
+            fleet.on_store_health = self._store_health
+            # The queue depth that the HPA scales on is the fleet's, the same from every replica.
+            self.metrics.track_scheduler(
+                running=lambda: self.scheduler.running,
+                waiting=fleet.queue_depth,
+                reserved_memory=lambda: self.scheduler.reserved_memory,
+            )
+            self.jobs = fleet
+        else:
+            self.jobs = JobManager(self.scheduler, self.store, settings, self.metrics)
         self.metrics.track_jobs(
             counts=self.jobs.counts,
             store_bytes=self.store.used_bytes,
@@ -163,7 +182,17 @@ class StylizeServer:
             megabytes(self.scheduler.memory_capacity),
         )
         self.servicer.set_engine(engine)
+        self._serving = True
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def _store_health(self, reachable: bool) -> None:
+        """A shared store out of reach: NOT_SERVING (submits are refused) until it is back."""
+        if self._serving:
+            self._set_health(
+                health_pb2.HealthCheckResponse.SERVING
+                if reachable
+                else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
 
     def drain(self, grace_seconds: float | None = None) -> None:
         """Stop gracefully: report NOT_SERVING and take no new jobs. Detached jobs (SubmitJob) checkpoint
@@ -205,7 +234,15 @@ class StylizeServer:
 
 
 def open_store(config: ServerConfig) -> JobStore:
-    """The directory store of config's state dir; ConfigError naming the flag when it cannot be used."""
+    """The Redis store of config's store URL, else the directory store of its state dir; ConfigError
+    naming the flag when it cannot be used (a URL's password never shown)."""
+    if config.store_url is not None:
+        try:
+            store = RedisStore(config.store_url, config.store_bytes)
+        except StoreError as err:
+            raise ConfigError(f"{setting_name('store_url')}: {err}") from None
+        logger.info("job store: %s (shared by the fleet)", store.url)
+        return store
     try:
         return DirectoryStore(config.resolved_state_dir, config.store_bytes)
     except StoreError as err:

@@ -25,6 +25,9 @@ DEFAULT_STALL_SECONDS = 60.0
 DEFAULT_STORE_MB = 4096
 DEFAULT_RESULT_TTL_SECONDS = 24 * 3600.0
 DEFAULT_CHECKPOINT_SECONDS = 30.0
+# The fleet store (server/jobs/redis_store.py): a replica that has not renewed its lease on a running job
+# for this long is taken to be gone, and another replica resumes the job from its checkpoint.
+DEFAULT_LEASE_SECONDS = 30.0
 
 
 def available_cores() -> int:
@@ -91,6 +94,10 @@ class ServerConfig:
     store_mb: int = DEFAULT_STORE_MB
     result_ttl_seconds: float = DEFAULT_RESULT_TTL_SECONDS
     checkpoint_seconds: float = DEFAULT_CHECKPOINT_SECONDS
+    # The fleet store: a redis:// or rediss:// URL (None = the directory store above), and the lease a
+    # replica holds on each job it runs.
+    store_url: str | None = None
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
 
     @property
     def memory_budget_bytes(self) -> int:
@@ -278,6 +285,22 @@ _SETTINGS: tuple[tuple[str, str, type, str], ...] = (
         "how often a running job saves a checkpoint to resume from after a restart; 0 = never "
         f"(default: {DEFAULT_CHECKPOINT_SECONDS:g})",
     ),
+    (
+        "--store-url",
+        "STYLIZE_STORE_URL",
+        str,
+        "keep the jobs in Redis, shared by every replica, instead of --state-dir: redis://[USER:PASSWORD@]"
+        "HOST:PORT/DB, or rediss:// for TLS; any replica then serves any job, from one queue for the fleet "
+        "(default: none, the directory store)",
+    ),
+    (
+        "--lease-seconds",
+        "STYLIZE_LEASE_SECONDS",
+        float,
+        "with --store-url: a running job's lease; a replica that has not renewed it for this long is "
+        "taken to be gone and another resumes the job from its last checkpoint "
+        f"(default: {DEFAULT_LEASE_SECONDS:g})",
+    ),
 )
 
 
@@ -374,6 +397,14 @@ def _validate(config: ServerConfig) -> None:
         (
             config.checkpoint_seconds >= 0,
             f"{setting_name('checkpoint_seconds')} must be >= 0, got {config.checkpoint_seconds}",
+        ),
+        (
+            config.lease_seconds >= 1,
+            f"{setting_name('lease_seconds')} must be >= 1, got {config.lease_seconds}",
+        ),
+        (
+            config.store_url is None or config.store_url.startswith(("redis://", "rediss://")),
+            f"{setting_name('store_url')} must be a redis:// or rediss:// URL",
         ),
         (
             config.tile_size == 0 or config.tile_size >= 32,

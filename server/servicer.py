@@ -113,7 +113,7 @@ class StyleTransferServicer(pb_grpc.StyleTransferServicer):
             ),
             server_version=self._version,
             graph_cache=graph_cache_pb(engine.graph_cache),
-            load=pb.Load(running_jobs=self._scheduler.running, queued_jobs=self._scheduler.waiting),
+            load=pb.Load(running_jobs=self._scheduler.running, queued_jobs=self._manager.queued()),
             job_store=self._job_store_info(),
             features=pb.Features(style_masks=True),
         )

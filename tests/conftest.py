@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
@@ -31,3 +32,13 @@ def pytest_configure(config: pytest.Config) -> None:
         "hostile_probe: scripts/hostile.py's short profile against a real server; fails if the server "
         "does not hold every hostile-client pattern",
     )
+
+
+@pytest.fixture
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real, empty redis-server of the test's own (tests/redis_server.py); skips with what to install
+    where it is absent, fails under CI."""
+    from tests.redis_server import redis_server
+
+    with redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server.url

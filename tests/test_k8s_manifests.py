@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE = ROOT / "deploy" / "k8s"
 QUEUE_DEPTH = ROOT / "deploy" / "queue-depth"
 GPU = ROOT / "deploy" / "gpu"
+FLEET = ROOT / "deploy" / "fleet"
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 
 # The oldest Kubernetes the manifests are for: the preStop `sleep` action is on by default from 1.30
@@ -182,6 +183,11 @@ def test_queue_depth_overlay_validates_strictly(version: str) -> None:
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 def test_gpu_overlay_validates_strictly(version: str) -> None:
     assert validation_errors(kubectl_kustomize(GPU), version) == []
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_fleet_overlay_validates_strictly(version: str) -> None:
+    assert validation_errors(kubectl_kustomize(FLEET), version) == []
 
 
 def test_strict_validation_rejects_unknown_and_mistyped_fields(base: list[Obj]) -> None:
@@ -399,3 +405,57 @@ def test_gpu_overlay_changes_nothing_else(base: list[Obj]) -> None:
     for kind in ("requests", "limits"):
         del container["resources"][kind]["nvidia.com/gpu"]
     assert json.dumps(gpu, sort_keys=True) == json.dumps(find(base, "Deployment"), sort_keys=True)
+
+
+# The fleet overlay
+
+
+def test_fleet_overlay_keeps_the_jobs_in_redis_from_a_secret(base: list[Obj]) -> None:
+    rendered = kubectl_kustomize(FLEET)
+    (container,) = find(rendered, "Deployment")["spec"]["template"]["spec"]["containers"]
+    env = {var["name"]: var for var in container["env"]}
+    assert len(env) == len(container["env"]), "each variable once"
+    ref = env["STYLIZE_STORE_URL"]["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"]) == ("stylize-store", "url")
+    # What the server makes of the rest, with the URL the kustomization's comment says to put there.
+    plain = {name: var for name, var in env.items() if name != "STYLIZE_STORE_URL"}
+    config = load_config(
+        [],
+        environ={
+            **resolved_env({**container, "env": list(plain.values())}),
+            "STYLIZE_STORE_URL": "redis://:PASSWORD@stylize-redis:6379/0",
+        },
+    )
+    assert config.store_url is not None and config.lease_seconds == 30
+    # Redis: a StatefulSet with a volume, its password from the same Secret, behind the Service in the URL.
+    redis = find(rendered, "StatefulSet", "stylize-redis")
+    (claim,) = redis["spec"]["volumeClaimTemplates"]
+    (redis_container,) = redis["spec"]["template"]["spec"]["containers"]
+    assert {m["name"] for m in redis_container["volumeMounts"]} == {claim["metadata"]["name"]}
+    password = next(v for v in redis_container["env"] if v["name"] == "REDIS_PASSWORD")
+    assert password["valueFrom"]["secretKeyRef"] == {"name": "stylize-store", "key": "password"}
+    assert "noeviction" in redis_container["args"] and "$(REDIS_PASSWORD)" in redis_container["args"]
+    service = find(rendered, "Service", "stylize-redis")
+    assert service["spec"]["selector"] == redis["spec"]["template"]["metadata"]["labels"]
+    # No Secret in the repository: its password is the operator's.
+    assert not [o for o in rendered if o["kind"] == "Secret"]
+    # Everything of the base but the Deployment and the autoscaler is the base's.
+    changed = {"Deployment", "HorizontalPodAutoscaler"}
+    assert sorted(json.dumps(o, sort_keys=True) for o in base if o["kind"] not in changed) == sorted(
+        json.dumps(o, sort_keys=True)
+        for o in rendered
+        if o["kind"] not in changed and o["metadata"]["name"] != "stylize-redis"
+    )
+
+
+def test_fleet_overlay_scales_on_the_fleets_queue() -> None:
+    hpa = find(kubectl_kustomize(FLEET), "HorizontalPodAutoscaler")
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "External"
+    (rule,) = load_documents(PROMETHEUS / "adapter-rules-fleet.yaml")[0]["rules"]["external"]
+    assert metric["external"]["metric"]["name"] == rule["name"]["as"]
+    exported = {family.name for family in ServerMetrics().registry.collect()}
+    for name in QUEUE_METRICS:
+        assert name in rule["metricsQuery"] and name in exported
+    # Every replica exports the fleet's one queue: counted once, not once per replica.
+    assert "max by (namespace) (stylize_queue_depth" in rule["metricsQuery"]

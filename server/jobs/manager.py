@@ -293,6 +293,10 @@ class JobManager:
         token = _page_token(page[-1]) if len(owned) > size else ""
         return [self._view(record, include_image=False) for record in page], token
 
+    def queued(self) -> int:
+        """Jobs waiting for a worker: this server's queue (a fleet's manager: the fleet's)."""
+        return self._scheduler.waiting
+
     def counts(self) -> dict[str, int]:
         """Jobs held, by state name."""
         with self._lock:
@@ -641,13 +645,16 @@ class JobManager:
             live = self._live.get(record.id)
         if live is not None:
             with live.cond:
-                return JobView(
-                    live.record,
-                    live.ticket.position if live.record.state is JobState.QUEUED else 0,
-                    live.last_progress,
-                    None,
-                    live.last_sequence,
-                )
+                if not live.record.state.final:
+                    return JobView(
+                        live.record,
+                        live.ticket.position if live.record.state is JobState.QUEUED else 0,
+                        live.last_progress,
+                        None,
+                        live.last_sequence,
+                    )
+                # Its thread is finishing it: its Result is in the store already (stored before its end).
+                record = live.record
         progress = result = None
         for event in reversed(self._store.events(record.id, frames=False)):  # frames are not shown
             response = _response(event)
