@@ -15,12 +15,18 @@ its resident memory 15 s after the Result are read from /proc. --content, --styl
 --iterations and --min-size (0 = the server's default pyramid) change the job; the planned peak is read
 from the server's log line of the job (memory=, tiles=, style_tiles=), or the refusal is printed.
 
-With --targets SIZE [SIZE ...] (and --targets-tiles, default 0 256 512), one style target pass of The Starry
-Night at SIZE px (its longest side) is measured in a fresh process per row: untiled (tile 0), as
-Engine._targets runs it, or in tiles of that size, as TiledEvaluator's statistics pass runs it. The style is
-held decoded at twice the pass size, so that the pass also resizes it, as every stage but a single-stage
-job's does. Its peak is read after resetting the process's high-water mark once the network is ready;
-"sessions" is what building the tile sessions added.
+With --targets SIZE [SIZE ...] (and --targets-schemes, default 0 256:whole 512:whole 256:3), one style target
+pass of The Starry Night at SIZE px (its longest side) is measured in a fresh process per row: untiled (0),
+as Engine._targets runs it, or in a tile scheme (TILE:whole, the whole network as one segment, or
+TILE:BLOCKS, the first BLOCKS blocks tiled one at a time), as TiledEvaluator's forward pass runs it. The
+style is held decoded at twice the pass size, so that the pass also resizes it, as every stage but a
+single-stage job's does. Its peak is read after resetting the process's high-water mark once the network
+is ready; "sessions" is what building the tile sessions added.
+
+With --schemes SCHEME [SCHEME ...] (and --schemes-size, default 1024), one loss-and-gradient evaluation of
+Tübingen per scheme (and untiled), each in a fresh process after its targets passes: its peak above that,
+server.engine.memory's prediction of it, and its time beside the untiled one's. --tile-sizes forces tile
+sizes on the jobs of the main table (0: as planned).
 
 With --torch, the same loss and gradient in PyTorch eager (one evaluation, in its own process; `pip install
 torch==2.13.0`) and our one untiled evaluation (also in its own process) are measured side by side; that

@@ -223,7 +223,7 @@ def test_the_plan_counts_a_style_pass_larger_than_the_content_and_tiles_it():
     )
     # Below what its smallest tiles need, refused naming the style image and its size.
     with pytest.raises(MemoryExceeded, match=r"the style image styles\[0\], scaled to 2048x2048 px"):
-        plan_job_memory((1024, 768), settings, styles, 300 * MB)
+        plan_job_memory((1024, 768), settings, styles, 500 * MB)
 
 
 def test_every_stage_counts_its_own_style_pass():

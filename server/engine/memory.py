@@ -87,7 +87,11 @@ TAIL_TARGETS_BYTES_PER_CHANNEL_POSITION = 9
 TILED_EVALUATION_FIXED_BYTES = 300 * MiB
 # The tile sessions of a job (FeatureNetwork.tile_sessions: a statistics and a loss session per tiled
 # segment, a targets and a loss session for the tail), resident once built and run: 242 to 247 MB for
-# every scheme of the default layers (measured with a tiny evaluation in a fresh process).
+# every scheme of the default layers, whose sessions hold 80 MB of weights in all (measured with a tiny
+# evaluation in a fresh process): 4 MB per session and 2.8 bytes per byte of its weights. A job holds the
+# sessions of every stage's schemes (TileSessions.prepare); TILE_SESSIONS_BYTES is the first guess.
+SESSION_FIXED_BYTES = 4 * MiB
+SESSION_BYTES_PER_WEIGHT_BYTE = 2.8
 TILE_SESSIONS_BYTES = 250 * MiB
 # Compiling the tile sessions at the start of a job that uses them: a moment's peak of about 420 MB (of
 # the whole network's two sessions; the segments' are built one after another).
@@ -103,8 +107,8 @@ TILE_SIZES = (1024, 768, 512, 384, 256, 128)  # tried largest first when a stage
 DEFAULT_MARGIN_FRACTION = 0.1  # of the machine's or container's memory, left to the kernel and others
 MIN_MARGIN_BYTES = 512 * MiB
 # The time model (predicted_seconds), for ranking the ways a stage fits, not for reporting: multiply-adds
-# at a nominal rate, a backward pass costing BACKWARD_COST forward passes (measured 1.27 at 512x384 for the
-# whole network), and a fixed cost per onnxruntime run of a tile.
+# at a nominal rate, a backward pass weighted as BACKWARD_COST forward passes (one evaluation took about
+# 2.3 targets passes at 512x384), and a fixed cost per onnxruntime run of a tile.
 NOMINAL_MULTIPLY_ADDS_PER_SECOND = 30e9
 BACKWARD_COST = 1.3
 SECONDS_PER_TILE_RUN = 0.004
@@ -349,7 +353,13 @@ def _guide_map_bytes(stage: Stage, choice: LayerChoice) -> int:
     )
 
 
-def stage_bytes(stage: Stage, choice: LayerChoice, scheme: TileScheme | None, history: int = MAXCOR) -> int:
+def stage_bytes(
+    stage: Stage,
+    choice: LayerChoice,
+    scheme: TileScheme | None,
+    history: int = MAXCOR,
+    sessions: int = TILE_SESSIONS_BYTES,
+) -> int:
     """Predicted bytes above idle while `stage` runs, untiled (scheme None) or in a tile scheme, with
     `history` L-BFGS-B correction pairs; masked styles' guides included (guide_bytes_per_pixel)."""
     pixels = stage.width * stage.height
@@ -361,7 +371,7 @@ def stage_bytes(stage: Stage, choice: LayerChoice, scheme: TileScheme | None, hi
     targets = _content_target_bytes(stage, choice)
     rows, cols = segment_layouts(stage.height, stage.width, scheme, choice)[0].largest_window()
     guides = guide_bytes_per_pixel(choice) * rows * cols
-    return held + targets + TILE_SESSIONS_BYTES + cost.evaluation + guides
+    return held + targets + sessions + cost.evaluation + guides
 
 
 def tile_schemes(tile: int, choice: LayerChoice) -> list[TileScheme]:
@@ -399,12 +409,21 @@ def plan_job(
     final = stages[-1].longest if stages else 0
     decoded = [decoded_style_size(size, style_longest(final, style_scale)) for size in style_sizes]
     held = STYLE_ARRAY_BYTES_PER_PIXEL * sum(width * height for width, height in decoded)
-    plan = _plan_stages(stages, choice, budget, forced_tile, decoded, style_scale, held, sessions=False)
+    plan = _plan_stages(stages, choice, budget, forced_tile, decoded, style_scale, held, sessions=0)
     if not any(plan.schemes) and not any(plan.style_schemes):
         return plan
-    # The engine builds the tile sessions when the job starts and keeps them to its end: every stage
-    # holds them, and their compilation takes a moment's peak of its own.
-    plan = _plan_stages(stages, choice, budget, forced_tile, decoded, style_scale, held, sessions=True)
+    # The engine builds the tile sessions of every stage when the job starts and keeps them to its end:
+    # every stage holds them all, and their compilation takes a moment's peak of its own. Their size
+    # depends on the schemes chosen, which depend on it: plan again until the estimate holds.
+    sessions = TILE_SESSIONS_BYTES
+    for _ in range(3):
+        plan = _plan_stages(
+            stages, choice, budget, forced_tile, decoded, style_scale, held, sessions=sessions
+        )
+        needed = job_sessions_bytes(plan, choice)
+        if needed <= sessions:
+            break
+        sessions = needed
     build = held + TILE_SESSIONS_BUILD_BYTES
     if budget is not None and build > budget:
         raise MemoryExceeded(max(build, plan.peak_bytes), budget)
@@ -429,10 +448,10 @@ def _plan_stages(
     decoded: list[tuple[int, int]],
     style_scale: float,
     held: int,
-    sessions: bool,
+    sessions: int,
 ) -> JobMemory:
-    """plan_job's choice per stage, the decoded styles (`held` bytes) held throughout and the tile
-    sessions too where `sessions`."""
+    """plan_job's choice per stage, the decoded styles (`held` bytes) held throughout and `sessions` bytes
+    of tile sessions too (0: a tiled stage counts TILE_SESSIONS_BYTES of its own, an untiled one none)."""
     schemes: list[TileScheme | None] = []
     style_schemes: list[TileScheme | None] = []
     histories: list[int] = []
@@ -448,14 +467,15 @@ def _plan_stages(
         ways: list[_Way] = []
         for history in HISTORIES:
             for scheme in candidates:
-                optimisation = held + stage_bytes(stage, choice, scheme, history)
-                if sessions and scheme is None:  # stage_bytes counts a tiled stage's own
-                    optimisation += TILE_SESSIONS_BYTES
+                optimisation = held + stage_bytes(
+                    stage, choice, scheme, history, sessions or TILE_SESSIONS_BYTES
+                )
+                if scheme is None:  # stage_bytes counts a tiled stage's own
+                    optimisation += sessions
                 seconds = predicted_seconds(stage, choice, scheme)
                 for style_scheme in _style_scheme_candidates(scheme, passes, choice):
                     targets = held + targets_bytes(stage, choice, scheme, style_scheme, passes)
-                    if sessions:
-                        targets += TILE_SESSIONS_BYTES
+                    targets += sessions
                     ways.append(
                         _Way(scheme, history, style_scheme, max(optimisation, targets), optimisation, seconds)
                     )
@@ -474,6 +494,37 @@ def _plan_stages(
         style_schemes.append(best.style_scheme)
         peak = max(peak, best.need)
     return JobMemory(tuple(schemes), tuple(histories), peak, tuple(style_schemes))
+
+
+def _session_weights(choice: LayerChoice, first: int, last: int) -> int:
+    """The bytes of the convolution weights of blocks first..last up to the choice's deepest layer."""
+    return sum(
+        4 * (9 * spec.in_channels + 1) * spec.out_channels for spec in segment(choice, first, last).convs
+    )
+
+
+def job_sessions_bytes(plan: JobMemory, choice: LayerChoice) -> int:
+    """The tile sessions a job builds for its plan (Engine.stylize: TileSessions.prepare for every stage's
+    scheme, with backward passes, and style scheme, forward only), each counted once."""
+    keys: set[tuple[str, int, int]] = set()
+    end = deepest_block(choice)
+    for schemes, backward in ((plan.schemes, True), (plan.style_schemes, False)):
+        for scheme in schemes:
+            if scheme is None:
+                continue
+            segments, tail = scheme.cut(choice)
+            for seg in segments:
+                keys.add(("statistics", seg.first, seg.last))
+                if backward:
+                    keys.add(("loss", seg.first, seg.last))
+            if tail is not None:
+                keys.add(("tail_targets", tail, end))
+                if backward:
+                    keys.add(("tail_loss", tail, end))
+    return sum(
+        SESSION_FIXED_BYTES + int(SESSION_BYTES_PER_WEIGHT_BYTE * _session_weights(choice, first, last))
+        for _, first, last in keys
+    )
 
 
 def _best(fitting: list[_Way]) -> _Way:

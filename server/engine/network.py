@@ -235,10 +235,14 @@ class TileSessions:
         choice: LayerChoice,
         features: onnx.ModelProto,
         build: Callable[[onnx.ModelProto], ort.InferenceSession],
+        shrink: ort.RunOptions | None = None,
     ) -> None:
+        """shrink: run options that shrink the arenas (_shrink_options), for the runs that end a step
+        (`last=True`)."""
         self.choice = choice
         self._features = features
         self._build = build
+        self._shrink = shrink
         self._sessions: dict[tuple[str, int, int], ort.InferenceSession] = {}
 
     def _session(self, kind: str, first: int, last: int = 0) -> ort.InferenceSession:
@@ -268,36 +272,56 @@ class TileSessions:
             if backward:
                 self._session("tail_loss", tail)
 
+    # A step's runs (a segment's tiles, the tail) end with `last=True`: the arena is shrunk then, so that
+    # the next step's tensors, of other shapes, do not come on top of the chunks this one's left free (a
+    # targets pass through three steps peaked at their sum, not their largest).
+
     def statistics(
-        self, seg: Segment, tile: np.ndarray, masks: dict[str, np.ndarray], outputs: list[str]
+        self,
+        seg: Segment,
+        tile: np.ndarray,
+        masks: dict[str, np.ndarray],
+        outputs: list[str],
+        *,
+        last: bool = False,
     ) -> dict[str, np.ndarray]:
         session = self._session("statistics", seg.first, seg.last)
         names = {i.name for i in session.get_inputs()}
         feeds = {name: value for name, value in masks.items() if name in names}
         feeds[graphs.segment_input(seg)] = tile
-        return dict(zip(outputs, session.run(outputs, feeds), strict=True))
+        return dict(zip(outputs, session.run(outputs, feeds, self._options(last)), strict=True))
 
-    def loss(self, seg: Segment, tile: np.ndarray, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self._run(self._session("loss", seg.first, seg.last), graphs.segment_input(seg), tile, feeds)
+    def loss(
+        self, seg: Segment, tile: np.ndarray, feeds: dict[str, np.ndarray], *, last: bool = False
+    ) -> dict[str, np.ndarray]:
+        session = self._session("loss", seg.first, seg.last)
+        return self._run(session, graphs.segment_input(seg), tile, feeds, self._options(last))
 
     def tail_targets(
         self, first: int, image: np.ndarray, feeds: dict[str, np.ndarray] | None = None
     ) -> dict[str, np.ndarray]:
         session = self._session("tail_targets", first)
-        return self._run(session, session.get_inputs()[0].name, image, feeds or {})
+        return self._run(session, session.get_inputs()[0].name, image, feeds or {}, self._options(True))
 
     def tail_loss(self, first: int, image: np.ndarray, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._session("tail_loss", first)
-        return self._run(session, session.get_inputs()[0].name, image, feeds)
+        return self._run(session, session.get_inputs()[0].name, image, feeds, self._options(True))
+
+    def _options(self, last: bool) -> ort.RunOptions | None:
+        return self._shrink if last else None
 
     @staticmethod
     def _run(
-        session: ort.InferenceSession, input_name: str, image: np.ndarray, feeds: dict[str, np.ndarray]
+        session: ort.InferenceSession,
+        input_name: str,
+        image: np.ndarray,
+        feeds: dict[str, np.ndarray],
+        options: ort.RunOptions | None,
     ) -> dict[str, np.ndarray]:
         names = {i.name for i in session.get_inputs()}
         used = {name: value for name, value in feeds.items() if name in names}
         used[input_name] = image
-        outputs = session.run(None, used)
+        outputs = session.run(None, used, options)
         return dict(zip((o.name for o in session.get_outputs()), outputs, strict=True))
 
 
@@ -414,7 +438,7 @@ class FeatureNetwork:
     def tile_sessions(self, choice: LayerChoice) -> TileSessions:
         """Fresh sessions for the tiled evaluation of a choice, built as they are first needed. Not cached:
         only large jobs use them, and a job that drops them gives their memory back at once."""
-        return TileSessions(choice, self._features, self._session)
+        return TileSessions(choice, self._features, self._session, self._shrink)
 
     def release_memory(self, compiled: CompiledChoice) -> None:
         """Give the memory a job's evaluations used back to the operating system: shrink the arenas

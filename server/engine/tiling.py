@@ -166,13 +166,18 @@ class TiledEvaluator:
             if seg.output:
                 size = (current.shape[-2] // 2**seg.output_pools, current.shape[-1] // 2**seg.output_pools)
                 output = np.zeros((1, seg.output_channels, *size), np.float32)
-            for tile in self._layout(seg, current):
+            layout = self._layout(seg, current)
+            for index, tile in enumerate(layout):
                 self._should_stop()
                 rows, cols = tile.window()
                 masks = {graphs.mask_input(layer): tile.mask(seg.pools_to(layer)) for layer in mask_layers}
                 masks.update(self._cut(seg, tile, spatial))
                 out = self._sessions.statistics(
-                    seg, np.ascontiguousarray(current[..., rows, cols]), masks, wanted
+                    seg,
+                    np.ascontiguousarray(current[..., rows, cols]),
+                    masks,
+                    wanted,
+                    last=index == len(layout) - 1,
                 )
                 for name, layers in statistic_layers.items():
                     for layer in layers:
@@ -319,7 +324,8 @@ class TiledEvaluator:
             grad = np.zeros_like(segment_input)
             owned_layers = [*seg.layers(self._choice), *([IMAGE_LAYER] if seg.first == 1 else [])]
             pools = {layer: 0 if layer == IMAGE_LAYER else seg.pools_to(layer) for layer in owned_layers}
-            for tile in self._layout(seg, segment_input):
+            layout = self._layout(seg, segment_input)
+            for index, tile in enumerate(layout):
                 self._should_stop()
                 rows, cols = tile.window()
                 tile_feeds = dict(feeds)
@@ -337,7 +343,10 @@ class TiledEvaluator:
                         upstream, tile, seg.output_pools
                     ) * tile.mask(seg.output_pools)
                 out = self._sessions.loss(
-                    seg, np.ascontiguousarray(segment_input[..., rows, cols]), tile_feeds
+                    seg,
+                    np.ascontiguousarray(segment_input[..., rows, cols]),
+                    tile_feeds,
+                    last=index == len(layout) - 1,
                 )
                 for name, layer in separable:
                     if layer in pools:
