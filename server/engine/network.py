@@ -272,9 +272,10 @@ class TileSessions:
             if backward:
                 self._session("tail_loss", tail)
 
-    # A step's runs (a segment's tiles, the tail) end with `last=True`: the arena is shrunk then, so that
-    # the next step's tensors, of other shapes, do not come on top of the chunks this one's left free (a
-    # targets pass through three steps peaked at their sum, not their largest).
+    # A targets pass's steps (a segment's tiles, the tail) end with `last=True`: the arena is shrunk then,
+    # so that the next step's tensors, of other shapes, do not come on top of the chunks this one left
+    # free (a targets pass through three steps peaked at their sum, not their largest). Evaluations run
+    # without: the allocations after each shrink cost them time.
 
     def statistics(
         self,
@@ -305,7 +306,7 @@ class TileSessions:
 
     def tail_loss(self, first: int, image: np.ndarray, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._session("tail_loss", first)
-        return self._run(session, session.get_inputs()[0].name, image, feeds, self._options(True))
+        return self._run(session, session.get_inputs()[0].name, image, feeds, None)
 
     def _options(self, last: bool) -> ort.RunOptions | None:
         return self._shrink if last else None

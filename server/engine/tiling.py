@@ -177,7 +177,10 @@ class TiledEvaluator:
                     np.ascontiguousarray(current[..., rows, cols]),
                     masks,
                     wanted,
-                    last=index == len(layout) - 1,
+                    # A targets pass (keep_inputs False) shrinks the arena after each segment; an
+                    # evaluation does not (its steps' memory is modelled step by step, and the
+                    # allocations after each shrink cost it time).
+                    last=not keep_inputs and index == len(layout) - 1,
                 )
                 for name, layers in statistic_layers.items():
                     for layer in layers:
@@ -324,8 +327,7 @@ class TiledEvaluator:
             grad = np.zeros_like(segment_input)
             owned_layers = [*seg.layers(self._choice), *([IMAGE_LAYER] if seg.first == 1 else [])]
             pools = {layer: 0 if layer == IMAGE_LAYER else seg.pools_to(layer) for layer in owned_layers}
-            layout = self._layout(seg, segment_input)
-            for index, tile in enumerate(layout):
+            for tile in self._layout(seg, segment_input):
                 self._should_stop()
                 rows, cols = tile.window()
                 tile_feeds = dict(feeds)
@@ -346,7 +348,6 @@ class TiledEvaluator:
                     seg,
                     np.ascontiguousarray(segment_input[..., rows, cols]),
                     tile_feeds,
-                    last=index == len(layout) - 1,
                 )
                 for name, layer in separable:
                     if layer in pools:
