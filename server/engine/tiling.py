@@ -64,6 +64,13 @@ class TiledEvaluator:
         self._scheme = scheme
         self._segments, self._tail = scheme.cut(self._choice)
         self._should_stop = should_stop  # raises to abandon (cancellation); called between tile runs
+        # The terms' spatial inputs (LossTerm.spatial_inputs, e.g. the guides) by name -> their layer.
+        self._spatial_layers = {
+            name: layer
+            for term_name, layers in self._choice.layers
+            for layer in layers
+            for name in self._choice.term(term_name).spatial_inputs(layer)
+        }
 
     def layout(self, image: np.ndarray) -> TileLayout:
         """The first segment's tiles over the image (what Progress reports)."""
@@ -72,19 +79,10 @@ class TiledEvaluator:
     def _layout(self, seg: Segment, segment_input: np.ndarray) -> TileLayout:
         return TileLayout(segment_input.shape[-2], segment_input.shape[-1], self._scheme.side(seg), seg)
 
-    def _spatial_layers(self) -> dict[str, str]:
-        """The terms' spatial inputs (LossTerm.spatial_inputs, e.g. the guides) by name -> their layer."""
-        return {
-            name: layer
-            for term_name, layers in self._choice.layers
-            for layer in layers
-            for name in self._choice.term(term_name).spatial_inputs(layer)
-        }
-
     def _cut(self, seg: Segment, tile: Tile, spatial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The spatial inputs of the segment's layers (whole maps at their layers) cut to the tile's window
         at that layer, as the content targets are."""
-        layers = self._spatial_layers()
+        layers = self._spatial_layers
         inside = set(seg.layers(self._choice))
         return {
             name: np.ascontiguousarray(_window(whole, tile, seg.pools_to(layers[name])))
@@ -94,7 +92,7 @@ class TiledEvaluator:
 
     def _whole(self, spatial: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The spatial inputs of the untiled tail's layers, whole."""
-        layers = self._spatial_layers()
+        layers = self._spatial_layers
         tail = {layer for _, layer in self._tail_layers()}
         return {name: whole for name, whole in spatial.items() if layers[name] in tail}
 
